@@ -1,0 +1,2 @@
+//! tidings-bench.
+fn main() {}

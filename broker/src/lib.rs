@@ -1,0 +1,1 @@
+//! The tidings broker library (filled in by the broker issue).

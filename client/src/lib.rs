@@ -1,0 +1,1 @@
+//! The tidings client library (filled in by the client issue).

@@ -1,0 +1,105 @@
+//! `FrameCodec`: the tokio-util `Decoder`/`Encoder` for length-prefixed frames.
+
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::error::ProtocolError;
+use crate::frame::Frame;
+
+/// Bytes before the body: `len:u32 type:u8 flags:u8`.
+pub const HEADER_LEN: usize = 6;
+
+/// Default largest frame (value of the length prefix): 1 MiB of payload plus room
+/// for topic, headers and fields.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 1024 * 1024 + 64 * 1024;
+
+/// Reads and writes frames, refusing any whose length prefix exceeds
+/// `max_frame_len` before a byte of it is buffered.
+///
+/// Decoding never copies a payload: the frame's bytes are split off the read buffer
+/// and frozen, and payloads, topics and names are slices of them.
+///
+/// On an error the offending frame has been consumed when the error is not fatal
+/// ([`ProtocolError::is_fatal`]), so a caller that owns its buffer may keep reading.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame_len: usize,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+impl FrameCodec {
+    /// A codec with this maximum frame length.
+    pub fn new(max_frame_len: usize) -> Self {
+        Self { max_frame_len }
+    }
+
+    /// The maximum frame length.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        let Some(prefix) = src.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        // usize is at least 32 bits on every target we build for.
+        let len = len as usize;
+        if len > self.max_frame_len {
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        }
+        if len < 2 {
+            return Err(ProtocolError::FrameTooShort { len });
+        }
+        let total = 4 + len;
+        if src.len() < total {
+            // `total` is bounded by max_frame_len, so this reserve is too.
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let mut frame = src.split_to(total).freeze();
+        frame.advance(4);
+        let kind = frame.get_u8();
+        let flags = frame.get_u8();
+        Frame::parse(kind, flags, frame).map(Some)
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = ProtocolError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+        self.encode(&frame, dst)
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = ProtocolError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+        let start = dst.len();
+        frame.encode(dst)?;
+        let len = dst.len() - start - 4;
+        if len > self.max_frame_len {
+            dst.truncate(start);
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! Session frames: handshake, heartbeats, generic replies and statistics.
+
+use crate::error::{ErrorCode, ProtocolError};
+use crate::frame::{check_flags, request_only};
+use crate::text::Text;
+use crate::wire::{Reader, Writer};
+
+/// HELLO: the first frame a client sends.
+///
+/// Body: `version:u16 client_name:str [token:str]`. Flag `0x01` (`TOKEN`): a token
+/// follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
+    pub version: u16,
+    /// A name for logs and stats; may be empty.
+    pub client_name: Text,
+    /// The shared secret, when the server requires one.
+    pub token: Option<Text>,
+}
+
+impl Hello {
+    /// Flag: a token follows the client name.
+    pub const FLAG_TOKEN: u8 = 0x01;
+
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        w.u16(self.version);
+        w.text("client_name", &self.client_name)?;
+        let mut flags = 0;
+        if let Some(token) = &self.token {
+            w.text("token", token)?;
+            flags |= Self::FLAG_TOKEN;
+        }
+        Ok(flags)
+    }
+
+    pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
+        check_flags("HELLO", flags, Self::FLAG_TOKEN)?;
+        Ok(Self {
+            version: r.u16("version")?,
+            client_name: r.text("client_name")?,
+            token: if flags & Self::FLAG_TOKEN != 0 {
+                Some(r.text("token")?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// WELCOME: the server accepts the handshake and states its limits.
+///
+/// Body: `version:u16 server_version:str max_frame_len:u32 max_payload:u32
+/// heartbeat_ms:u32`. No flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The protocol version the session will use.
+    pub version: u16,
+    /// The server's software version, for logs.
+    pub server_version: Text,
+    /// Largest frame (the length prefix's value) the server accepts.
+    pub max_frame_len: u32,
+    /// Largest payload the server accepts in a PUBLISH.
+    pub max_payload: u32,
+    /// How often the server pings an idle connection, in milliseconds (0: never).
+    pub heartbeat_ms: u32,
+}
+
+impl Welcome {
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        w.u16(self.version);
+        w.text("server_version", &self.server_version)?;
+        w.u32(self.max_frame_len);
+        w.u32(self.max_payload);
+        w.u32(self.heartbeat_ms);
+        Ok(0)
+    }
+
+    pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
+        check_flags("WELCOME", flags, 0)?;
+        Ok(Self {
+            version: r.u16("version")?,
+            server_version: r.text("server_version")?,
+            max_frame_len: r.u32("max_frame_len")?,
+            max_payload: r.u32("max_payload")?,
+            heartbeat_ms: r.u32("heartbeat_ms")?,
+        })
+    }
+}
+
+macro_rules! empty_frame {
+    ($( $(#[$doc:meta])* $name:ident, $frame:literal; )*) => {$(
+        $(#[$doc])*
+        ///
+        /// Empty body, no flags.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name;
+
+        impl $name {
+            pub(crate) fn encode(&self, _w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+                Ok(0)
+            }
+
+            pub(crate) fn decode(flags: u8, _r: &mut Reader) -> Result<Self, ProtocolError> {
+                check_flags($frame, flags, 0)?;
+                Ok(Self)
+            }
+        }
+    )*};
+}
+
+empty_frame! {
+    /// PING: asks the peer to answer PONG.
+    Ping, "PING";
+    /// PONG: answers PING.
+    Pong, "PONG";
+}
+
+request_only! {
+    /// STATS: asks for the server's counters.
+    Stats, "STATS";
+    /// OK: the request with this id succeeded.
+    OkReply, "OK";
+}
+
+/// ERROR: a request failed, or (with request id 0) the connection has a problem
+/// that is not tied to one request. Codes that close the connection are followed by
+/// the server closing it.
+///
+/// Body: `request_id:u32 code:u16 message:str`. No flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// The failed request, or 0.
+    pub request_id: u32,
+    /// The numeric code; see [`ErrorCode`]. Kept raw so that codes from newer servers
+    /// survive the trip.
+    pub code: u16,
+    /// A human explanation naming the problem.
+    pub message: Text,
+}
+
+impl ErrorReply {
+    /// Builds an error reply.
+    pub fn new(request_id: u32, code: ErrorCode, message: impl Into<Text>) -> Self {
+        Self {
+            request_id,
+            code: code as u16,
+            message: message.into(),
+        }
+    }
+
+    /// The code, if this version knows it.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.code)
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        w.u32(self.request_id);
+        w.u16(self.code);
+        w.text("message", &self.message)?;
+        Ok(0)
+    }
+
+    pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
+        check_flags("ERROR", flags, 0)?;
+        Ok(Self {
+            request_id: r.u32("request_id")?,
+            code: r.u16("code")?,
+            message: r.text("message")?,
+        })
+    }
+}
+
+/// STATS_REPLY: named counters, in a stable order.
+///
+/// Body: `request_id:u32 count:u32 count × (name:str value:u64)`. No flags. Names
+/// are dot-separated (`connections.current`, `queue.orders.depth`); a client should
+/// ignore names it does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsReply {
+    /// The STATS request this answers.
+    pub request_id: u32,
+    /// `(name, value)` pairs.
+    pub entries: Vec<(Text, u64)>,
+}
+
+impl StatsReply {
+    /// The value of a named counter.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| *v)
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        w.u32(self.request_id);
+        w.count32("count", self.entries.len())?;
+        for (name, value) in &self.entries {
+            w.text("name", name)?;
+            w.u64(*value);
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
+        check_flags("STATS_REPLY", flags, 0)?;
+        let request_id = r.u32("request_id")?;
+        let count = r.u32("count")? as usize;
+        let mut entries = Vec::with_capacity(r.capacity(count, 10));
+        for _ in 0..count {
+            let name = r.text("name")?;
+            let value = r.u64("value")?;
+            entries.push((name, value));
+        }
+        Ok(Self {
+            request_id,
+            entries,
+        })
+    }
+}

@@ -1,0 +1,349 @@
+//! `Topic` and `Pattern`: validation and wildcard matching.
+//!
+//! Topics are dot-separated tokens; patterns may use `*` (exactly one token) and
+//! `>` (one or more trailing tokens, last only). Matching walks both token lists
+//! once, without recursion, so its cost is linear in the topic's depth.
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// Longest topic or pattern, in bytes.
+pub const MAX_TOPIC_LEN: usize = 1024;
+/// Most tokens in a topic or pattern.
+pub const MAX_TOPIC_DEPTH: usize = 128;
+
+/// Why a topic or pattern was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TopicError {
+    /// Nothing at all.
+    #[error("topic is empty")]
+    Empty,
+    /// Longer than [`MAX_TOPIC_LEN`].
+    #[error("topic is {len} bytes long; the limit is {MAX_TOPIC_LEN}")]
+    TooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// More tokens than [`MAX_TOPIC_DEPTH`].
+    #[error("topic has more than {MAX_TOPIC_DEPTH} tokens")]
+    TooDeep,
+    /// Two dots in a row, or a leading or trailing dot.
+    #[error("empty token at position {position}")]
+    EmptyToken {
+        /// Zero-based token index.
+        position: usize,
+    },
+    /// A token holds whitespace or a control character.
+    #[error("token {position} contains whitespace or a control character")]
+    Whitespace {
+        /// Zero-based token index.
+        position: usize,
+    },
+    /// `*` or `>` in a topic, or inside a longer token of a pattern.
+    #[error("wildcard `{wildcard}` not allowed in token {position}")]
+    Wildcard {
+        /// The character.
+        wildcard: char,
+        /// Zero-based token index.
+        position: usize,
+    },
+    /// `>` somewhere other than the last token.
+    #[error("`>` must be the last token of a pattern (found at token {position})")]
+    TailNotLast {
+        /// Zero-based token index.
+        position: usize,
+    },
+}
+
+fn check_shape(s: &str, allow_wildcards: bool) -> Result<usize, TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong { len: s.len() });
+    }
+    let mut depth = 0;
+    let mut tokens = s.split('.').peekable();
+    while let Some(token) = tokens.next() {
+        let position = depth;
+        depth += 1;
+        if depth > MAX_TOPIC_DEPTH {
+            return Err(TopicError::TooDeep);
+        }
+        if token.is_empty() {
+            return Err(TopicError::EmptyToken { position });
+        }
+        if allow_wildcards && token == "*" {
+            continue;
+        }
+        if allow_wildcards && token == ">" {
+            if tokens.peek().is_some() {
+                return Err(TopicError::TailNotLast { position });
+            }
+            continue;
+        }
+        for c in token.chars() {
+            if c.is_whitespace() || c.is_control() {
+                return Err(TopicError::Whitespace { position });
+            }
+            if c == '*' || c == '>' {
+                return Err(TopicError::Wildcard {
+                    wildcard: c,
+                    position,
+                });
+            }
+        }
+    }
+    Ok(depth)
+}
+
+/// A validated topic: the name a message is published to.
+///
+/// ```
+/// use tidings_protocol::Topic;
+/// assert!(Topic::validate("orders.eu.created").is_ok());
+/// assert!(Topic::validate("orders..created").is_err());
+/// assert!(Topic::validate("orders.*").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Topic(String);
+
+impl Topic {
+    /// Checks a topic without allocating.
+    pub fn validate(s: &str) -> Result<(), TopicError> {
+        check_shape(s, false).map(|_| ())
+    }
+
+    /// Validates and keeps a topic.
+    pub fn new(s: impl Into<String>) -> Result<Self, TopicError> {
+        let s = s.into();
+        Self::validate(&s)?;
+        Ok(Self(s))
+    }
+
+    /// The topic string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One token of a pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PatternToken {
+    /// Matches this exact token.
+    Literal(String),
+    /// `*`: any one token.
+    Any,
+    /// `>`: one or more trailing tokens.
+    Tail,
+}
+
+/// A validated subscription or binding pattern.
+///
+/// ```
+/// use tidings_protocol::Pattern;
+/// let p = Pattern::new("orders.*.created").unwrap();
+/// assert!(p.matches("orders.eu.created"));
+/// assert!(!p.matches("orders.created"));
+/// assert!(Pattern::new("orders.>").unwrap().matches("orders.eu.created"));
+/// assert!(!Pattern::new("orders.>").unwrap().matches("orders"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pattern {
+    source: String,
+    tokens: Vec<PatternToken>,
+}
+
+impl Pattern {
+    /// Validates and parses a pattern.
+    pub fn new(s: impl Into<String>) -> Result<Self, TopicError> {
+        let source = s.into();
+        check_shape(&source, true)?;
+        let tokens = source
+            .split('.')
+            .map(|t| match t {
+                "*" => PatternToken::Any,
+                ">" => PatternToken::Tail,
+                lit => PatternToken::Literal(lit.to_owned()),
+            })
+            .collect();
+        Ok(Self { source, tokens })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// The parsed tokens.
+    pub fn tokens(&self) -> &[PatternToken] {
+        &self.tokens
+    }
+
+    /// True when the pattern has no wildcard, so it matches exactly one topic.
+    pub fn is_literal(&self) -> bool {
+        self.tokens
+            .iter()
+            .all(|t| matches!(t, PatternToken::Literal(_)))
+    }
+
+    /// Does `topic` match? `topic` is assumed to be a valid topic; an invalid one
+    /// simply may or may not match, it never panics.
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut topic_tokens = topic.split('.');
+        for token in &self.tokens {
+            match token {
+                PatternToken::Tail => return topic_tokens.next().is_some(),
+                PatternToken::Any => {
+                    if topic_tokens.next().is_none() {
+                        return false;
+                    }
+                }
+                PatternToken::Literal(lit) => match topic_tokens.next() {
+                    Some(t) if t == lit => {}
+                    _ => return false,
+                },
+            }
+        }
+        topic_tokens.next().is_none()
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn match_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("a", "a", true),
+            ("a", "b", false),
+            ("a.b", "a.b", true),
+            ("a.b", "a", false),
+            ("a", "a.b", false),
+            ("*", "a", true),
+            ("*", "a.b", false),
+            (">", "a", true),
+            (">", "a.b.c", true),
+            ("a.>", "a", false),
+            ("a.>", "a.b", true),
+            ("a.>", "a.b.c", true),
+            ("*.b.c", "a.b.c", true),
+            ("a.*.c", "a.b.c", true),
+            ("a.b.*", "a.b.c", true),
+            ("a.b.*", "a.b", false),
+            ("a.b.*", "a.b.c.d", false),
+            ("*.*.*", "a.b.c", true),
+            ("*.*.*", "a.b", false),
+            ("*.>", "a", false),
+            ("*.>", "a.b", true),
+            ("*.b.>", "a.b.c.d", true),
+            ("*.b.>", "a.x.c.d", false),
+            ("orders.*", "orders.created", true),
+            ("orders.*", "ordersx.created", false),
+            ("orders", "orders.created", false),
+        ];
+        for (pattern, topic, want) in cases {
+            let p = Pattern::new(*pattern).unwrap();
+            Topic::validate(topic).unwrap();
+            assert_eq!(p.matches(topic), *want, "{pattern} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn deep_topics_match_without_recursion() {
+        let deep: Vec<&str> = std::iter::repeat_n("t", MAX_TOPIC_DEPTH).collect();
+        let topic = deep.join(".");
+        Topic::validate(&topic).unwrap();
+        let stars: Vec<&str> = std::iter::repeat_n("*", MAX_TOPIC_DEPTH).collect();
+        assert!(Pattern::new(stars.join(".")).unwrap().matches(&topic));
+        assert!(Pattern::new("t.>").unwrap().matches(&topic));
+        let too_deep = format!("{topic}.t");
+        assert_eq!(Topic::validate(&too_deep), Err(TopicError::TooDeep));
+    }
+
+    #[test]
+    fn invalid_topics_and_patterns() {
+        assert_eq!(Topic::validate(""), Err(TopicError::Empty));
+        assert_eq!(
+            Topic::validate("."),
+            Err(TopicError::EmptyToken { position: 0 })
+        );
+        assert_eq!(
+            Topic::validate("a."),
+            Err(TopicError::EmptyToken { position: 1 })
+        );
+        assert_eq!(
+            Topic::validate(".a"),
+            Err(TopicError::EmptyToken { position: 0 })
+        );
+        assert_eq!(
+            Topic::validate("a..b"),
+            Err(TopicError::EmptyToken { position: 1 })
+        );
+        assert_eq!(
+            Topic::validate("a b"),
+            Err(TopicError::Whitespace { position: 0 })
+        );
+        assert_eq!(
+            Topic::validate("a.\tb"),
+            Err(TopicError::Whitespace { position: 1 })
+        );
+        assert!(matches!(
+            Topic::validate("a.*"),
+            Err(TopicError::Wildcard { .. })
+        ));
+        assert!(matches!(
+            Topic::validate(">"),
+            Err(TopicError::Wildcard { .. })
+        ));
+        assert!(matches!(
+            Pattern::new("a.>.b"),
+            Err(TopicError::TailNotLast { position: 1 })
+        ));
+        assert!(matches!(
+            Pattern::new("a.b*"),
+            Err(TopicError::Wildcard { .. })
+        ));
+        assert!(matches!(
+            Pattern::new("a.>x"),
+            Err(TopicError::Wildcard { .. })
+        ));
+        assert!(Pattern::new(">").is_ok());
+        assert!(Pattern::new("*").is_ok());
+        let long = "a".repeat(MAX_TOPIC_LEN + 1);
+        assert!(matches!(
+            Topic::validate(&long),
+            Err(TopicError::TooLong { .. })
+        ));
+        assert!(Topic::validate("ünïcode.tópic").is_ok());
+    }
+
+    #[test]
+    fn star_at_every_position() {
+        let topic = "a.b.c.d.e";
+        for i in 0..5 {
+            let mut tokens: Vec<&str> = topic.split('.').collect();
+            tokens[i] = "*";
+            let p = Pattern::new(tokens.join(".")).unwrap();
+            assert!(p.matches(topic), "{p}");
+            assert!(!p.matches("a.b.c.d"), "{p}");
+            assert!(!p.matches("a.b.c.d.e.f"), "{p}");
+            tokens[(i + 1) % 5] = "zz";
+            assert!(!Pattern::new(tokens.join(".")).unwrap().matches(topic));
+        }
+    }
+}

@@ -1,1 +1,93 @@
-//! The tidings client library (filled in by the client issue).
+//! The async client of the tidings event broker.
+//!
+//! A [`Client`] is one TCP connection, owned by one background task and shared by
+//! cheap clones across every task of a service. Through it a service publishes
+//! events, subscribes to topic patterns, makes requests to other services, and
+//! works through durable queues with acknowledgements — knowing only the bus.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use tidings_client::{Client, Message, QueueConfig};
+//!
+//! # async fn demo() -> Result<(), tidings_client::Error> {
+//! let client = Client::connect("127.0.0.1:7878").await?;
+//!
+//! // Publish/subscribe (at-most-once).
+//! let mut orders = client.subscribe("orders.>").await?;
+//! client.publish("orders.created", r#"{"id":7}"#).await?;
+//! let msg = orders.next().await.expect("subscribed before publishing");
+//! assert_eq!(msg.topic(), "orders.created");
+//!
+//! // Request/reply.
+//! let price = client.request("pricing.quote", "sku-42").await?;
+//!
+//! // Durable queues (at-least-once) with publisher confirms and acks.
+//! client.declare_queue(QueueConfig::new("billing").bind("orders.created")).await?;
+//! let confirm = client.publish_confirmed(Message::new("orders.created", "{}")).await?;
+//! assert_eq!(confirm.queues, 1);
+//! let mut billing = client.consume("billing", 32).await?;
+//! while let Some(delivery) = billing.next().await {
+//!     delivery.ack().await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Pipelining and buffering
+//!
+//! Every operation is turned into a command for the connection task, which writes
+//! whatever is queued in one go. Publishes return as soon as they are queued; the
+//! bytes queued but not written are bounded
+//! ([`ClientBuilder::max_buffered_bytes`]), beyond which publishes wait. Answers
+//! (confirms, queue operations, requests) are matched by request id, so any number
+//! may be outstanding at once.
+//!
+//! # Reconnects
+//!
+//! When the connection drops, the client reconnects with backoff
+//! ([`ReconnectPolicy`]), redoes the handshake and restores its subscriptions and
+//! consumers. Meanwhile, new operations wait up to
+//! [`ClientBuilder::offline_wait`] and then fail with a `Disconnected` error;
+//! confirms, requests and calls in flight when it dropped fail with
+//! `ConnectionLost` (the broker may or may not have acted on them). Watch
+//! [`Client::events`] to see it happen.
+//!
+//! # Cancel safety
+//!
+//! [`Subscription`], [`Consumer`] and [`Events`] are streams whose `next()` is
+//! cancel safe: dropping the future (for example in `tokio::select!`) loses
+//! nothing. The other operations are safe to cancel in the sense that nothing
+//! breaks, but a cancelled publish may or may not have been queued, and a
+//! cancelled request's reply is discarded when it arrives.
+//!
+//! # Errors
+//!
+//! Each family of operations has its own error enum ([`ConnectError`],
+//! [`PublishError`], [`SubscribeError`], [`RequestError`], [`QueueError`],
+//! [`AckError`]) whose variants can be matched; [`Error`] wraps them all for `?`.
+
+mod client;
+mod connection;
+mod consumer;
+mod error;
+mod events;
+mod message;
+mod options;
+mod queue;
+mod request;
+mod subscriber;
+
+pub use client::{Client, Confirmation, Stats};
+pub use consumer::{Consumer, Delivery};
+pub use error::{
+    AckError, ConnectError, Error, PublishError, QueueError, RequestError, ServerError,
+    SubscribeError,
+};
+pub use events::{Event, Events};
+pub use message::Message;
+pub use options::{ClientBuilder, ReconnectPolicy};
+pub use queue::{DeadLetter, QueueConfig};
+pub use subscriber::Subscription;
+pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+//! `Event` and `Events`: what the connection task reports about the connection's
+//! life, for services that want to log or alert on reconnects.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use futures::stream::BoxStream;
+use tokio::sync::broadcast;
+
+/// Something that happened to the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The connection came back after a drop; subscriptions and consumers have been
+    /// re-sent to the broker.
+    Reconnected {
+        /// Failed attempts before this one succeeded.
+        attempts: u32,
+    },
+    /// The connection dropped; the client is reconnecting (or closing, when its
+    /// policy says so).
+    Disconnected {
+        /// Why, in words.
+        reason: String,
+    },
+    /// A subscription was not polled fast enough and a message for it was dropped.
+    SlowSubscription {
+        /// The subscription's id.
+        sid: u32,
+        /// Messages dropped for it so far.
+        dropped: u64,
+    },
+    /// The client gave up reconnecting (or was dropped) and is closed for good.
+    Closed,
+}
+
+/// A stream of [`Event`]s, from [`crate::Client::events`].
+///
+/// If the stream is not polled and falls more than 64 events behind, the oldest
+/// are skipped. It ends when the client closes.
+pub struct Events {
+    inner: BoxStream<'static, Event>,
+}
+
+impl Events {
+    pub(crate) fn new(rx: broadcast::Receiver<Event>) -> Self {
+        let inner = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => return Some((event, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Self {
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}

@@ -1,0 +1,173 @@
+//! `Subscription`: a stream of the messages matching a pattern.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tidings_protocol::{Pattern, Text};
+use tokio::sync::mpsc;
+
+use crate::client::Client;
+use crate::connection::Command;
+use crate::error::SubscribeError;
+use crate::message::Message;
+
+impl Client {
+    /// Subscribes to every topic matching `pattern` (`*` matches one token, `>` one
+    /// or more trailing tokens).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::SubscribeError> {
+    /// use futures::StreamExt;
+    /// let mut orders = client.subscribe("orders.>").await?;
+    /// while let Some(msg) = orders.next().await {
+    ///     println!("{}: {} bytes", msg.topic(), msg.payload().len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(&self, pattern: impl Into<Text>) -> Result<Subscription, SubscribeError> {
+        self.subscribe_inner(pattern.into(), None).await
+    }
+
+    /// Subscribes as a member of `group`: each message matching `pattern` goes to
+    /// one member of the group only (load balancing without a durable queue).
+    pub async fn subscribe_group(
+        &self,
+        pattern: impl Into<Text>,
+        group: impl Into<Text>,
+    ) -> Result<Subscription, SubscribeError> {
+        self.subscribe_inner(pattern.into(), Some(group.into())).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        pattern: Text,
+        group: Option<Text>,
+    ) -> Result<Subscription, SubscribeError> {
+        Pattern::new(pattern.as_str()).map_err(|source| SubscribeError::InvalidPattern {
+            pattern: pattern.to_string(),
+            source,
+        })?;
+        let handle = self.handle();
+        let sid = handle.shared.next_sid();
+        let (tx, rx) = mpsc::channel(handle.shared.opts.subscription_capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        handle
+            .call_with(|id, reply| Command::Subscribe {
+                id,
+                sid,
+                pattern: pattern.clone(),
+                group,
+                tx,
+                dropped: counter,
+                reply,
+            })
+            .await?;
+        Ok(Subscription {
+            sid,
+            pattern,
+            rx,
+            dropped,
+            client: self.clone(),
+            active: true,
+        })
+    }
+}
+
+/// The messages of one subscription, as a [`Stream`].
+///
+/// # Buffering and slow subscribers
+///
+/// Each subscription buffers up to `subscription_capacity` messages (see
+/// [`crate::ClientBuilder::subscription_capacity`]). When it is full because the
+/// stream is not polled, new messages for it are **dropped** and counted
+/// ([`Subscription::dropped`], plus an [`crate::Event::SlowSubscription`]); the
+/// connection keeps reading, so other subscriptions, requests and consumers are
+/// never held up by one slow reader, and memory stays bounded. Subscriptions are
+/// at-most-once; use a durable queue when every message matters.
+///
+/// After a reconnect the subscription is restored with the same id; messages
+/// published while the connection was down are not seen.
+///
+/// # Cancel safety
+///
+/// `next()` is cancel safe: if it is dropped before completing (say, in a
+/// `select!`), no message is lost; it stays buffered for the next call.
+///
+/// Dropping the subscription unsubscribes in the background;
+/// [`Subscription::unsubscribe`] does the same and waits for the broker's answer.
+pub struct Subscription {
+    sid: u32,
+    pattern: Text,
+    rx: mpsc::Receiver<Message>,
+    dropped: Arc<AtomicU64>,
+    client: Client,
+    active: bool,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("sid", &self.sid)
+            .field("pattern", &self.pattern)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The subscription's id on its connection.
+    pub fn sid(&self) -> u32 {
+        self.sid
+    }
+
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Messages dropped because this subscription's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The next message, or `None` once the subscription has ended. Cancel safe.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// Ends the subscription and waits for the broker to confirm.
+    pub async fn unsubscribe(mut self) -> Result<(), SubscribeError> {
+        self.active = false;
+        let sid = self.sid;
+        self.client
+            .handle()
+            .call_with(|_, reply| Command::Unsubscribe {
+                sid,
+                reply: Some(reply),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = self.client.handle().send(Command::Unsubscribe {
+                sid: self.sid,
+                reply: None,
+            });
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The tidings driver: the real tidings client over TCP, to a given broker or to one
+//! started in this process on 127.0.0.1:0 with a temporary data dir.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use tidings_broker::{Broker, BrokerHandle, Config};
+use tidings_client::{Client, Consumer, Message, QueueConfig, Subscription};
+use tokio_util::sync::CancellationToken;
+
+use super::{ConfirmWindow, Driver, Producer, Publisher, Requester, Responder, Source, System};
+
+/// How long one request may wait for its reply before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `addr`, or owns the in-process broker it started.
+pub struct TidingsDriver {
+    addr: String,
+    // Field order matters: the broker stops before its data dir is removed.
+    embedded: Option<BrokerHandle>,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl TidingsDriver {
+    /// Targets the broker at `server`, or starts one in this process when `None`.
+    pub async fn new(server: Option<&str>) -> Result<TidingsDriver> {
+        if let Some(addr) = server {
+            return Ok(TidingsDriver {
+                addr: addr.to_owned(),
+                embedded: None,
+                _data: None,
+            });
+        }
+        let data = tempfile::tempdir().context("creating a temporary data dir")?;
+        let broker = Broker::start(Config::for_test(data.path()))
+            .await
+            .context("starting the in-process broker")?;
+        Ok(TidingsDriver {
+            addr: broker.local_addr().to_string(),
+            embedded: Some(broker),
+            _data: Some(data),
+        })
+    }
+
+    /// Where the broker listens.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stops the in-process broker, if this driver started one.
+    pub async fn shutdown(self) {
+        if let Some(broker) = self.embedded {
+            broker.shutdown().await;
+        }
+    }
+
+    async fn connect(&self) -> Result<Client> {
+        Client::builder(self.addr.as_str())
+            .name("tidings-bench")
+            .connect()
+            .await
+            .with_context(|| format!("connecting to tidings at {}", self.addr))
+    }
+}
+
+/// Publishes through its own client; the client pipelines and coalesces writes.
+pub struct TidingsPublisher {
+    client: Client,
+    topic: String,
+}
+
+impl Publisher for TidingsPublisher {
+    async fn publish(&mut self, payload: Bytes) -> Result<()> {
+        Ok(self.client.publish(self.topic.as_str(), payload).await?)
+    }
+    async fn flush(&mut self) -> Result<()> {
+        Ok(self.client.flush().await?)
+    }
+}
+
+/// A subscription; keeps its client alive.
+pub struct TidingsSubscriber {
+    sub: Subscription,
+    _client: Client,
+}
+
+impl Source for TidingsSubscriber {
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.sub.next().await.map(Message::into_payload))
+    }
+}
+
+/// Requests through its own client (and its private inbox).
+pub struct TidingsRequester {
+    client: Client,
+    topic: String,
+}
+
+impl Requester for TidingsRequester {
+    async fn request(&mut self, payload: Bytes) -> Result<Bytes> {
+        let reply = self
+            .client
+            .request_timeout(self.topic.as_str(), payload, REQUEST_TIMEOUT)
+            .await?;
+        Ok(reply.into_payload())
+    }
+}
+
+/// A member of a subscription group that echoes each request.
+pub struct TidingsResponder {
+    sub: Subscription,
+    client: Client,
+}
+
+impl Responder for TidingsResponder {
+    async fn serve(mut self, stop: CancellationToken) -> Result<u64> {
+        let mut answered = 0;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                request = self.sub.next() => {
+                    let Some(request) = request else { break };
+                    let body = request.payload().clone();
+                    request.respond(body).await?;
+                    answered += 1;
+                }
+            }
+        }
+        self.client.flush().await?;
+        Ok(answered)
+    }
+}
+
+/// Publishes with the broker's confirm, a window of them in flight.
+pub struct TidingsProducer {
+    client: Client,
+    topic: String,
+    window: ConfirmWindow,
+}
+
+impl Producer for TidingsProducer {
+    async fn send(&mut self, payload: Bytes) -> Result<()> {
+        let client = self.client.clone();
+        let message = Message::new(self.topic.as_str(), payload);
+        self.window
+            .push(Box::pin(async move {
+                let confirm = client.publish_confirmed(message).await?;
+                anyhow::ensure!(
+                    confirm.queues >= 1,
+                    "the broker confirmed but stored the message in no queue ({confirm:?})"
+                );
+                Ok(())
+            }))
+            .await
+    }
+    async fn finish(&mut self) -> Result<()> {
+        self.window.drain().await
+    }
+}
+
+/// A queue consumer that acks each delivery before yielding it.
+pub struct TidingsConsumer {
+    consumer: Consumer,
+    _client: Client,
+}
+
+impl Source for TidingsConsumer {
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        let Some(delivery) = self.consumer.next().await else {
+            return Ok(None);
+        };
+        let delivery = delivery?;
+        let body = delivery.payload().clone();
+        delivery.ack().await?;
+        Ok(Some(body))
+    }
+}
+
+impl Driver for TidingsDriver {
+    type Publisher = TidingsPublisher;
+    type Subscriber = TidingsSubscriber;
+    type Requester = TidingsRequester;
+    type Responder = TidingsResponder;
+    type Producer = TidingsProducer;
+    type Consumer = TidingsConsumer;
+
+    fn system(&self) -> System {
+        System::Tidings
+    }
+
+    async fn publisher(&self, topic: &str) -> Result<TidingsPublisher> {
+        Ok(TidingsPublisher {
+            client: self.connect().await?,
+            topic: topic.to_owned(),
+        })
+    }
+
+    async fn subscriber(&self, topic: &str) -> Result<TidingsSubscriber> {
+        let client = self.connect().await?;
+        let sub = client.subscribe(topic).await?;
+        Ok(TidingsSubscriber {
+            sub,
+            _client: client,
+        })
+    }
+
+    async fn requester(&self, topic: &str) -> Result<TidingsRequester> {
+        Ok(TidingsRequester {
+            client: self.connect().await?,
+            topic: topic.to_owned(),
+        })
+    }
+
+    async fn responder(&self, topic: &str, group: &str) -> Result<TidingsResponder> {
+        let client = self.connect().await?;
+        let sub = client.subscribe_group(topic, group).await?;
+        Ok(TidingsResponder { sub, client })
+    }
+
+    async fn declare_queue(&self, queue: &str, topic: &str) -> Result<()> {
+        let client = self.connect().await?;
+        client
+            .declare_queue(QueueConfig::new(queue).bind(topic))
+            .await?;
+        Ok(())
+    }
+
+    async fn producer(&self, _queue: &str, topic: &str, window: usize) -> Result<TidingsProducer> {
+        Ok(TidingsProducer {
+            client: self.connect().await?,
+            topic: topic.to_owned(),
+            window: ConfirmWindow::new(window),
+        })
+    }
+
+    async fn consumer(&self, queue: &str, prefetch: u16) -> Result<TidingsConsumer> {
+        let client = self.connect().await?;
+        let consumer = client.consume(queue, u32::from(prefetch)).await?;
+        Ok(TidingsConsumer {
+            consumer,
+            _client: client,
+        })
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let client = self.connect().await?;
+        client.delete_queue(queue).await?;
+        Ok(())
+    }
+}

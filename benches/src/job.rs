@@ -1,0 +1,201 @@
+//! One benchmark run: which workload with which parameters, on which system.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+
+use crate::driver::tidings::TidingsDriver;
+use crate::driver::{Driver, System, Workload};
+use crate::report::RunReport;
+use crate::workload::fanin::FaninParams;
+use crate::workload::fanout::FanoutParams;
+use crate::workload::latency::LatencyParams;
+use crate::workload::queue::QueueParams;
+use crate::workload::reqrep::ReqrepParams;
+use crate::workload::{self, Common};
+
+/// A workload with its parameters.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// See [`workload::fanin`].
+    Fanin(FaninParams),
+    /// See [`workload::fanout`].
+    Fanout(FanoutParams),
+    /// See [`workload::queue`].
+    Queue(QueueParams),
+    /// See [`workload::latency`].
+    Latency(LatencyParams),
+    /// See [`workload::reqrep`].
+    Reqrep(ReqrepParams),
+}
+
+impl Job {
+    /// Which workload this is.
+    pub fn workload(&self) -> Workload {
+        match self {
+            Job::Fanin(_) => Workload::Fanin,
+            Job::Fanout(_) => Workload::Fanout,
+            Job::Queue(_) => Workload::Queue,
+            Job::Latency(_) => Workload::Latency,
+            Job::Reqrep(_) => Workload::Reqrep,
+        }
+    }
+
+    /// The issue's defaults, with counts (and the latency run's length) multiplied by `scale`.
+    pub fn scaled(workload: Workload, scale: f64) -> Job {
+        let n = |default: u64| ((default as f64 * scale).round() as u64).max(1);
+        match workload {
+            Workload::Fanin => Job::Fanin(FaninParams {
+                publishers: 1,
+                size: 128,
+                messages: n(1_000_000),
+            }),
+            Workload::Fanout => Job::Fanout(FanoutParams {
+                subscribers: 4,
+                size: 128,
+                messages: n(1_000_000),
+            }),
+            Workload::Queue => Job::Queue(QueueParams {
+                producers: 1,
+                consumers: 1,
+                window: 256,
+                prefetch: 256,
+                size: 1024,
+                messages: n(200_000),
+            }),
+            Workload::Latency => Job::Latency(LatencyParams {
+                rate: 10_000,
+                seconds: (10.0 * scale).clamp(0.5, 10.0),
+                size: 128,
+            }),
+            Workload::Reqrep => Job::Reqrep(ReqrepParams {
+                responders: 2,
+                requesters: 8,
+                requests: n(100_000),
+                size: 128,
+            }),
+        }
+    }
+
+    /// Checks the parameters before anything connects.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Job::Fanin(p) => p.validate(),
+            Job::Fanout(p) => p.validate(),
+            Job::Queue(p) => p.validate(),
+            Job::Latency(p) => p.validate(),
+            Job::Reqrep(p) => p.validate(),
+        }
+    }
+}
+
+/// Runs `job` with an already built driver.
+pub async fn run_with<D: Driver>(driver: &D, job: &Job, common: &Common) -> Result<RunReport> {
+    match job {
+        Job::Fanin(p) => workload::fanin::run(driver, p, common).await,
+        Job::Fanout(p) => workload::fanout::run(driver, p, common).await,
+        Job::Queue(p) => workload::queue::run(driver, p, common).await,
+        Job::Latency(p) => workload::latency::run(driver, p, common).await,
+        Job::Reqrep(p) => workload::reqrep::run(driver, p, common).await,
+    }
+}
+
+/// Runs `job` on `system` at `server` (the system's default address when `None`;
+/// for tidings, a broker started in this process).
+pub async fn run(
+    system: System,
+    server: Option<&str>,
+    job: &Job,
+    deadline: Duration,
+    drain: Duration,
+) -> Result<RunReport> {
+    job.validate()?;
+    let workload = job.workload();
+    system
+        .supports(workload)
+        .map_err(|reason| anyhow!("{system} cannot run {workload}: {reason}"))?;
+    let common = Common::new(deadline, drain);
+    #[cfg(feature = "peers")]
+    let addr = server.or(system.default_server()).unwrap_or_default();
+    match system {
+        System::Tidings => {
+            let driver = TidingsDriver::new(server).await?;
+            let report = run_with(&driver, job, &common).await;
+            driver.shutdown().await;
+            report
+        }
+        #[cfg(feature = "peers")]
+        System::Nats => {
+            let driver = crate::driver::nats::NatsDriver::new(addr).await?;
+            run_with(&driver, job, &common).await
+        }
+        #[cfg(feature = "peers")]
+        System::Jetstream => {
+            let driver = crate::driver::jetstream::JetstreamDriver::new(addr).await?;
+            run_with(&driver, job, &common).await
+        }
+        #[cfg(feature = "peers")]
+        System::Rabbitmq => {
+            let driver = crate::driver::rabbitmq::RabbitDriver::new(addr).await?;
+            run_with(&driver, job, &common).await
+        }
+        #[cfg(feature = "peers")]
+        System::Redis => {
+            let driver = crate::driver::redis::RedisDriver::new(addr).await?;
+            run_with(&driver, job, &common).await
+        }
+        #[cfg(feature = "peers")]
+        System::Mqtt => {
+            let driver = crate::driver::mqtt::MqttDriver::new(addr)?;
+            run_with(&driver, job, &common).await
+        }
+        #[cfg(not(feature = "peers"))]
+        other => {
+            let _ = server;
+            Err(anyhow!(
+                "{other} needs the peer drivers, built with the `peers` feature: \
+                 cargo run --release -p tidings-bench --features peers -- ..."
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_defaults_are_the_issue_defaults() {
+        match Job::scaled(Workload::Fanin, 1.0) {
+            Job::Fanin(p) => assert_eq!((p.publishers, p.size, p.messages), (1, 128, 1_000_000)),
+            other => panic!("wrong job {other:?}"),
+        }
+        match Job::scaled(Workload::Queue, 0.1) {
+            Job::Queue(p) => assert_eq!((p.size, p.window, p.messages), (1024, 256, 20_000)),
+            other => panic!("wrong job {other:?}"),
+        }
+        match Job::scaled(Workload::Latency, 0.1) {
+            Job::Latency(p) => assert_eq!((p.rate, p.seconds), (10_000, 1.0)),
+            other => panic!("wrong job {other:?}"),
+        }
+        for w in Workload::ALL {
+            assert_eq!(Job::scaled(w, 0.01).workload(), w);
+            assert!(Job::scaled(w, 0.01).validate().is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_combinations_fail_before_connecting() {
+        let job = Job::scaled(Workload::Reqrep, 0.01);
+        let err = run(
+            System::Redis,
+            Some("127.0.0.1:1"),
+            &job,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("redis cannot run reqrep"), "{err}");
+    }
+}

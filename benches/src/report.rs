@@ -1,0 +1,285 @@
+//! One run's result: the JSON object of the issue and the human summary.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::latency::Percentiles;
+use crate::tracker::Tally;
+
+/// One run. Field names are fixed by the issue so that results stay comparable.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// `tidings`, `nats`, …
+    pub system: String,
+    /// `fanin`, `fanout`, `queue`, `latency` or `reqrep`.
+    pub workload: String,
+    /// The workload's parameters, named as on the command line.
+    pub params: Map<String, Value>,
+    /// Delivered messages (or completed requests) per second.
+    pub msgs_per_sec: f64,
+    /// Delivered payload megabytes (10^6 bytes) per second.
+    pub mb_per_sec: f64,
+    /// Median latency (end to end, or round trip for reqrep), µs.
+    pub p50_us: Option<f64>,
+    /// 99th percentile, µs.
+    pub p99_us: Option<f64>,
+    /// 99.9th percentile, µs.
+    pub p999_us: Option<f64>,
+    /// Largest latency seen, µs.
+    pub max_us: Option<f64>,
+    /// Messages delivered more than once (summed over receivers).
+    pub duplicates: u64,
+    /// Messages never delivered (summed over receivers).
+    pub missing: u64,
+    /// Wall time of the measured part of the run, seconds.
+    pub duration_s: f64,
+    /// Workload-specific extras: publisher rate, per-subscriber rates, p90, errors.
+    pub details: Map<String, Value>,
+}
+
+impl RunReport {
+    /// A report with the counts and latencies filled in; rates are set by the workload.
+    pub fn new(
+        system: &str,
+        workload: &str,
+        params: Map<String, Value>,
+        tally: Tally,
+        latency: Option<Percentiles>,
+    ) -> RunReport {
+        let mut details = Map::new();
+        if let Some(p) = latency {
+            details.insert("p90_us".into(), p.p90_us.into());
+        }
+        if tally.foreign > 0 {
+            details.insert("foreign".into(), tally.foreign.into());
+        }
+        RunReport {
+            system: system.into(),
+            workload: workload.into(),
+            params,
+            msgs_per_sec: 0.0,
+            mb_per_sec: 0.0,
+            p50_us: latency.map(|p| p.p50_us),
+            p99_us: latency.map(|p| p.p99_us),
+            p999_us: latency.map(|p| p.p999_us),
+            max_us: latency.map(|p| p.max_us),
+            duplicates: tally.duplicates,
+            missing: tally.missing,
+            duration_s: 0.0,
+            details,
+        }
+    }
+
+    /// Records an error a task hit, so that it shows in both outputs.
+    pub fn add_error(&mut self, error: String) {
+        let errors = self
+            .details
+            .entry("errors")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(list) = errors {
+            list.push(error.into());
+        }
+    }
+
+    /// The errors recorded with [`RunReport::add_error`].
+    pub fn errors(&self) -> Vec<String> {
+        match self.details.get("errors") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|e| e.as_str().unwrap_or_default().to_owned())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Messages that were not ours (corrupt or out of range).
+    pub fn foreign(&self) -> u64 {
+        self.details
+            .get("foreign")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// True when the run lost or corrupted messages: it must exit non-zero.
+    pub fn failed(&self) -> bool {
+        self.missing > 0 || self.foreign() > 0
+    }
+
+    /// The JSON object, one line.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{} on {}  ({})",
+            self.workload,
+            self.system,
+            params.join(" ")
+        );
+        let unit = if self.workload == "reqrep" {
+            "requests/s"
+        } else {
+            "msgs/s"
+        };
+        let _ = writeln!(
+            out,
+            "  throughput  {} {unit}  {:.1} MB/s  over {:.3} s",
+            thousands(self.msgs_per_sec),
+            self.mb_per_sec,
+            self.duration_s
+        );
+        for (key, value) in &self.details {
+            if let Some(rate) = key.strip_suffix("_msgs_per_sec") {
+                let shown = match value {
+                    Value::Array(list) => list
+                        .iter()
+                        .map(|v| thousands(v.as_f64().unwrap_or(0.0)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    v => thousands(v.as_f64().unwrap_or(0.0)),
+                };
+                let _ = writeln!(out, "  {rate:<11} {shown} msgs/s");
+            }
+        }
+        if let (Some(p50), Some(p99), Some(p999), Some(max)) =
+            (self.p50_us, self.p99_us, self.p999_us, self.max_us)
+        {
+            let p90 = self.details.get("p90_us").and_then(Value::as_f64);
+            let _ = writeln!(
+                out,
+                "  latency µs  p50 {p50:.1}  p90 {}  p99 {p99:.1}  p99.9 {p999:.1}  max {max:.1}",
+                p90.map_or("-".to_owned(), |v| format!("{v:.1}"))
+            );
+        }
+        for error in self.errors() {
+            let _ = writeln!(out, "  error       {error}");
+        }
+        if self.failed() {
+            let _ = writeln!(
+                out,
+                "  !!! LOST MESSAGES: {} missing, {} duplicates, {} foreign !!!",
+                self.missing,
+                self.duplicates,
+                self.foreign()
+            );
+        } else if self.duplicates > 0 {
+            let _ = writeln!(
+                out,
+                "  warning     {} duplicates (none missing)",
+                self.duplicates
+            );
+        } else {
+            let _ = writeln!(out, "  correctness ok: 0 missing, 0 duplicates");
+        }
+        out
+    }
+}
+
+/// `1234567.8` -> `1,234,568`: rates read at a glance.
+pub fn thousands(value: f64) -> String {
+    if !value.is_finite() {
+        return "-".into();
+    }
+    let rounded = value.round().abs() as u64;
+    let digits = rounded.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
+    if value.round() < 0.0 {
+        out.push('-');
+    }
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(missing: u64) -> RunReport {
+        let mut params = Map::new();
+        params.insert("publishers".into(), 1.into());
+        let tally = Tally {
+            unique: 10 - missing,
+            missing,
+            duplicates: 0,
+            foreign: 0,
+        };
+        let latency = Percentiles {
+            p50_us: 10.0,
+            p90_us: 20.0,
+            p99_us: 30.0,
+            p999_us: 40.0,
+            max_us: 50.0,
+        };
+        let mut r = RunReport::new("tidings", "fanin", params, tally, Some(latency));
+        r.msgs_per_sec = 1_234_567.0;
+        r.mb_per_sec = 158.0;
+        r.duration_s = 0.5;
+        r
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(-1234.0), "-1,234");
+        assert_eq!(thousands(f64::NAN), "-");
+    }
+
+    #[test]
+    fn json_has_exactly_the_issue_fields() {
+        let v: Value = serde_json::from_str(&sample(0).to_json()).expect("valid json");
+        let obj = v.as_object().expect("an object");
+        for field in [
+            "system",
+            "workload",
+            "params",
+            "msgs_per_sec",
+            "mb_per_sec",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "duplicates",
+            "missing",
+            "duration_s",
+        ] {
+            assert!(obj.contains_key(field), "{field} missing");
+        }
+        assert_eq!(obj["system"], "tidings");
+        assert_eq!(obj["p99_us"], 30.0);
+        assert_eq!(obj["details"]["p90_us"], 20.0);
+    }
+
+    #[test]
+    fn lost_messages_fail_loudly() {
+        let ok = sample(0);
+        assert!(!ok.failed());
+        assert!(ok.human().contains("correctness ok"));
+        assert!(ok.human().contains("1,234,567 msgs/s"));
+        let mut lost = sample(3);
+        lost.add_error("subscriber 0: slow consumer".into());
+        assert!(lost.failed());
+        let text = lost.human();
+        assert!(text.contains("LOST MESSAGES: 3 missing"), "{text}");
+        assert!(text.contains("slow consumer"), "{text}");
+        assert_eq!(lost.errors().len(), 1);
+    }
+}

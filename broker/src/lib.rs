@@ -1,1 +1,152 @@
-//! The tidings broker library (filled in by the broker issue).
+//! The tidings broker: publish/subscribe, request/reply and (soon) durable queues
+//! for microservices, over one TCP protocol ([`tidings_protocol`]).
+//!
+//! ```no_run
+//! use tidings_broker::{Broker, Config};
+//!
+//! # async fn demo() -> Result<(), tidings_broker::BrokerError> {
+//! let broker = Broker::start(Config::for_test("/tmp/tidings-example")).await?;
+//! println!("clients connect to {}", broker.local_addr());
+//! broker.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Architecture
+//!
+//! - **Server** ([`run`], `server.rs`): the accept loop. A semaphore caps
+//!   connections; one past the limit gets ERROR `TooManyConnections` and is closed.
+//!   Every task is spawned on a `TaskTracker`; shutdown stops accepting, cancels a
+//!   `CancellationToken`, waits for connections under `--shutdown-timeout`, then
+//!   cuts off what is left.
+//! - **Connection** ([`connection`]): one reader task and one writer task per
+//!   client. The reader owns its buffer and calls the codec directly, so unknown
+//!   frame types or flags are answered with an error and reading goes on, while
+//!   malformed or oversized frames close the connection. It runs the handshake
+//!   under `--handshake-timeout`, pings idle peers every `--heartbeat` and
+//!   dispatches frames. The writer drains the connection's [`connection::Outbox`],
+//!   encoding everything queued into one buffer per write.
+//! - **Outbox**: the only way anything reaches a client. It is bounded in bytes
+//!   (`--max-pending-bytes`); overflowing it marks the client a slow consumer,
+//!   which is disconnected and counted, so a slow client never slows a publisher
+//!   and memory stays bounded.
+//! - **Router** ([`router`]): subscriptions in a token trie with `*` and `>`, plus
+//!   a topic → route cache invalidated by subscribe and unsubscribe. A publish
+//!   looks up its route and queues one MESSAGE per plain subscription and one per
+//!   group (round-robin among members), all sharing the payload's `Bytes`.
+//! - **Publish path**: the connection validates topic and payload, delivers to the
+//!   route, answers `NoResponders` for a request nobody listens to, then hands the
+//!   message to the durable-queue side (`connection/queue_ops.rs`), which answers
+//!   confirms.
+//! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
+//! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
+
+pub mod config;
+pub mod connection;
+pub mod router;
+mod server;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use config::{Config, ConfigError};
+pub use server::run;
+pub use stats::Stats;
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Some other I/O failure.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Starts brokers in-process (tests, benches, embedding).
+#[derive(Debug)]
+pub struct Broker;
+
+impl Broker {
+    /// Binds `config.listen`, spawns the server, returns at once with a handle.
+    pub async fn start(config: Config) -> Result<BrokerHandle, BrokerError> {
+        config.validate()?;
+        prepare_data_dir(&config)?;
+        let listener = bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let join = tokio::spawn(run(listener, config, async move { stop.cancelled().await }));
+        Ok(BrokerHandle {
+            local_addr,
+            token: token.clone(),
+            _guard: token.drop_guard(),
+            join,
+        })
+    }
+}
+
+/// A running in-process broker. Dropping it without [`BrokerHandle::shutdown`]
+/// also stops the server, without waiting.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    local_addr: SocketAddr,
+    token: CancellationToken,
+    _guard: DropGuard,
+    join: JoinHandle<Result<(), BrokerError>>,
+}
+
+impl BrokerHandle {
+    /// The address the broker listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Graceful shutdown: stop accepting, let connections finish, flush, wait (bounded).
+    pub async fn shutdown(self) {
+        self.token.cancel();
+        match self.join.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "broker stopped with an error"),
+            Err(err) => tracing::error!(error = %err, "broker task failed"),
+        }
+    }
+}
+
+/// Binds the listen address, naming it in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::Bind { addr, source })
+}
+
+/// Creates the data directory, so a bad path fails at start rather than later.
+pub fn prepare_data_dir(config: &Config) -> Result<(), BrokerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| BrokerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })
+}

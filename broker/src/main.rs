@@ -1,1 +1,69 @@
-fn main() {}
+//! `tidings-broker`: reads the configuration, sets up logging, binds and serves
+//! until SIGINT or SIGTERM, then shuts down gracefully and exits 0.
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use tidings_broker::{Config, ConfigError};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match Config::load() {
+        Ok(config) => config,
+        // --help, --version and usage errors print themselves with the right exit code.
+        Err(ConfigError::Cli(err)) => err.exit(),
+        Err(err) => return Err(err).context("invalid configuration"),
+    };
+    if config.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+
+    tidings_broker::prepare_data_dir(&config)?;
+    let listener = tidings_broker::bind(config.listen).await?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %config.data_dir.display(),
+        "listening on {addr}"
+    );
+    tidings_broker::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT (ctrl-c) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => info!(signal = "SIGINT", "shutdown requested"),
+        _ = terminate => info!(signal = "SIGTERM", "shutdown requested"),
+    }
+}

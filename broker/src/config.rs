@@ -1,0 +1,474 @@
+//! `Config`: every setting of the broker, from flags, `TIDINGS_*` environment
+//! variables and an optional TOML file (precedence: flag > env > file > default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use thiserror::Error;
+
+/// Room in a frame beyond its payload for the topic, reply-to, headers and fixed
+/// fields; the codec's maximum frame length is `max_payload` plus this.
+pub const FRAME_OVERHEAD: usize = 64 * 1024;
+
+/// Largest `--max-payload` accepted: keeps `max_payload + FRAME_OVERHEAD` inside the
+/// protocol's `u32` length prefix with room to spare.
+pub const MAX_PAYLOAD_LIMIT: usize = 256 * 1024 * 1024;
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {source}")]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: Box<toml::de::Error>,
+    },
+    /// A key in the config file is unknown or its value does not parse.
+    #[error("config file {path}: key `{key}`: {message}")]
+    FileValue {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is outside its allowed range.
+    #[error("invalid setting `{name}`: {message}")]
+    Invalid {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The command line or environment did not parse (also `--help`/`--version`).
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+}
+
+/// The broker's configuration. Each field is a command-line flag, a `TIDINGS_*`
+/// environment variable and a key of the `--config` TOML file (same name as the
+/// flag, with `-` or `_`).
+///
+/// ```
+/// use tidings_broker::Config;
+/// let mut config = Config::for_test("/tmp/tidings-doc");
+/// config.max_connections = 10;
+/// assert!(config.validate().is_ok());
+/// assert_eq!(config.listen.port(), 0);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
+#[command(name = "tidings-broker", version, about = "The tidings event broker.")]
+pub struct Config {
+    /// TOML file with settings; flags and TIDINGS_* variables override it.
+    #[arg(long, env = "TIDINGS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// Address to listen on [default: 127.0.0.1:7878].
+    #[arg(
+        long,
+        env = "TIDINGS_LISTEN",
+        default_value = "127.0.0.1:7878",
+        hide_default_value = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Directory for durable data [default: ./tidings-data].
+    #[arg(
+        long,
+        env = "TIDINGS_DATA_DIR",
+        default_value = "./tidings-data",
+        hide_default_value = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Largest payload of one message, e.g. 1MiB, 512KiB or 65536 [default: 1MiB].
+    #[arg(long, env = "TIDINGS_MAX_PAYLOAD", default_value = "1MiB", hide_default_value = true, value_parser = parse_size)]
+    pub max_payload: usize,
+
+    /// Most concurrent client connections; one more gets a TooManyConnections error
+    /// and is closed [default: 10000].
+    #[arg(
+        long,
+        env = "TIDINGS_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        hide_default_value = true
+    )]
+    pub max_connections: usize,
+
+    /// Outbound bytes queued for one connection before it is disconnected as a slow
+    /// consumer [default: 64MiB].
+    #[arg(long, env = "TIDINGS_MAX_PENDING_BYTES", default_value = "64MiB", hide_default_value = true, value_parser = parse_size)]
+    pub max_pending_bytes: usize,
+
+    /// Idle time after which the server pings a connection, e.g. 10s or 500ms; 0
+    /// disables heartbeats [default: 10s].
+    #[arg(long, env = "TIDINGS_HEARTBEAT", default_value = "10s", hide_default_value = true, value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Unanswered heartbeat pings after which a connection is closed [default: 3].
+    #[arg(
+        long,
+        env = "TIDINGS_MISSED_HEARTBEATS",
+        default_value_t = 3,
+        hide_default_value = true
+    )]
+    pub missed_heartbeats: u32,
+
+    /// Shared secret clients must present in HELLO; unset: no authentication
+    /// [default: unset].
+    #[arg(long, env = "TIDINGS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// Time a new connection has to complete its handshake [default: 2s].
+    #[arg(long, env = "TIDINGS_HANDSHAKE_TIMEOUT", default_value = "2s", hide_default_value = true, value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Longest wait for connections to finish and flush at shutdown before they are
+    /// cut off [default: 10s].
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = "10s", hide_default_value = true, value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            config: None,
+            print_config: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            data_dir: PathBuf::from("./tidings-data"),
+            max_payload: 1024 * 1024,
+            max_connections: 10_000,
+            max_pending_bytes: 64 * 1024 * 1024,
+            heartbeat: Duration::from_secs(10),
+            missed_heartbeats: 3,
+            auth_token: None,
+            handshake_timeout: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, but listen on 127.0.0.1:0 and keep data in `data_dir` (tests, benches).
+    pub fn for_test(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            shutdown_timeout: Duration::from_secs(5),
+            ..Config::default()
+        }
+    }
+
+    /// Reads the process's arguments, environment and config file.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// Like [`Config::load`] with explicit arguments (the first is the program name).
+    pub fn load_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Config::command().try_get_matches_from(args)?;
+        let mut config = Config::from_arg_matches(&matches)?;
+        if let Some(path) = config.config.clone() {
+            config.apply_file(&path, &matches)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Fills every setting that came from its default (not a flag or variable) with
+    /// the file's value, if the file has one.
+    fn apply_file(&mut self, path: &Path, matches: &ArgMatches) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let table: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        for (key, value) in table {
+            let id = key.replace('-', "_");
+            let file_error = |message: String| ConfigError::FileValue {
+                path: path.to_owned(),
+                key: key.clone(),
+                message,
+            };
+            let known = Config::command().get_arguments().any(|a| {
+                a.get_id().as_str() == id && !matches!(id.as_str(), "config" | "print_config")
+            });
+            if !known {
+                return Err(file_error("unknown setting".into()));
+            }
+            let explicit = matches!(
+                matches.value_source(&id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            if explicit {
+                continue;
+            }
+            let raw = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => return Err(file_error(format!("unsupported value {other}"))),
+            };
+            self.set(&id, &raw).map_err(file_error)?;
+        }
+        Ok(())
+    }
+
+    /// Sets one setting from its text form, with the same parsers as the flags.
+    fn set(&mut self, id: &str, raw: &str) -> Result<(), String> {
+        fn num<T: std::str::FromStr>(raw: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            raw.parse().map_err(|e: T::Err| e.to_string())
+        }
+        match id {
+            "listen" => self.listen = num(raw)?,
+            "data_dir" => self.data_dir = PathBuf::from(raw),
+            "max_payload" => self.max_payload = parse_size(raw)?,
+            "max_connections" => self.max_connections = num(raw)?,
+            "max_pending_bytes" => self.max_pending_bytes = parse_size(raw)?,
+            "heartbeat" => self.heartbeat = parse_duration(raw)?,
+            "missed_heartbeats" => self.missed_heartbeats = num(raw)?,
+            "auth_token" => self.auth_token = Some(raw.to_owned()),
+            "handshake_timeout" => self.handshake_timeout = parse_duration(raw)?,
+            "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
+            _ => return Err("unknown setting".into()),
+        }
+        Ok(())
+    }
+
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.to_owned(),
+            })
+        };
+        if self.max_payload == 0 || self.max_payload > MAX_PAYLOAD_LIMIT {
+            return invalid("max_payload", "must be between 1 byte and 256MiB");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if self.max_pending_bytes < 1024 {
+            return invalid("max_pending_bytes", "must be at least 1KiB");
+        }
+        if self.missed_heartbeats == 0 {
+            return invalid("missed_heartbeats", "must be at least 1");
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake_timeout", "must be more than 0");
+        }
+        if u32::try_from(self.heartbeat.as_millis()).is_err() {
+            return invalid("heartbeat", "must be under 49 days");
+        }
+        Ok(())
+    }
+
+    /// The codec's maximum frame length: the payload limit plus room for the rest.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_payload.saturating_add(FRAME_OVERHEAD)
+    }
+
+    /// The effective configuration as TOML, the auth token redacted; a valid
+    /// `--config` file.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let mut line = |key: &str, value: String| {
+            out.push_str(key);
+            out.push_str(" = ");
+            out.push_str(&value);
+            out.push('\n');
+        };
+        let quoted = |s: &str| format!("{:?}", s);
+        line("listen", quoted(&self.listen.to_string()));
+        line("data-dir", quoted(&self.data_dir.display().to_string()));
+        line("max-payload", self.max_payload.to_string());
+        line("max-connections", self.max_connections.to_string());
+        line("max-pending-bytes", self.max_pending_bytes.to_string());
+        line("heartbeat", quoted(&format_duration(self.heartbeat)));
+        line("missed-heartbeats", self.missed_heartbeats.to_string());
+        if self.auth_token.is_some() {
+            line("auth-token", quoted("<redacted>"));
+        }
+        line(
+            "handshake-timeout",
+            quoted(&format_duration(self.handshake_timeout)),
+        );
+        line(
+            "shutdown-timeout",
+            quoted(&format_duration(self.shutdown_timeout)),
+        );
+        out
+    }
+}
+
+/// Parses a byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`, or
+/// `KB`, `MB`, `GB` meaning the same powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 65536, 512KiB or 1MiB"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => {
+            return Err(format!(
+                "unknown size unit in `{s}` (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`); a bare number is
+/// seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 2s or 1m"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => {
+            return Err(format!(
+                "unknown duration unit in `{s}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("duration `{s}` is too large"))
+}
+
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_defaults_match_default_impl() {
+        let parsed = Config::try_parse_from(["tidings-broker"]).unwrap();
+        // Environment variables could leak into this test; only compare when unset.
+        if std::env::vars().all(|(k, _)| !k.starts_with("TIDINGS_")) {
+            assert_eq!(parsed, Config::default());
+        }
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        assert!(parse_size("1XB").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2 weeks").is_err());
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tidings.toml");
+        std::fs::write(
+            &path,
+            "max-connections = 7\nmax_payload = \"2MiB\"\nheartbeat = \"250ms\"\n",
+        )
+        .unwrap();
+        let config = Config::load_from([
+            "tidings-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-connections",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(config.max_connections, 9);
+        assert_eq!(config.max_payload, 2 << 20);
+        assert_eq!(config.heartbeat, Duration::from_millis(250));
+        assert_eq!(config.handshake_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tidings.toml");
+        std::fs::write(&path, "max-conections = 7\n").unwrap();
+        let err =
+            Config::load_from(["tidings-broker", "--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("max-conections"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tidings.toml");
+        let mut config = Config::for_test(dir.path());
+        config.max_pending_bytes = 4096;
+        config.heartbeat = Duration::from_millis(1500);
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let mut read =
+            Config::load_from(["tidings-broker", "--config", path.to_str().unwrap()]).unwrap();
+        read.config = None;
+        assert_eq!(read, config);
+    }
+
+    #[test]
+    fn validation_rejects_out_of_range() {
+        let mut config = Config::default();
+        config.max_payload = 0;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.max_connections = 0;
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! `Session`: an established connection's state, and the handling of each frame a
+//! client may send once the handshake is done.
+
+use std::sync::Arc;
+
+use tidings_protocol::{
+    Direction, ErrorCode, ErrorReply, Frame, Message, OkReply, Pattern, Pong, Publish, StatsReply,
+    Subscribe, Topic, Unsubscribe,
+};
+use tracing::debug;
+
+use super::queue_ops::{self, QueueSession};
+use super::writer::{ConnId, Outbox};
+use crate::router::RouterError;
+use crate::server::Shared;
+
+/// One established connection: who it is, where its replies go, and its queue
+/// state.
+pub(crate) struct Session {
+    pub(crate) conn: ConnId,
+    pub(crate) outbox: Outbox,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) queues: QueueSession,
+}
+
+impl Session {
+    /// Queues a reply. A failure means the connection is closing, which the read
+    /// loop notices on its own.
+    pub(crate) fn reply(&self, frame: Frame) {
+        let _ = self.outbox.send(frame);
+    }
+
+    /// Queues an ERROR reply for a semantic problem (the connection stays open) and
+    /// counts it.
+    pub(crate) fn reply_error(&self, request_id: u32, code: ErrorCode, message: impl Into<String>) {
+        let message = message.into();
+        debug!(conn = %self.conn, code = code.name(), %message, "request refused");
+        self.shared.stats.error(code);
+        self.reply(Frame::Error(ErrorReply::new(request_id, code, message)));
+    }
+
+    /// Handles one frame from an established connection.
+    pub(crate) async fn dispatch(&mut self, frame: Frame) {
+        match frame {
+            Frame::Publish(p) => self.publish(p).await,
+            Frame::Subscribe(s) => self.subscribe(s),
+            Frame::Unsubscribe(u) => self.unsubscribe(u),
+            Frame::Ping(_) => self.reply(Frame::Pong(Pong)),
+            // Any inbound bytes count as liveness; the read loop saw them already.
+            Frame::Pong(_) => {}
+            Frame::Stats(s) => self.reply(Frame::StatsReply(StatsReply {
+                request_id: s.request_id,
+                entries: self.shared.stats.snapshot(),
+            })),
+            Frame::Hello(_) => {
+                self.reply_error(0, ErrorCode::UnexpectedFrame, "HELLO after the handshake")
+            }
+            Frame::QueueDeclare(_)
+            | Frame::QueueDelete(_)
+            | Frame::QueueBind(_)
+            | Frame::QueueUnbind(_)
+            | Frame::QueueInfoRequest(_)
+            | Frame::QueueList(_)
+            | Frame::DeadLetters(_)
+            | Frame::Redrive(_)
+            | Frame::Consume(_)
+            | Frame::Cancel(_)
+            | Frame::Credit(_)
+            | Frame::Ack(_)
+            | Frame::Nack(_) => queue_ops::handle(self, frame).await,
+            other => {
+                debug_assert_eq!(other.direction(), Direction::ServerToClient);
+                self.reply_error(
+                    0,
+                    ErrorCode::UnexpectedFrame,
+                    format!("{} is sent only by the server", other.name()),
+                );
+            }
+        }
+    }
+
+    async fn publish(&mut self, p: Publish) {
+        let stats = &self.shared.stats;
+        stats.message_in();
+        let request_id = p.request_id.unwrap_or(0);
+        if let Err(err) = Topic::validate(&p.topic) {
+            return self.reply_error(
+                request_id,
+                ErrorCode::InvalidTopic,
+                format!("topic `{}`: {err}", p.topic),
+            );
+        }
+        if let Some(reply_to) = &p.reply_to {
+            if let Err(err) = Topic::validate(reply_to) {
+                return self.reply_error(
+                    request_id,
+                    ErrorCode::InvalidTopic,
+                    format!("reply_to `{reply_to}`: {err}"),
+                );
+            }
+        }
+        let max = self.shared.config.max_payload;
+        if p.payload.len() > max {
+            return self.reply_error(
+                request_id,
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes exceeds the maximum of {max} bytes",
+                    p.payload.len()
+                ),
+            );
+        }
+        let route = self.shared.router.route(&p.topic);
+        if p.check_responders && route.is_empty() {
+            return self.reply_error(
+                request_id,
+                ErrorCode::NoResponders,
+                format!("no subscription matches `{}`", p.topic),
+            );
+        }
+        if !route.is_empty() {
+            let message = Message {
+                sid: 0,
+                topic: p.topic.clone(),
+                reply_to: p.reply_to.clone(),
+                headers: p.headers.clone(),
+                payload: p.payload.clone(),
+            };
+            let sent = route.deliver(&message);
+            self.shared.stats.messages_out(sent);
+        }
+        queue_ops::publish(self, p).await;
+    }
+
+    fn subscribe(&mut self, s: Subscribe) {
+        let pattern = match Pattern::new(s.pattern.as_str()) {
+            Ok(p) => p,
+            Err(err) => {
+                return self.reply_error(
+                    s.request_id,
+                    ErrorCode::InvalidPattern,
+                    format!("pattern `{}`: {err}", s.pattern),
+                );
+            }
+        };
+        if let Some(group) = &s.group {
+            if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return self.reply_error(
+                    s.request_id,
+                    ErrorCode::InvalidArgument,
+                    format!("group name `{group}` must be non-empty without whitespace"),
+                );
+            }
+        }
+        match self
+            .shared
+            .router
+            .subscribe(&self.outbox, s.sid, pattern, s.group.as_deref())
+        {
+            Ok(()) => self.reply(Frame::Ok(OkReply {
+                request_id: s.request_id,
+            })),
+            Err(err) => self.router_error(s.request_id, err),
+        }
+    }
+
+    fn unsubscribe(&mut self, u: Unsubscribe) {
+        match self.shared.router.unsubscribe(self.conn, u.sid) {
+            Ok(()) => self.reply(Frame::Ok(OkReply {
+                request_id: u.request_id,
+            })),
+            Err(err) => self.router_error(u.request_id, err),
+        }
+    }
+
+    fn router_error(&self, request_id: u32, err: RouterError) {
+        let code = match err {
+            RouterError::DuplicateSubscription { .. } => ErrorCode::DuplicateSubscription,
+            RouterError::UnknownSubscription { .. } => ErrorCode::UnknownSubscription,
+        };
+        self.reply_error(request_id, code, err.to_string());
+    }
+}

@@ -1,0 +1,306 @@
+//! One client connection: the handshake, the read loop (which owns its buffer and
+//! decodes frames itself so that non-fatal protocol errors are answered and reading
+//! goes on), heartbeats, and the orderly close.
+//!
+//! A connection is two tasks: this reader, which handles each frame in turn, and the
+//! writer ([`writer`]), which drains the connection's [`Outbox`]. Everything sent to
+//! the client, from replies to fan-out, goes through the outbox.
+
+mod dispatch;
+mod queue_ops;
+mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tidings_protocol::{
+    ErrorCode, ErrorReply, Frame, FrameCodec, Hello, PROTOCOL_VERSION, Ping, ProtocolError, Welcome,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span, debug, info};
+
+pub use writer::{Closed, ConnId, Outbox, OutboxReceiver};
+
+use crate::server::Shared;
+use dispatch::Session;
+use writer::WriterEnd;
+
+/// Read-buffer space made available before each read.
+const READ_CHUNK: usize = 32 * 1024;
+/// After the last frame is written, how long to keep reading (and discarding) so
+/// the peer sees our final frame before a reset caused by its unread data.
+const LINGER: Duration = Duration::from_millis(500);
+/// How long a closing connection may take to flush what is queued for it.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tokens a connection watches.
+#[derive(Clone)]
+pub(crate) struct Signals {
+    /// Graceful shutdown: stop reading, flush, close.
+    pub(crate) shutdown: CancellationToken,
+    /// Shutdown deadline passed: stop flushing, close now.
+    pub(crate) kill: CancellationToken,
+}
+
+/// How the read loop ended.
+enum Ending {
+    /// The peer closed, the socket failed, or the writer gave up: nothing to send.
+    Quiet,
+    /// Send this ERROR frame, flush, close.
+    Error(ErrorReply),
+}
+
+/// Serves one accepted connection until it closes. Spawned once per connection,
+/// inside a span carrying the peer address and (after the handshake) client name.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    conn: ConnId,
+    shared: Arc<Shared>,
+    signals: Signals,
+    tracker: TaskTracker,
+) {
+    // We coalesce writes ourselves; Nagle would only add latency.
+    let _ = stream.set_nodelay(true);
+    let (read_half, write_half) = stream.into_split();
+    let (outbox, receiver) =
+        Outbox::channel(conn, shared.config.max_pending_bytes, shared.stats.clone());
+    let mut writer = tracker.spawn(receiver.write_to(write_half).instrument(Span::current()));
+    let mut reader = Reader {
+        half: read_half,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        codec: FrameCodec::new(shared.config.max_frame_len()),
+        activity: false,
+    };
+    let mut session = Session {
+        conn,
+        outbox: outbox.clone(),
+        shared: shared.clone(),
+        queues: Default::default(),
+    };
+
+    let ending = reader.run(&mut session, &signals).await;
+
+    // Stop routing to this connection before flushing, so the queue only shrinks.
+    shared.router.remove_connection(conn);
+    queue_ops::connection_closed(&mut session).await;
+    let last = match ending {
+        Ending::Quiet => None,
+        Ending::Error(err) => {
+            let code = err.error_code();
+            debug!(code = code.map(ErrorCode::name), message = %err.message, "closing with error");
+            if let Some(code) = code {
+                shared.stats.error(code);
+            }
+            Some(Frame::Error(err))
+        }
+    };
+    outbox.close(last);
+    let flushed = tokio::select! {
+        end = &mut writer => end.ok(),
+        _ = signals.kill.cancelled() => None,
+        _ = tokio::time::sleep(FLUSH_TIMEOUT) => None,
+    };
+    let flushed = match flushed {
+        Some(end) => end,
+        None => {
+            outbox.abort();
+            writer.await.unwrap_or(WriterEnd::Aborted)
+        }
+    };
+    if flushed == WriterEnd::Flushed {
+        reader.linger(&signals.kill).await;
+    }
+    debug!("connection closed");
+}
+
+struct Reader {
+    half: OwnedReadHalf,
+    buf: BytesMut,
+    codec: FrameCodec,
+    /// Bytes arrived since the last heartbeat tick.
+    activity: bool,
+}
+
+enum Read {
+    Frame(Frame),
+    /// A non-fatal protocol error; the frame was skipped.
+    Skipped(ProtocolError),
+    Closed,
+}
+
+impl Reader {
+    /// The next frame, or the end of the stream. Cancel safe: partial frames stay
+    /// in `buf`, and `read_buf` either reads or does not.
+    async fn next(&mut self, stats: &crate::stats::Stats) -> Result<Read, ProtocolError> {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(frame)) => return Ok(Read::Frame(frame)),
+                Ok(None) => {}
+                Err(err) if !err.is_fatal() => return Ok(Read::Skipped(err)),
+                Err(err) => return Err(err),
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.half.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(Read::Closed),
+                Ok(n) => {
+                    stats.bytes_in(n);
+                    self.activity = true;
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, session: &mut Session, signals: &Signals) -> Ending {
+        let shared = session.shared.clone();
+        let stats = &shared.stats;
+        let config = &shared.config;
+
+        // Handshake: HELLO first, within the timeout.
+        let hello = tokio::select! {
+            biased;
+            _ = signals.shutdown.cancelled() => return shutting_down(),
+            _ = session.outbox.aborted() => return Ending::Quiet,
+            _ = tokio::time::sleep(config.handshake_timeout) => {
+                return close(ErrorCode::HandshakeTimeout, format!("no HELLO within {:?}", config.handshake_timeout));
+            }
+            hello = self.handshake(stats) => match hello {
+                Ok(hello) => hello,
+                Err(ending) => return ending,
+            },
+        };
+        if hello.version != PROTOCOL_VERSION {
+            return close(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                    hello.version
+                ),
+            );
+        }
+        if let Some(expected) = &config.auth_token {
+            let given = hello.token.as_deref().unwrap_or("");
+            if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+                info!("authentication failed");
+                return close(ErrorCode::AuthFailed, "missing or wrong token");
+            }
+        }
+        Span::current().record("client", hello.client_name.as_str());
+        debug!("handshake complete");
+        session.reply(Frame::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            max_frame_len: u32::try_from(config.max_frame_len()).unwrap_or(u32::MAX),
+            max_payload: u32::try_from(config.max_payload).unwrap_or(u32::MAX),
+            heartbeat_ms: u32::try_from(config.heartbeat.as_millis()).unwrap_or(u32::MAX),
+        }));
+
+        // Established: frames until the peer leaves, an error closes, or shutdown.
+        let heartbeat_on = !config.heartbeat.is_zero();
+        let period = if heartbeat_on {
+            config.heartbeat
+        } else {
+            Duration::from_secs(3600)
+        };
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut unanswered = 0u32;
+        self.activity = false;
+        loop {
+            let read = tokio::select! {
+                biased;
+                _ = signals.shutdown.cancelled() => return shutting_down(),
+                _ = session.outbox.aborted() => return Ending::Quiet,
+                _ = ticker.tick(), if heartbeat_on => {
+                    if std::mem::take(&mut self.activity) {
+                        unanswered = 0;
+                    } else if unanswered >= config.missed_heartbeats {
+                        info!(missed = unanswered, "heartbeat timeout");
+                        return close(ErrorCode::HeartbeatTimeout, format!("no answer to {unanswered} heartbeats"));
+                    } else {
+                        unanswered += 1;
+                        session.reply(Frame::Ping(Ping));
+                    }
+                    continue;
+                }
+                read = self.next(stats) => read,
+            };
+            match read {
+                Ok(Read::Frame(frame)) => session.dispatch(frame).await,
+                Ok(Read::Skipped(err)) => session.reply_error(0, err.code(), err.to_string()),
+                Ok(Read::Closed) => return Ending::Quiet,
+                Err(err) => return close(err.code(), err.to_string()),
+            }
+        }
+    }
+
+    /// Reads until the HELLO. Anything else first closes the connection.
+    async fn handshake(&mut self, stats: &crate::stats::Stats) -> Result<Hello, Ending> {
+        loop {
+            match self.next(stats).await {
+                Ok(Read::Frame(Frame::Hello(hello))) => return Ok(hello),
+                Ok(Read::Frame(other)) => {
+                    return Err(close(
+                        ErrorCode::HandshakeRequired,
+                        format!("{} before HELLO; the handshake comes first", other.name()),
+                    ));
+                }
+                Ok(Read::Skipped(err)) => {
+                    return Err(close(
+                        ErrorCode::HandshakeRequired,
+                        format!("{err} before HELLO"),
+                    ));
+                }
+                Ok(Read::Closed) => return Err(Ending::Quiet),
+                Err(err) => return Err(close(err.code(), err.to_string())),
+            }
+        }
+    }
+
+    /// After the final frame went out: read and discard until the peer closes or a
+    /// short while passes, so closing with unread input does not reset the
+    /// connection before the peer has read our last frame.
+    async fn linger(&mut self, kill: &CancellationToken) {
+        let deadline = tokio::time::sleep(LINGER);
+        tokio::pin!(deadline);
+        loop {
+            self.buf.clear();
+            if self.buf.capacity() < 4096 {
+                self.buf.reserve(4096);
+            }
+            tokio::select! {
+                _ = &mut deadline => return,
+                _ = kill.cancelled() => return,
+                r = self.half.read_buf(&mut self.buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+}
+
+fn close(code: ErrorCode, message: impl Into<String>) -> Ending {
+    let message: String = message.into();
+    Ending::Error(ErrorReply::new(0, code, message))
+}
+
+fn shutting_down() -> Ending {
+    close(ErrorCode::ShuttingDown, "the server is shutting down")
+}
+
+/// Compares secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

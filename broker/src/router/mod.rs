@@ -1,0 +1,442 @@
+//! `Router`: the shared table of subscriptions, matched against published topics
+//! through a token trie and a topic -> route cache.
+//!
+//! Publishing asks the router for the [`Route`] of a topic (a cache hit is one hash
+//! lookup under a read lock) and then [`Route::deliver`]s the message, cloning only
+//! reference-counted handles: the payload `Bytes` is shared by every copy.
+
+mod cache;
+mod trie;
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use thiserror::Error;
+use tidings_protocol::{Frame, Message, Pattern};
+
+pub use cache::CACHE_CAPACITY;
+pub use trie::Trie;
+
+use crate::connection::{ConnId, Outbox};
+use crate::stats::Stats;
+use cache::RouteCache;
+
+/// Why a subscription change was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RouterError {
+    /// The connection already has a subscription with this id.
+    #[error("subscription id {sid} is already in use on this connection")]
+    DuplicateSubscription {
+        /// The id.
+        sid: u32,
+    },
+    /// The connection has no subscription with this id.
+    #[error("no subscription with id {sid} on this connection")]
+    UnknownSubscription {
+        /// The id.
+        sid: u32,
+    },
+}
+
+/// One subscription as the router delivers to it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The subscription id, unique on its connection.
+    pub sid: u32,
+    /// Where its messages go.
+    pub outbox: Outbox,
+}
+
+impl Target {
+    fn send(&self, message: &Message) -> bool {
+        let mut m = message.clone();
+        m.sid = self.sid;
+        self.outbox.send(Frame::Message(m)).is_ok()
+    }
+}
+
+/// The members of one group (same pattern, same group name) as of the route's
+/// computation, and the group's shared round-robin cursor.
+#[derive(Debug)]
+struct GroupRoute {
+    members: Box<[Target]>,
+    cursor: Arc<AtomicUsize>,
+}
+
+/// Everything a message published to one topic goes to: every plain subscription,
+/// and one member of each group. Cached per topic and shared by publishers.
+#[derive(Debug, Default)]
+pub struct Route {
+    subscribers: Vec<Target>,
+    groups: Vec<GroupRoute>,
+}
+
+impl Route {
+    /// True when no subscription matches.
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.is_empty() && self.groups.is_empty()
+    }
+
+    /// How many copies a message gets: one per plain subscription, one per group.
+    pub fn fan_out(&self) -> usize {
+        self.subscribers.len() + self.groups.len()
+    }
+
+    /// Queues `message` (its `sid` is replaced per subscription) to every
+    /// destination and returns how many accepted it. Within a group the members take
+    /// turns; a member whose connection is closing is skipped for the next one.
+    /// Never waits: a slow subscriber is cut off by its outbox, not waited for.
+    pub fn deliver(&self, message: &Message) -> usize {
+        let mut sent = 0;
+        for target in &self.subscribers {
+            sent += usize::from(target.send(message));
+        }
+        for group in &self.groups {
+            let n = group.members.len();
+            let start = group.cursor.fetch_add(1, Ordering::Relaxed);
+            for i in 0..n {
+                if group.members[(start + i) % n].send(message) {
+                    sent += 1;
+                    break;
+                }
+            }
+        }
+        sent
+    }
+}
+
+#[derive(Debug)]
+enum Entry {
+    Single(Target),
+    Group {
+        name: Box<str>,
+        members: Vec<Target>,
+        cursor: Arc<AtomicUsize>,
+    },
+}
+
+#[derive(Debug)]
+struct SubKey {
+    pattern: Pattern,
+    group: Option<Box<str>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    trie: Trie<Entry>,
+    by_conn: HashMap<ConnId, HashMap<u32, SubKey>>,
+    count: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    // Lock order: `state` before `cache`, always.
+    state: RwLock<State>,
+    cache: RwLock<RouteCache>,
+    stats: Arc<Stats>,
+}
+
+/// The subscription table: a cloneable handle shared by every connection.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tidings_broker::connection::{ConnId, Outbox};
+/// use tidings_broker::router::Router;
+/// use tidings_broker::Stats;
+/// use tidings_protocol::{Message, Pattern};
+///
+/// let stats = Arc::new(Stats::default());
+/// let router = Router::new(stats.clone());
+/// let (outbox, _rx) = Outbox::channel(ConnId(1), 1 << 20, stats);
+/// router.subscribe(&outbox, 1, Pattern::new("orders.*").unwrap(), None).unwrap();
+/// let route = router.route("orders.created");
+/// assert_eq!(route.fan_out(), 1);
+/// assert_eq!(route.deliver(&Message { topic: "orders.created".into(), ..Message::default() }), 1);
+/// assert!(router.route("payments.created").is_empty());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router::new(Arc::new(Stats::default()))
+    }
+}
+
+impl Router {
+    /// An empty router that keeps the `subscriptions` gauge of `stats`.
+    pub fn new(stats: Arc<Stats>) -> Router {
+        Router {
+            inner: Arc::new(Inner {
+                state: RwLock::new(State::default()),
+                cache: RwLock::new(RouteCache::default()),
+                stats,
+            }),
+        }
+    }
+
+    // A panic while a lock is held cannot leave the table half-updated in a way that
+    // breaks the next reader (every update is a single push or remove), so poisoning
+    // is ignored rather than spreading the panic to every connection.
+    fn state(&self) -> RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cache_mut(&self) -> RwLockWriteGuard<'_, RouteCache> {
+        self.inner.cache.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes `sid` of `outbox`'s connection to `pattern`, optionally in
+    /// `group`.
+    pub fn subscribe(
+        &self,
+        outbox: &Outbox,
+        sid: u32,
+        pattern: Pattern,
+        group: Option<&str>,
+    ) -> Result<(), RouterError> {
+        let mut state = self.state_mut();
+        let State {
+            trie,
+            by_conn,
+            count,
+        } = &mut *state;
+        let subs = by_conn.entry(outbox.conn_id()).or_default();
+        let MapEntry::Vacant(slot) = subs.entry(sid) else {
+            return Err(RouterError::DuplicateSubscription { sid });
+        };
+        let target = Target {
+            sid,
+            outbox: outbox.clone(),
+        };
+        match group {
+            None => trie.insert(&pattern, Entry::Single(target)),
+            Some(name) => {
+                let joined = trie.update(&pattern, |entries| {
+                    for entry in entries.iter_mut() {
+                        if let Entry::Group {
+                            name: n, members, ..
+                        } = entry
+                        {
+                            if &**n == name {
+                                members.push(target.clone());
+                                return true;
+                            }
+                        }
+                    }
+                    false
+                });
+                if joined != Some(true) {
+                    trie.insert(
+                        &pattern,
+                        Entry::Group {
+                            name: name.into(),
+                            members: vec![target],
+                            cursor: Arc::new(AtomicUsize::new(0)),
+                        },
+                    );
+                }
+            }
+        }
+        self.cache_mut().invalidate(&pattern);
+        slot.insert(SubKey {
+            pattern,
+            group: group.map(Into::into),
+        });
+        *count += 1;
+        self.inner.stats.subscriptions_changed(1);
+        Ok(())
+    }
+
+    /// Ends subscription `sid` of connection `conn`.
+    pub fn unsubscribe(&self, conn: ConnId, sid: u32) -> Result<(), RouterError> {
+        let mut state = self.state_mut();
+        let key = state
+            .by_conn
+            .get_mut(&conn)
+            .and_then(|subs| subs.remove(&sid))
+            .ok_or(RouterError::UnknownSubscription { sid })?;
+        if state.by_conn.get(&conn).is_some_and(HashMap::is_empty) {
+            state.by_conn.remove(&conn);
+        }
+        self.remove_entry(&mut state, conn, sid, &key);
+        Ok(())
+    }
+
+    /// Ends every subscription of `conn` (it disconnected); returns how many.
+    pub fn remove_connection(&self, conn: ConnId) -> usize {
+        let mut state = self.state_mut();
+        let Some(subs) = state.by_conn.remove(&conn) else {
+            return 0;
+        };
+        for (sid, key) in &subs {
+            self.remove_entry(&mut state, conn, *sid, key);
+        }
+        subs.len()
+    }
+
+    fn remove_entry(&self, state: &mut State, conn: ConnId, sid: u32, key: &SubKey) {
+        let is_target = |t: &Target| t.sid == sid && t.outbox.conn_id() == conn;
+        match &key.group {
+            None => {
+                state.trie.remove(
+                    &key.pattern,
+                    |e| matches!(e, Entry::Single(t) if is_target(t)),
+                );
+            }
+            Some(group) => {
+                state.trie.update(&key.pattern, |entries| {
+                    let Some(i) = entries
+                        .iter()
+                        .position(|e| matches!(e, Entry::Group { name, .. } if name == group))
+                    else {
+                        return;
+                    };
+                    if let Entry::Group { members, .. } = &mut entries[i] {
+                        members.retain(|t| !is_target(t));
+                        if members.is_empty() {
+                            entries.swap_remove(i);
+                        }
+                    }
+                });
+            }
+        }
+        self.cache_mut().invalidate(&key.pattern);
+        state.count -= 1;
+        self.inner.stats.subscriptions_changed(-1);
+    }
+
+    /// The destinations of a message published to `topic` (a valid topic).
+    pub fn route(&self, topic: &str) -> Arc<Route> {
+        if let Some(route) = self
+            .inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+        {
+            return route;
+        }
+        let state = self.state();
+        let mut route = Route::default();
+        state.trie.for_each_match(topic, |entry| match entry {
+            Entry::Single(t) => route.subscribers.push(t.clone()),
+            Entry::Group {
+                members, cursor, ..
+            } => route.groups.push(GroupRoute {
+                members: members.clone().into_boxed_slice(),
+                cursor: cursor.clone(),
+            }),
+        });
+        let route = Arc::new(route);
+        // Still under the state lock, so no subscription change can slip in between
+        // computing this route and caching it.
+        self.cache_mut().insert(topic, route.clone());
+        route
+    }
+
+    /// Number of subscriptions (group members count one each).
+    pub fn len(&self) -> usize {
+        self.state().count
+    }
+
+    /// True when there are no subscriptions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::OutboxReceiver;
+
+    fn outbox(id: u64) -> (Outbox, OutboxReceiver) {
+        Outbox::channel(ConnId(id), 1 << 20, Arc::new(Stats::default()))
+    }
+
+    fn msg(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            ..Message::default()
+        }
+    }
+
+    #[test]
+    fn duplicate_and_unknown_ids() {
+        let router = Router::default();
+        let (a, _ra) = outbox(1);
+        let (b, _rb) = outbox(2);
+        let p = Pattern::new("x.>").unwrap();
+        router.subscribe(&a, 1, p.clone(), None).unwrap();
+        assert_eq!(
+            router.subscribe(&a, 1, p.clone(), None),
+            Err(RouterError::DuplicateSubscription { sid: 1 })
+        );
+        // The same id on another connection is a different subscription.
+        router.subscribe(&b, 1, p.clone(), None).unwrap();
+        assert_eq!(router.len(), 2);
+        assert_eq!(
+            router.unsubscribe(ConnId(1), 9),
+            Err(RouterError::UnknownSubscription { sid: 9 })
+        );
+        router.unsubscribe(ConnId(1), 1).unwrap();
+        assert_eq!(router.route("x.y").fan_out(), 1);
+        assert_eq!(router.remove_connection(ConnId(2)), 1);
+        assert!(router.route("x.y").is_empty());
+        assert!(router.is_empty());
+    }
+
+    #[test]
+    fn cache_sees_new_and_removed_subscriptions() {
+        let router = Router::default();
+        let (a, _ra) = outbox(1);
+        assert!(router.route("a.b").is_empty());
+        router
+            .subscribe(&a, 1, Pattern::new("a.*").unwrap(), None)
+            .unwrap();
+        assert_eq!(router.route("a.b").fan_out(), 1);
+        router
+            .subscribe(&a, 2, Pattern::new("a.b").unwrap(), None)
+            .unwrap();
+        assert_eq!(router.route("a.b").fan_out(), 2);
+        router.unsubscribe(ConnId(1), 1).unwrap();
+        assert_eq!(router.route("a.b").fan_out(), 1);
+    }
+
+    #[test]
+    fn group_members_take_turns() {
+        let router = Router::default();
+        let boxes: Vec<_> = (1..=3).map(outbox).collect();
+        let p = Pattern::new("jobs.*").unwrap();
+        for (o, _) in &boxes {
+            router.subscribe(o, 7, p.clone(), Some("workers")).unwrap();
+        }
+        // A different group on the same pattern gets its own copy.
+        router
+            .subscribe(&boxes[0].0, 8, p.clone(), Some("audit"))
+            .unwrap();
+        let route = router.route("jobs.x");
+        assert_eq!(route.fan_out(), 2);
+        for _ in 0..30 {
+            assert_eq!(route.deliver(&msg("jobs.x")), 2);
+        }
+        let pending: Vec<usize> = boxes.iter().map(|(o, _)| o.pending_bytes()).collect();
+        // 30 for workers spread 10/10/10, plus 30 audit copies on the first.
+        assert_eq!(pending[1], pending[2]);
+        assert_eq!(pending[0], pending[1] * 4);
+        router.remove_connection(ConnId(2));
+        assert_eq!(router.route("jobs.x").fan_out(), 2);
+        router.remove_connection(ConnId(1));
+        router.remove_connection(ConnId(3));
+        assert!(router.route("jobs.x").is_empty());
+    }
+}

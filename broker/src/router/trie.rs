@@ -1,0 +1,263 @@
+//! `Trie`: values stored under topic patterns, found by walking a topic's tokens
+//! once, whatever the number of patterns.
+
+use std::collections::HashMap;
+
+use tidings_protocol::Pattern;
+
+/// One pattern token, borrowed from the pattern's text.
+#[derive(Clone, Copy)]
+enum Token<'a> {
+    Literal(&'a str),
+    Any,
+    Tail,
+}
+
+fn tokens(pattern: &Pattern) -> Vec<Token<'_>> {
+    pattern
+        .as_str()
+        .split('.')
+        .map(|t| match t {
+            "*" => Token::Any,
+            ">" => Token::Tail,
+            lit => Token::Literal(lit),
+        })
+        .collect()
+}
+
+/// A map from patterns (with `*` and `>`) to values, searchable by topic.
+///
+/// Each node is one token position; `*` and `>` have their own child slots, so a
+/// lookup visits only the branches that can match: its cost grows with the topic's
+/// depth and the number of wildcard branches, not with the number of patterns.
+/// Generic so that durable-queue bindings can use it as well as subscriptions.
+///
+/// ```
+/// use tidings_broker::router::Trie;
+/// use tidings_protocol::Pattern;
+///
+/// let mut trie = Trie::default();
+/// trie.insert(&Pattern::new("orders.*").unwrap(), "star");
+/// trie.insert(&Pattern::new("orders.>").unwrap(), "tail");
+/// trie.insert(&Pattern::new("orders.eu.created").unwrap(), "exact");
+/// let mut found = Vec::new();
+/// trie.for_each_match("orders.eu.created", |v| found.push(*v));
+/// found.sort();
+/// assert_eq!(found, ["exact", "tail"]);
+/// ```
+#[derive(Debug)]
+pub struct Trie<T> {
+    root: Node<T>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Node<T> {
+    values: Vec<T>,
+    literal: HashMap<Box<str>, Node<T>>,
+    any: Option<Box<Node<T>>>,
+    tail: Option<Box<Node<T>>>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node {
+            values: Vec::new(),
+            literal: HashMap::new(),
+            any: None,
+            tail: None,
+        }
+    }
+}
+
+impl<T> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.values.is_empty()
+            && self.literal.is_empty()
+            && self.any.is_none()
+            && self.tail.is_none()
+    }
+}
+
+impl<T> Default for Trie<T> {
+    fn default() -> Self {
+        Trie {
+            root: Node::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Trie<T> {
+    /// Number of values stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds a value under `pattern`.
+    pub fn insert(&mut self, pattern: &Pattern, value: T) {
+        let mut node = &mut self.root;
+        for token in tokens(pattern) {
+            node = match token {
+                Token::Literal(lit) => node.literal.entry(lit.into()).or_default(),
+                Token::Any => node.any.get_or_insert_with(Default::default),
+                Token::Tail => node.tail.get_or_insert_with(Default::default),
+            };
+        }
+        node.values.push(value);
+        self.len += 1;
+    }
+
+    /// Runs `f` on the values stored exactly under `pattern` (not on those of other
+    /// patterns matching it), then prunes nodes left empty. Returns `None` when no
+    /// value is stored under `pattern`.
+    pub fn update<R>(&mut self, pattern: &Pattern, f: impl FnOnce(&mut Vec<T>) -> R) -> Option<R> {
+        let tokens = tokens(pattern);
+        let before;
+        let result;
+        {
+            let node = descend(&mut self.root, &tokens)?;
+            before = node.values.len();
+            result = f(&mut node.values);
+            let after = node.values.len();
+            self.len = self.len + after - before;
+        }
+        prune(&mut self.root, &tokens);
+        Some(result)
+    }
+
+    /// Removes and returns the first value under `pattern` for which `pred` holds.
+    pub fn remove(&mut self, pattern: &Pattern, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
+        self.update(pattern, |values| {
+            let i = values.iter().position(&mut pred)?;
+            Some(values.swap_remove(i))
+        })
+        .flatten()
+    }
+
+    /// Calls `f` on every value whose pattern matches `topic`.
+    pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a T)) {
+        let tokens: Vec<&str> = topic.split('.').collect();
+        collect(&self.root, &tokens, &mut f);
+    }
+}
+
+fn descend<'n, T>(node: &'n mut Node<T>, tokens: &[Token<'_>]) -> Option<&'n mut Node<T>> {
+    let Some((first, rest)) = tokens.split_first() else {
+        return Some(node);
+    };
+    let child = match first {
+        Token::Literal(lit) => node.literal.get_mut(*lit)?,
+        Token::Any => node.any.as_deref_mut()?,
+        Token::Tail => node.tail.as_deref_mut()?,
+    };
+    descend(child, rest)
+}
+
+/// Removes empty nodes along `tokens`; returns whether `node` itself is now empty.
+fn prune<T>(node: &mut Node<T>, tokens: &[Token<'_>]) -> bool {
+    if let Some((first, rest)) = tokens.split_first() {
+        match first {
+            Token::Literal(lit) => {
+                if let Some(child) = node.literal.get_mut(*lit) {
+                    if prune(child, rest) {
+                        node.literal.remove(*lit);
+                    }
+                }
+            }
+            Token::Any => {
+                if node.any.as_deref_mut().is_some_and(|c| prune(c, rest)) {
+                    node.any = None;
+                }
+            }
+            Token::Tail => {
+                if node.tail.as_deref_mut().is_some_and(|c| prune(c, rest)) {
+                    node.tail = None;
+                }
+            }
+        }
+    }
+    node.is_empty()
+}
+
+fn collect<'a, T>(node: &'a Node<T>, tokens: &[&str], f: &mut impl FnMut(&'a T)) {
+    let Some((first, rest)) = tokens.split_first() else {
+        node.values.iter().for_each(&mut *f);
+        return;
+    };
+    // `>` matches one or more remaining tokens, and here at least one remains.
+    if let Some(tail) = &node.tail {
+        tail.values.iter().for_each(&mut *f);
+    }
+    if let Some(child) = node.literal.get(*first) {
+        collect(child, rest, f);
+    }
+    if let Some(any) = &node.any {
+        collect(any, rest, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matches(trie: &Trie<u32>, topic: &str) -> Vec<u32> {
+        let mut v = Vec::new();
+        trie.for_each_match(topic, |x| v.push(*x));
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn wildcards() {
+        let mut trie = Trie::default();
+        let pats = ["a.b.c", "a.*.c", "a.>", "*.b.*", ">", "a.b", "a.*"];
+        for (i, p) in pats.iter().enumerate() {
+            trie.insert(&Pattern::new(*p).unwrap(), i as u32);
+        }
+        assert_eq!(matches(&trie, "a.b.c"), [0, 1, 2, 3, 4]);
+        assert_eq!(matches(&trie, "a.b"), [2, 4, 5, 6]);
+        assert_eq!(matches(&trie, "a"), [4]);
+        assert_eq!(matches(&trie, "x.b.y"), [3, 4]);
+        assert_eq!(matches(&trie, "a.b.c.d"), [2, 4]);
+    }
+
+    #[test]
+    fn remove_prunes() {
+        let mut trie = Trie::default();
+        let p = Pattern::new("a.*.c.>").unwrap();
+        trie.insert(&p, 1);
+        trie.insert(&p, 2);
+        assert_eq!(trie.remove(&p, |v| *v == 1), Some(1));
+        assert_eq!(trie.remove(&p, |v| *v == 1), None);
+        assert_eq!(trie.remove(&p, |v| *v == 2), Some(2));
+        assert!(trie.is_empty());
+        assert!(trie.root.is_empty());
+        assert_eq!(trie.remove(&Pattern::new("x").unwrap(), |_| true), None);
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_pattern_matches(
+            pats in prop::collection::vec("(a|b|\\*)(\\.(a|b|\\*)){0,3}(\\.>)?", 1..12),
+            topics in prop::collection::vec("(a|b|c)(\\.(a|b|c)){0,4}", 1..12),
+        ) {
+            let mut trie = Trie::default();
+            let parsed: Vec<Pattern> = pats.iter().map(|p| Pattern::new(p.as_str()).unwrap()).collect();
+            for (i, p) in parsed.iter().enumerate() {
+                trie.insert(p, i as u32);
+            }
+            for t in &topics {
+                let expected: Vec<u32> = parsed.iter().enumerate()
+                    .filter(|(_, p)| p.matches(t)).map(|(i, _)| i as u32).collect();
+                prop_assert_eq!(matches(&trie, t), expected);
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The accept loop: admits connections up to the limit, refuses the rest with an
+//! error frame, and drives graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tidings_protocol::{ErrorCode, ErrorReply, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, field, info, info_span, warn};
+
+use crate::connection::{self, ConnId, Signals};
+use crate::router::Router;
+use crate::stats::Stats;
+use crate::{BrokerError, Config};
+
+/// State every connection shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) router: Router,
+    pub(crate) stats: Arc<Stats>,
+}
+
+/// How long a refused connection gets to read its error frame.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause after an accept error (such as running out of file descriptors) so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// After the shutdown deadline cut connections off, how long to wait for their
+/// tasks to notice.
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves connections on `listener` until `shutdown` resolves, then stops accepting,
+/// asks every connection to finish the frame in hand and flush what is queued, and
+/// waits for them (at most `config.shutdown_timeout`, then cuts them off).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    config.validate()?;
+    let stats = Arc::new(Stats::default());
+    let shared = Arc::new(Shared {
+        router: Router::new(stats.clone()),
+        stats,
+        config,
+    });
+    let signals = Signals {
+        shutdown: CancellationToken::new(),
+        kill: CancellationToken::new(),
+    };
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let next_id = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Accept errors are per-connection (aborted handshakes) or
+                    // transient (out of descriptors): log, pause, go on.
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared.stats.connection_rejected();
+            shared.stats.error(ErrorCode::TooManyConnections);
+            warn!(%peer, limit = shared.config.max_connections, "connection refused: at the connection limit");
+            let limit = shared.config.max_connections;
+            tracker.spawn(refuse(stream, limit, signals.shutdown.clone()));
+            continue;
+        };
+        let conn = ConnId(next_id.fetch_add(1, Ordering::Relaxed));
+        let span = info_span!("conn", id = conn.0, %peer, client = field::Empty);
+        let shared = shared.clone();
+        let signals = signals.clone();
+        let inner_tracker = tracker.clone();
+        tracker.spawn(
+            async move {
+                shared.stats.connection_opened();
+                connection::serve(stream, conn, shared.clone(), signals, inner_tracker).await;
+                shared.stats.connection_closed();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    drop(listener);
+    let open = tracker.len();
+    info!(connections = open, "shutting down: no longer accepting");
+    signals.shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(shared.config.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = tracker.len(),
+            timeout = ?shared.config.shutdown_timeout,
+            "connections did not finish in time; closing them"
+        );
+        signals.kill.cancel();
+        let _ = tokio::time::timeout(KILL_GRACE, tracker.wait()).await;
+    }
+    info!("shutdown complete");
+    Ok(())
+}
+
+/// Tells a connection over the limit why it is refused, then closes it.
+async fn refuse(mut stream: TcpStream, limit: usize, shutdown: CancellationToken) {
+    let mut buf = BytesMut::new();
+    let error = ErrorReply::new(
+        0,
+        ErrorCode::TooManyConnections,
+        format!("the server is at its limit of {limit} connections"),
+    );
+    if Frame::Error(error).encode(&mut buf).is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
+        stream.write_all(&buf).await?;
+        stream.shutdown().await?;
+        // Drain whatever the client sent (its HELLO) so closing does not reset the
+        // connection before the client reads the error.
+        let mut sink = [0u8; 1024];
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} } => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}

@@ -1,0 +1,266 @@
+//! Durable queues through the client (and the CLI) against a real broker. These
+//! need the broker's queue engine; run them with `cargo test -p tidings-client
+//! --test queues`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{TestBroker, within};
+use futures::StreamExt;
+use tidings_client::{ErrorCode, Message, QueueConfig};
+
+#[tokio::test]
+async fn declare_publish_confirmed_consume_ack() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("billing").bind("orders.created")))
+        .await
+        .unwrap();
+    // Declaring again with the same options is fine.
+    within(client.declare_queue(QueueConfig::new("billing").bind("orders.created")))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let c = within(client.publish_confirmed(
+            Message::new("orders.created", format!("{i}")).header("n", format!("{i}")),
+        ))
+        .await
+        .unwrap();
+        assert_eq!((c.queues, c.rejected, c.duplicate), (1, 0, false));
+    }
+    let c = within(client.publish_confirmed(Message::new("orders.other", "x")))
+        .await
+        .unwrap();
+    assert_eq!(c.queues, 0);
+
+    let info = within(client.queue_info("billing")).await.unwrap();
+    assert_eq!(info.depth, 10);
+    let list = within(client.list_queues()).await.unwrap();
+    assert!(list.iter().any(|q| q.name == "billing"));
+
+    let mut consumer = within(client.consume("billing", 4)).await.unwrap();
+    for i in 0..10 {
+        let d = within(consumer.next()).await.unwrap();
+        assert_eq!(d.payload(), format!("{i}").as_bytes());
+        assert_eq!(d.header_value("n"), Some(format!("{i}").as_str()));
+        assert_eq!((d.topic(), d.queue(), d.attempt()), ("orders.created", "billing", 1));
+        d.ack().await.unwrap();
+    }
+    within(client.flush()).await.unwrap();
+    // Acks are processed in order with the info request on the same connection.
+    let deadline = tokio::time::Instant::now() + common::BOUND;
+    loop {
+        let info = within(client.queue_info("billing")).await.unwrap();
+        if info.depth == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "acks never landed: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn nack_redelivers_with_a_higher_attempt() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("retry").bind("work.>")))
+        .await
+        .unwrap();
+    within(client.publish_confirmed(Message::new("work.a", "job")))
+        .await
+        .unwrap();
+    let mut consumer = within(client.consume("retry", 1)).await.unwrap();
+    let d = within(consumer.next()).await.unwrap();
+    assert_eq!(d.attempt(), 1);
+    d.nack_after(Duration::from_millis(10)).await.unwrap();
+    let d = within(consumer.next()).await.unwrap();
+    assert_eq!(d.attempt(), 2);
+    d.nack().await.unwrap();
+    let d = within(consumer.next()).await.unwrap();
+    assert_eq!(d.attempt(), 3);
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_letters_and_redrive() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(
+        QueueConfig::new("poison")
+            .bind("poison.>")
+            .max_deliveries(2)
+            .backoff([Duration::from_millis(1)]),
+    ))
+    .await
+    .unwrap();
+    within(client.publish_confirmed(Message::new("poison.pill", "bad")))
+        .await
+        .unwrap();
+    let mut consumer = within(client.consume("poison", 1)).await.unwrap();
+    for attempt in 1..=2 {
+        let d = within(consumer.next()).await.unwrap();
+        assert_eq!(d.attempt(), attempt);
+        d.nack().await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + common::BOUND;
+    let letters = loop {
+        let letters = within(client.dead_letters("poison", 0)).await.unwrap();
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(&letters[0].payload[..], b"bad");
+    assert_eq!(within(client.redrive("poison")).await.unwrap(), 1);
+    let d = within(consumer.next()).await.unwrap();
+    assert_eq!(&d.payload()[..], b"bad");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicates_are_confirmed_but_stored_once() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(
+        QueueConfig::new("dedup")
+            .bind("pay.>")
+            .dedup_window(Duration::from_secs(60)),
+    ))
+    .await
+    .unwrap();
+    let first = within(client.publish_confirmed(Message::new("pay.in", "1").id("p-1")))
+        .await
+        .unwrap();
+    let second = within(client.publish_confirmed(Message::new("pay.in", "1").id("p-1")))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(within(client.queue_info("dedup")).await.unwrap().depth, 1);
+}
+
+#[tokio::test]
+async fn bind_unbind_delete_and_typed_errors() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("q"))).await.unwrap();
+    within(client.bind("q", "a.*")).await.unwrap();
+    let c = within(client.publish_confirmed(Message::new("a.b", "x"))).await.unwrap();
+    assert_eq!(c.queues, 1);
+    within(client.unbind("q", "a.*")).await.unwrap();
+    let c = within(client.publish_confirmed(Message::new("a.b", "x"))).await.unwrap();
+    assert_eq!(c.queues, 0);
+    within(client.delete_queue("q")).await.unwrap();
+    let err = within(client.queue_info("q")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::QueueNotFound), "{err}");
+    let err = within(client.consume("q", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::QueueNotFound), "{err}");
+}
+
+#[tokio::test]
+async fn no_confirmed_message_is_lost_across_a_broker_restart() {
+    let mut broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("durable").bind("events.>")))
+        .await
+        .unwrap();
+    let mut consumer = within(client.consume("durable", 8)).await.unwrap();
+    let mut confirmed = HashSet::new();
+    for i in 0..50 {
+        within(client.publish_confirmed(Message::new("events.x", format!("{i}"))))
+            .await
+            .unwrap();
+        confirmed.insert(format!("{i}"));
+    }
+    // Ack a few before the restart; the rest must come back after it.
+    let mut acked = HashSet::new();
+    for _ in 0..5 {
+        let d = within(consumer.next()).await.unwrap();
+        acked.insert(String::from_utf8(d.payload().to_vec()).unwrap());
+        d.ack().await.unwrap();
+    }
+    within(client.flush()).await.unwrap();
+    // Make sure the acks have been applied before the broker stops.
+    within(client.queue_info("durable")).await.unwrap();
+
+    broker.stop().await;
+    broker.start_again().await;
+
+    // The same consumer resumes (restored on reconnect); stale deliveries from the
+    // old connection refuse their acks, and their messages come again.
+    let mut seen = acked.clone();
+    while seen.len() < confirmed.len() {
+        let d = within(consumer.next()).await.unwrap();
+        let payload = String::from_utf8(d.payload().to_vec()).unwrap();
+        if d.ack().await.is_ok() {
+            seen.insert(payload);
+        }
+    }
+    assert_eq!(seen, confirmed);
+}
+
+fn tidings(addr: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings"));
+    cmd.env("TIDINGS_SERVER", addr)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn cli_queue_declare_pub_confirm_consume() {
+    let broker = TestBroker::start().await;
+    let addr = broker.addr();
+    let out = within(
+        tidings(&addr)
+            .args(["queue", "declare", "cliq", "--bind", "cli.>", "--max-deliveries", "3"])
+            .args(["--ack-timeout", "30s", "--backoff", "100ms,1s", "--overflow", "reject-publish"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = within(
+        tidings(&addr)
+            .args(["pub", "cli.created", "payload-1", "--confirm"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "confirmed: queues=1 rejected=0 duplicate=false\n"
+    );
+
+    let out = within(tidings(&addr).args(["queue", "ls"]).output()).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cliq"));
+
+    let out = within(
+        tidings(&addr)
+            .args(["consume", "cliq", "--count", "1"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "cli.created payload-1 (attempt 1)\n"
+    );
+
+    let out = within(tidings(&addr).args(["queue", "info", "cliq"]).output())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let out = within(tidings(&addr).args(["queue", "rm", "cliq"]).output())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+}

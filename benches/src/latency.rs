@@ -54,6 +54,7 @@ impl Latencies {
     }
 
     /// Number of samples.
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.hist.len()
     }

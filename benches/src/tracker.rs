@@ -70,11 +70,6 @@ impl SeqTracker {
         self.unique.load(Ordering::Relaxed) >= self.expected
     }
 
-    /// Arrivals so far, duplicates included (for progress bars).
-    pub fn arrivals(&self) -> u64 {
-        self.unique.load(Ordering::Relaxed) + self.duplicates.load(Ordering::Relaxed)
-    }
-
     /// The counts as they stand now.
     pub fn tally(&self) -> Tally {
         let unique = self.unique.load(Ordering::Relaxed);
@@ -97,6 +92,7 @@ impl Tally {
     }
 
     /// True when nothing was lost, doubled or foreign.
+    #[cfg(test)]
     pub fn clean(&self) -> bool {
         self.missing == 0 && self.duplicates == 0 && self.foreign == 0
     }

@@ -73,7 +73,7 @@ impl fmt::Display for Workload {
 }
 
 /// The systems the bench can drive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
 pub enum System {
     /// tidings, through the tidings client crate.
     Tidings,
@@ -113,6 +113,7 @@ impl System {
     }
 
     /// Where the peer listens when `--server` is not given (the packages' defaults).
+    #[cfg_attr(not(feature = "peers"), allow(dead_code))]
     pub fn default_server(self) -> Option<&'static str> {
         match self {
             System::Tidings => None,
@@ -238,6 +239,7 @@ pub trait Driver: Send + Sync + 'static {
 }
 
 /// The role type of a workload a driver refuses: it has no values, so it is never used.
+#[cfg_attr(not(feature = "peers"), allow(dead_code))]
 pub enum Unsupported {}
 
 impl Publisher for Unsupported {
@@ -277,6 +279,7 @@ impl Producer for Unsupported {
 }
 
 /// The error a driver returns for a workload its system cannot run.
+#[cfg_attr(not(feature = "peers"), allow(dead_code))]
 pub fn refuse<T>(system: System, workload: Workload) -> Result<T> {
     let reason = system.supports(workload).err().unwrap_or("not supported");
     Err(anyhow::anyhow!("{system} cannot run {workload}: {reason}"))

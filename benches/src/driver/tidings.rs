@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use tidings_broker::{Broker, BrokerHandle, Config};
-use tidings_client::{Client, Consumer, Message, QueueConfig, Subscription};
+use tidings_client::{Client, Consumer, Event, Events, Message, QueueConfig, Subscription};
 use tokio_util::sync::CancellationToken;
 
 use super::{ConfirmWindow, Driver, Producer, Publisher, Requester, Responder, Source, System};
@@ -44,11 +44,6 @@ impl TidingsDriver {
         })
     }
 
-    /// Where the broker listens.
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// Stops the in-process broker, if this driver started one.
     pub async fn shutdown(self) {
         if let Some(broker) = self.embedded {
@@ -80,15 +75,32 @@ impl Publisher for TidingsPublisher {
     }
 }
 
-/// A subscription; keeps its client alive.
+/// A subscription; keeps its client alive and watches its connection's events.
 pub struct TidingsSubscriber {
     sub: Subscription,
+    events: Option<Events>,
     _client: Client,
 }
 
 impl Source for TidingsSubscriber {
     async fn next(&mut self) -> Result<Option<Bytes>> {
-        Ok(self.sub.next().await.map(Message::into_payload))
+        loop {
+            let Some(events) = self.events.as_mut() else {
+                return Ok(self.sub.next().await.map(Message::into_payload));
+            };
+            tokio::select! {
+                message = self.sub.next() => return Ok(message.map(Message::into_payload)),
+                event = events.next() => match event {
+                    // A dropped message or connection means the count is already
+                    // wrong: stop here and say why rather than quietly lose more.
+                    Some(event @ (Event::SlowSubscription { .. }
+                    | Event::Disconnected { .. }
+                    | Event::Closed)) => anyhow::bail!("tidings client: {event:?}"),
+                    Some(_) => {}
+                    None => self.events = None,
+                },
+            }
+        }
     }
 }
 
@@ -171,7 +183,6 @@ impl Source for TidingsConsumer {
         let Some(delivery) = self.consumer.next().await else {
             return Ok(None);
         };
-        let delivery = delivery?;
         let body = delivery.payload().clone();
         delivery.ack().await?;
         Ok(Some(body))
@@ -199,9 +210,11 @@ impl Driver for TidingsDriver {
 
     async fn subscriber(&self, topic: &str) -> Result<TidingsSubscriber> {
         let client = self.connect().await?;
+        let events = client.events();
         let sub = client.subscribe(topic).await?;
         Ok(TidingsSubscriber {
             sub,
+            events: Some(events),
             _client: client,
         })
     }

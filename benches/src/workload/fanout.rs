@@ -1,7 +1,5 @@
 //! `fanout`: 1 publisher -> K subscribers, each expecting every message.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, json};
 

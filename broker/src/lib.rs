@@ -43,6 +43,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod queue;
 pub mod router;
 mod server;
 mod stats;

@@ -1,0 +1,140 @@
+//! `EngineConfig` and `FsyncPolicy`: where queues live, how hard they are made durable,
+//! and the memory bounds of each queue.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// When a write counts as durable, and so when a publisher confirm may go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Default. Every group-commit batch is written, flushed and `fdatasync`ed before
+    /// any of its confirms go out. A confirmed message survives `kill -9`, a kernel
+    /// crash and power loss (as far as the disk honours its flush command).
+    #[default]
+    Always,
+    /// Confirm as soon as the batch is in the store's memory; flush and `fdatasync`
+    /// every interval. Risk: a crash of the broker or of the machine loses the
+    /// messages confirmed during the last interval.
+    Interval(Duration),
+    /// Confirm as soon as the batch is in the store's memory and never `fdatasync`;
+    /// sled writes its buffers out on its own schedule (about every 500 ms). Risk: a
+    /// broker crash loses up to that much confirmed work, and power loss loses
+    /// whatever the operating system had not written back yet.
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+
+    /// Parses `always`, `never` or `interval:MS` (MS a positive number of milliseconds).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => {
+                let ms = other
+                    .strip_prefix("interval:")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .filter(|ms| *ms > 0)
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown fsync policy `{other}` (expected always, never or interval:MS with MS > 0)"
+                        )
+                    })?;
+                Ok(FsyncPolicy::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Never => f.write_str("never"),
+            FsyncPolicy::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+        }
+    }
+}
+
+/// Values for the queue options a declare leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDefaults {
+    /// Deliveries before a message is dead-lettered (5).
+    pub max_deliveries: u32,
+    /// Time a consumer has to ack a delivery (30 s).
+    pub ack_timeout: Duration,
+    /// How long message ids are remembered for deduplication (2 min).
+    pub dedup_window: Duration,
+}
+
+impl Default for QueueDefaults {
+    fn default() -> Self {
+        Self {
+            max_deliveries: 5,
+            ack_timeout: Duration::from_secs(30),
+            dedup_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How the queue engine stores and caches messages.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory of the sled store (created if missing). Nothing else may use it.
+    pub data_dir: PathBuf,
+    /// When writes count as durable.
+    pub fsync: FsyncPolicy,
+    /// Most ready messages each queue keeps in memory (4096); the rest are paged in
+    /// from the store when consumers get to them.
+    pub ready_window: usize,
+    /// Most payload bytes of ready messages each queue keeps in memory (8 MiB).
+    pub ready_window_bytes: usize,
+    /// Most delayed messages each queue keeps in memory, the next ones due (1024).
+    pub delayed_window: usize,
+    /// Most message ids each queue remembers for deduplication (100,000); past that
+    /// the oldest ids are forgotten early.
+    pub dedup_capacity: usize,
+    /// Most bytes waiting for the store's writer before publishes are refused with
+    /// [`QueueError::Overloaded`](crate::queue::QueueError::Overloaded) (256 MiB).
+    pub max_pending_bytes: usize,
+    /// sled's page cache in bytes (64 MiB).
+    pub cache_bytes: u64,
+    /// Defaults for queue options.
+    pub defaults: QueueDefaults,
+}
+
+impl EngineConfig {
+    /// The defaults, storing in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            fsync: FsyncPolicy::Always,
+            ready_window: 4096,
+            ready_window_bytes: 8 << 20,
+            delayed_window: 1024,
+            dedup_capacity: 100_000,
+            max_pending_bytes: 256 << 20,
+            cache_bytes: 64 << 20,
+            defaults: QueueDefaults::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policy_round_trips() {
+        for s in ["always", "never", "interval:250"] {
+            let p: FsyncPolicy = s.parse().unwrap();
+            assert_eq!(p.to_string(), s);
+        }
+        assert!("interval:0".parse::<FsyncPolicy>().is_err());
+        assert!("interval:x".parse::<FsyncPolicy>().is_err());
+        assert!("sometimes".parse::<FsyncPolicy>().is_err());
+    }
+}

@@ -1,0 +1,895 @@
+//! The storage layer: the only file that touches sled. One writer thread owns the
+//! database; queues hand it writes and reads, and it turns them into group commits.
+//!
+//! # Layout
+//!
+//! Two sled trees. `queues` maps a queue name to its JSON definition (id, resolved
+//! options, bindings), plus the key `"\0next_qid"` so queue ids are never reused.
+//! `messages` holds every queue's data under big-endian keys that start with the
+//! queue id, so one sled batch covers all queues and a queue is a key range:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `qid:u32 'c'` | counters: `m_count m_bytes d_count d_bytes next_seq mark` (u64 each) |
+//! | `qid:u32 'd' due_ms:u64 seq:u64` | a delayed message (record.rs layout) |
+//! | `qid:u32 'i' message_id` | dedup entry: `seen_ms:u64` |
+//! | `qid:u32 'm' seq:u64` | a ready or in-flight message, FIFO by `seq` |
+//!
+//! The counters travel in the same batch as the data they count, so after any crash
+//! they agree with the keys, and a restart needs no scan of a 10-million-message
+//! queue. `mark` is the highest `seq` that may have been delivered: a message at or
+//! below it comes back after a restart as a redelivery.
+//!
+//! # Durability: sled's flush is not an fsync
+//!
+//! sled 0.34's `Db::flush` writes its buffers and then calls only
+//! `sync_file_range(2)` on Linux (sled issues #1351 and #1452). That survives
+//! `kill -9` of the broker, but not a kernel crash or power loss: it neither flushes
+//! the disk's cache nor covers file metadata. sled also never fsyncs the files it
+//! writes under `blobs/` (values of about 16 KiB and up) or its `snap.*` snapshots.
+//! So under [`FsyncPolicy::Always`] each group commit is: apply one `sled::Batch`,
+//! `Db::flush`, then a real `fdatasync` (`File::sync_data`) of the `db` file, of
+//! `conf`, of every `snap.*` and every file under `blobs/` not yet synced, and an
+//! `fsync` of the directories when new files appeared. Only then are the batch's
+//! confirms released.
+//!
+//! # Threads
+//!
+//! Every sled call is blocking, so none runs on the async workers: the writer thread
+//! takes everything queued since its last round (writes and reads together, in the
+//! order they were queued), applies the writes as one batch, makes them durable per
+//! the policy, tells the batch's listeners, and then serves the reads. Because reads
+//! are served after the callbacks of every write queued before them, a queue paging
+//! messages in never races with its own commits.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use sled::IVec;
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::queue::config::{EngineConfig, FsyncPolicy};
+use crate::queue::error::QueueError;
+use crate::queue::options::StoredDefinition;
+use crate::queue::record::Message;
+
+const TAG_COUNTERS: u8 = b'c';
+const TAG_DELAYED: u8 = b'd';
+const TAG_DEDUP: u8 = b'i';
+const TAG_MESSAGE: u8 = b'm';
+const NEXT_QID_KEY: &[u8] = b"\0next_qid";
+/// Keys removed per sled batch when a queue is deleted, so that deleting a huge queue
+/// does not build one huge batch in memory.
+const DROP_CHUNK: usize = 10_000;
+
+/// A storage failure, as text so it can be handed to every waiter of a batch.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub(crate) struct StoreError(String);
+
+impl StoreError {
+    fn io(context: &str, err: impl std::fmt::Display) -> Self {
+        StoreError(format!("{context}: {err}"))
+    }
+}
+
+impl From<StoreError> for QueueError {
+    fn from(err: StoreError) -> Self {
+        QueueError::Storage(err.0)
+    }
+}
+
+/// Per-queue figures stored next to its data (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub m_count: u64,
+    pub m_bytes: u64,
+    pub d_count: u64,
+    pub d_bytes: u64,
+    pub next_seq: u64,
+    pub mark: u64,
+}
+
+impl Counters {
+    fn encode(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        let fields = [
+            self.m_count,
+            self.m_bytes,
+            self.d_count,
+            self.d_bytes,
+            self.next_seq,
+            self.mark,
+        ];
+        for (chunk, v) in out.chunks_exact_mut(8).zip(fields) {
+            chunk.copy_from_slice(&v.to_be_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 48 {
+            return None;
+        }
+        let f = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        Some(Self {
+            m_count: f(0),
+            m_bytes: f(1),
+            d_count: f(2),
+            d_bytes: f(3),
+            next_seq: f(4),
+            mark: f(5),
+        })
+    }
+}
+
+fn prefix(qid: u32, tag: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&qid.to_be_bytes());
+    k[4] = tag;
+    k
+}
+
+fn message_key(qid: u32, seq: u64) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[..5].copy_from_slice(&prefix(qid, TAG_MESSAGE));
+    k[5..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn delayed_key(qid: u32, due_ms: u64, seq: u64) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[..5].copy_from_slice(&prefix(qid, TAG_DELAYED));
+    k[5..13].copy_from_slice(&due_ms.to_be_bytes());
+    k[13..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn dedup_key(qid: u32, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + id.len());
+    k.extend_from_slice(&prefix(qid, TAG_DEDUP));
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+fn decode_message(value: &[u8]) -> Option<Message> {
+    Message::decode(Bytes::copy_from_slice(value))
+}
+
+/// Which key range a paging read covers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Range {
+    /// Ready messages with `seq >= from`.
+    Messages { qid: u32, from: u64 },
+    /// Delayed messages with `(due, seq) >= from`.
+    Delayed { qid: u32, from: (u64, u64) },
+}
+
+/// One message read back by a paging read.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    /// `(0, seq)` for ready messages, `(due, seq)` for delayed ones.
+    pub key: (u64, u64),
+    pub message: Message,
+}
+
+type ReadCallback = Box<dyn FnOnce(Result<Vec<Loaded>, StoreError>) + Send>;
+
+struct ReadRequest {
+    range: Range,
+    max_count: usize,
+    max_bytes: usize,
+    then: ReadCallback,
+}
+
+/// Told when a batch it wrote to has been made durable (or has failed).
+pub(crate) trait CommitListener: Send + Sync {
+    /// Runs on the writer thread; must not block on I/O.
+    fn committed(&self, epoch: u64, result: &Result<(), StoreError>);
+}
+
+enum Op {
+    Put(IVec, IVec),
+    Remove(IVec),
+    DropQueue(u32),
+    PutDef(String, Vec<u8>),
+    RemoveDef(String),
+}
+
+type TicketSender = watch::Sender<Option<Result<(), StoreError>>>;
+
+#[derive(Default)]
+struct Pending {
+    epoch: u64,
+    ops: Vec<Op>,
+    bytes: usize,
+    counters: HashMap<u32, Counters>,
+    listeners: Vec<Arc<dyn CommitListener>>,
+    ticket: Option<TicketSender>,
+    reads: Vec<ReadRequest>,
+    shutdown: bool,
+    stopped: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic on the writer thread must not turn every later call into a panic.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes queued for the next group commit. Obtained from [`Store::batch`].
+pub(crate) struct Batch<'a> {
+    p: &'a mut Pending,
+}
+
+impl Batch<'_> {
+    /// The commit these writes will be part of.
+    pub fn epoch(&self) -> u64 {
+        self.p.epoch
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.p.bytes
+    }
+
+    /// True once the writer has stopped; nothing queued now will be written.
+    pub fn stopped(&self) -> bool {
+        self.p.stopped || self.p.shutdown
+    }
+
+    fn push(&mut self, op: Op, bytes: usize) {
+        self.p.bytes += bytes;
+        self.p.ops.push(op);
+    }
+
+    pub fn put_message(&mut self, qid: u32, seq: u64, message: &Message) {
+        let value = message.encode();
+        let len = value.len() + 13;
+        self.push(
+            Op::Put(IVec::from(&message_key(qid, seq)[..]), IVec::from(value)),
+            len,
+        );
+    }
+
+    pub fn remove_message(&mut self, qid: u32, seq: u64) {
+        self.push(Op::Remove(IVec::from(&message_key(qid, seq)[..])), 13);
+    }
+
+    pub fn put_delayed(&mut self, qid: u32, due_ms: u64, seq: u64, message: &Message) {
+        let value = message.encode();
+        let len = value.len() + 21;
+        self.push(
+            Op::Put(
+                IVec::from(&delayed_key(qid, due_ms, seq)[..]),
+                IVec::from(value),
+            ),
+            len,
+        );
+    }
+
+    pub fn remove_delayed(&mut self, qid: u32, due_ms: u64, seq: u64) {
+        self.push(
+            Op::Remove(IVec::from(&delayed_key(qid, due_ms, seq)[..])),
+            21,
+        );
+    }
+
+    pub fn put_dedup(&mut self, qid: u32, id: &str, seen_ms: u64) {
+        let key = dedup_key(qid, id);
+        let len = key.len() + 8;
+        self.push(
+            Op::Put(IVec::from(key), IVec::from(&seen_ms.to_be_bytes()[..])),
+            len,
+        );
+    }
+
+    pub fn remove_dedup(&mut self, qid: u32, id: &str) {
+        let key = dedup_key(qid, id);
+        let len = key.len();
+        self.push(Op::Remove(IVec::from(key)), len);
+    }
+
+    /// The queue's counters as of the writes queued so far (the last call wins).
+    pub fn set_counters(&mut self, qid: u32, counters: Counters) {
+        self.p.counters.insert(qid, counters);
+    }
+
+    /// Deletes every key of the queue (after the writes queued before this one).
+    pub fn drop_queue(&mut self, qid: u32) {
+        self.p.counters.remove(&qid);
+        self.push(Op::DropQueue(qid), 4);
+    }
+
+    pub fn put_definition(&mut self, name: &str, def: &StoredDefinition) {
+        match serde_json::to_vec(def) {
+            Ok(json) => {
+                let len = json.len() + name.len();
+                self.push(Op::PutDef(name.to_owned(), json), len);
+            }
+            // Plain data always serialises; keep the old definition rather than panic.
+            Err(err) => {
+                tracing::error!(queue = name, error = %err, "cannot encode queue definition")
+            }
+        }
+    }
+
+    pub fn remove_definition(&mut self, name: &str) {
+        self.push(Op::RemoveDef(name.to_owned()), name.len());
+    }
+
+    /// Calls `listener` after this batch commits. `last_epoch` is the caller's record
+    /// of the last epoch it listened to, so that it is told once per batch.
+    pub fn listen(&mut self, listener: Arc<dyn CommitListener>, last_epoch: &mut u64) {
+        if *last_epoch != self.p.epoch {
+            *last_epoch = self.p.epoch;
+            self.p.listeners.push(listener);
+        }
+    }
+
+    /// A ticket that resolves when this batch is durable (per the fsync policy).
+    pub fn ticket(&mut self) -> Ticket {
+        let sender = self.p.ticket.get_or_insert_with(|| watch::channel(None).0);
+        Ticket {
+            rx: sender.subscribe(),
+        }
+    }
+}
+
+/// Resolves when the batch it was taken from is durable.
+#[derive(Debug, Clone)]
+pub(crate) struct Ticket {
+    rx: watch::Receiver<Option<Result<(), StoreError>>>,
+}
+
+impl Ticket {
+    /// Waits for the commit; errors if it failed or the writer stopped first.
+    pub async fn wait(mut self) -> Result<(), QueueError> {
+        match self.rx.wait_for(Option::is_some).await {
+            Ok(result) => match result.as_ref() {
+                Some(Ok(())) => Ok(()),
+                Some(Err(err)) => Err(err.clone().into()),
+                None => Err(QueueError::ShuttingDown),
+            },
+            Err(_) => Err(QueueError::ShuttingDown),
+        }
+    }
+}
+
+/// What a queue had in the store when the engine opened.
+pub(crate) struct LoadedQueue {
+    pub name: String,
+    pub definition: StoredDefinition,
+    pub counters: Counters,
+    /// The first ready messages, by `seq`.
+    pub ready: Vec<Loaded>,
+    /// The first delayed messages, by `(due, seq)`.
+    pub delayed: Vec<Loaded>,
+    /// Remembered message ids and when they were seen.
+    pub dedup: Vec<(String, u64)>,
+}
+
+/// Everything the engine needs at start.
+pub(crate) struct Opened {
+    pub store: Store,
+    pub queues: Vec<LoadedQueue>,
+    pub next_qid: u32,
+}
+
+/// Handle to the writer thread.
+pub(crate) struct Store {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store and loads what each queue needs to start.
+    /// Blocking: call it before serving or from a blocking context.
+    pub fn open(config: &EngineConfig) -> Result<Opened, QueueError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io(&format!("creating {}", dir.display()), e))?;
+        let flush_every = match config.fsync {
+            FsyncPolicy::Never => Some(500),
+            // We flush (and fdatasync) ourselves; sled's own timer would only add
+            // sync_file_range calls that promise nothing.
+            FsyncPolicy::Always | FsyncPolicy::Interval(_) => None,
+        };
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(config.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(flush_every)
+            .open()
+            .map_err(|e| StoreError::io(&format!("opening sled at {}", dir.display()), e))?;
+        let data = db
+            .open_tree("messages")
+            .map_err(|e| StoreError::io("opening tree", e))?;
+        let defs = db
+            .open_tree("queues")
+            .map_err(|e| StoreError::io("opening tree", e))?;
+        let (queues, next_qid) = load(&data, &defs, config)?;
+        let mut files = FileSyncer::new(&dir).map_err(|e| StoreError::io("opening db file", e))?;
+        // Whatever sled wrote while opening (a new database, recovery) is made durable
+        // before anything is built on it.
+        db.flush().map_err(|e| StoreError::io("flush", e))?;
+        files.sync().map_err(|e| StoreError::io("fdatasync", e))?;
+
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                epoch: 1,
+                ..Pending::default()
+            }),
+            wake: Condvar::new(),
+        });
+        let writer = Writer {
+            shared: shared.clone(),
+            db,
+            data,
+            defs,
+            files,
+            policy: config.fsync,
+            next_qid,
+        };
+        let thread = std::thread::Builder::new()
+            .name("tidings-store".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::io("spawning the store thread", e))?;
+        Ok(Opened {
+            store: Store {
+                shared,
+                thread: Mutex::new(Some(thread)),
+            },
+            queues,
+            next_qid,
+        })
+    }
+
+    /// Queues writes for the next group commit. Callers may hold their queue's lock:
+    /// the store's lock is always taken last.
+    pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
+        let mut p = self.shared.lock();
+        let was_idle = p.ops.is_empty() && p.reads.is_empty() && p.counters.is_empty();
+        let r = f(&mut Batch { p: &mut p });
+        if was_idle {
+            self.shared.wake.notify_one();
+        }
+        r
+    }
+
+    /// Queues a read, served after every write queued before it; `then` runs on the
+    /// writer thread.
+    pub fn read(
+        &self,
+        range: Range,
+        max_count: usize,
+        max_bytes: usize,
+        then: impl FnOnce(Result<Vec<Loaded>, StoreError>) + Send + 'static,
+    ) {
+        let mut p = self.shared.lock();
+        if p.stopped {
+            drop(p);
+            then(Err(StoreError("the store is shut down".into())));
+            return;
+        }
+        p.reads.push(ReadRequest {
+            range,
+            max_count,
+            max_bytes,
+            then: Box::new(then),
+        });
+        self.shared.wake.notify_one();
+    }
+
+    /// Writes out everything queued, makes it durable whatever the policy, and stops
+    /// the writer thread (which closes sled). Blocking.
+    pub fn shutdown(&self) {
+        {
+            let mut p = self.shared.lock();
+            p.shutdown = true;
+            self.shared.wake.notify_one();
+        }
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the store thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let mut p = self.shared.lock();
+        p.shutdown = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+fn load(
+    data: &sled::Tree,
+    defs: &sled::Tree,
+    config: &EngineConfig,
+) -> Result<(Vec<LoadedQueue>, u32), QueueError> {
+    let mut next_qid = 1u32;
+    if let Some(v) = defs
+        .get(NEXT_QID_KEY)
+        .map_err(|e| StoreError::io("reading definitions", e))?
+    {
+        if let Some(bytes) = v.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+            next_qid = u32::from_be_bytes(bytes);
+        }
+    }
+    let mut queues = Vec::new();
+    for item in defs.iter() {
+        let (key, value) = item.map_err(|e| StoreError::io("reading definitions", e))?;
+        if key.as_ref() == NEXT_QID_KEY {
+            continue;
+        }
+        let name = String::from_utf8_lossy(&key).into_owned();
+        let definition: StoredDefinition = match serde_json::from_slice(&value) {
+            Ok(d) => d,
+            Err(err) => {
+                tracing::error!(queue = %name, error = %err, "unreadable queue definition, skipped");
+                continue;
+            }
+        };
+        let qid = definition.qid;
+        next_qid = next_qid.max(qid.saturating_add(1));
+        let counters = data
+            .get(prefix(qid, TAG_COUNTERS))
+            .map_err(|e| StoreError::io("reading counters", e))?
+            .and_then(|v| Counters::decode(&v))
+            .unwrap_or_default();
+        let ready = scan(
+            data,
+            Range::Messages { qid, from: 0 },
+            config.ready_window,
+            config.ready_window_bytes,
+        )?;
+        let delayed = scan(
+            data,
+            Range::Delayed { qid, from: (0, 0) },
+            config.delayed_window,
+            usize::MAX,
+        )?;
+        let mut dedup = Vec::new();
+        let (start, end) = (prefix(qid, TAG_DEDUP), prefix(qid, TAG_DEDUP + 1));
+        for item in data.range(start..end) {
+            let (k, v) = item.map_err(|e| StoreError::io("reading dedup ids", e))?;
+            let id = String::from_utf8_lossy(&k[5..]).into_owned();
+            dedup.push((id, be_u64(&v).unwrap_or(0)));
+        }
+        queues.push(LoadedQueue {
+            name,
+            definition,
+            counters,
+            ready,
+            delayed,
+            dedup,
+        });
+    }
+    Ok((queues, next_qid))
+}
+
+fn scan(
+    data: &sled::Tree,
+    range: Range,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<Vec<Loaded>, StoreError> {
+    let (start, end): (Vec<u8>, [u8; 5]) = match range {
+        Range::Messages { qid, from } => (
+            message_key(qid, from).to_vec(),
+            prefix(qid, TAG_MESSAGE + 1),
+        ),
+        Range::Delayed { qid, from } => (
+            delayed_key(qid, from.0, from.1).to_vec(),
+            prefix(qid, TAG_DELAYED + 1),
+        ),
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for item in data.range(start..end.to_vec()) {
+        if out.len() >= max_count || bytes >= max_bytes {
+            break;
+        }
+        let (k, v) = item.map_err(|e| StoreError::io("reading messages", e))?;
+        let key = match range {
+            Range::Messages { .. } => (0, be_u64(&k[5..]).unwrap_or(0)),
+            Range::Delayed { .. } => (
+                be_u64(&k[5..]).unwrap_or(0),
+                be_u64(k.get(13..).unwrap_or(&[])).unwrap_or(0),
+            ),
+        };
+        let Some(message) = decode_message(&v) else {
+            tracing::error!(key = ?k, "unreadable message record, skipped");
+            continue;
+        };
+        bytes += message.payload.len();
+        out.push(Loaded { key, message });
+    }
+    Ok(out)
+}
+
+/// Syncs the files sled writes, since sled itself only calls `sync_file_range`.
+struct FileSyncer {
+    dir: PathBuf,
+    db_file: File,
+    /// Write-once files (`conf`, `snap.*`, blobs) already synced.
+    synced: HashSet<PathBuf>,
+}
+
+impl FileSyncer {
+    fn new(dir: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            dir: dir.to_owned(),
+            db_file: File::open(dir.join("db"))?,
+            synced: HashSet::new(),
+        })
+    }
+
+    /// `fdatasync` of the log and of every new write-once file, then `fsync` of the
+    /// directories if any file was new.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.db_file.sync_data()?;
+        let mut seen = HashSet::with_capacity(self.synced.len());
+        let mut new_files = false;
+        let blobs = self.dir.join("blobs");
+        for dir in [&self.dir, &blobs] {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let wanted = dir == &blobs || name == "conf" || name.starts_with("snap.");
+                if !wanted || !entry.file_type()?.is_file() {
+                    continue;
+                }
+                if !self.synced.contains(&path) {
+                    match File::open(&path) {
+                        Ok(f) => f.sync_data()?,
+                        // sled removes old snapshots and blobs as it goes.
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(err) => return Err(err),
+                    }
+                    new_files = true;
+                }
+                seen.insert(path);
+            }
+        }
+        self.synced = seen;
+        if new_files {
+            File::open(&self.dir)?.sync_all()?;
+            if blobs.exists() {
+                File::open(&blobs)?.sync_all()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    db: sled::Db,
+    data: sled::Tree,
+    defs: sled::Tree,
+    files: FileSyncer,
+    policy: FsyncPolicy,
+    next_qid: u32,
+}
+
+/// One round's work, taken from `Pending` in one go so reads stay ordered after the
+/// writes queued before them.
+struct Round {
+    epoch: u64,
+    ops: Vec<Op>,
+    counters: HashMap<u32, Counters>,
+    listeners: Vec<Arc<dyn CommitListener>>,
+    ticket: Option<TicketSender>,
+    reads: Vec<ReadRequest>,
+    shutdown: bool,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        loop {
+            let round = self.take(dirty, last_sync);
+            let wrote = !round.ops.is_empty() || !round.counters.is_empty();
+            let mut result = if wrote {
+                self.apply(round.ops, &round.counters)
+            } else {
+                Ok(())
+            };
+            if wrote {
+                dirty = true;
+            }
+            let sync_now = match self.policy {
+                FsyncPolicy::Always => wrote,
+                FsyncPolicy::Interval(every) => dirty && last_sync.elapsed() >= every,
+                FsyncPolicy::Never => false,
+            } || (round.shutdown && dirty);
+            if sync_now && result.is_ok() {
+                result = self.make_durable();
+                last_sync = Instant::now();
+                dirty = result.is_err();
+            }
+            if let Some(ticket) = round.ticket {
+                ticket.send_replace(Some(result.clone()));
+            }
+            for listener in &round.listeners {
+                listener.committed(round.epoch, &result);
+            }
+            for read in round.reads {
+                let loaded = scan(&self.data, read.range, read.max_count, read.max_bytes);
+                (read.then)(loaded);
+            }
+            if round.shutdown {
+                break;
+            }
+        }
+        let mut p = self.shared.lock();
+        p.stopped = true;
+        // Anything queued after the last round is refused rather than left hanging.
+        if let Some(ticket) = p.ticket.take() {
+            ticket.send_replace(Some(Err(StoreError("the store is shut down".into()))));
+        }
+        let reads = std::mem::take(&mut p.reads);
+        drop(p);
+        for read in reads {
+            (read.then)(Err(StoreError("the store is shut down".into())));
+        }
+        tracing::info!("queue store closed");
+    }
+
+    fn take(&self, dirty: bool, last_sync: Instant) -> Round {
+        let mut p = self.shared.lock();
+        loop {
+            let has_work = !p.ops.is_empty()
+                || !p.counters.is_empty()
+                || !p.reads.is_empty()
+                || !p.listeners.is_empty()
+                || p.ticket.is_some()
+                || p.shutdown;
+            if has_work {
+                break;
+            }
+            match (self.policy, dirty) {
+                (FsyncPolicy::Interval(every), true) => {
+                    let left = every.saturating_sub(last_sync.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    p = self
+                        .shared
+                        .wake
+                        .wait_timeout(p, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                _ => {
+                    p = self
+                        .shared
+                        .wake
+                        .wait(p)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+        let round = Round {
+            epoch: p.epoch,
+            ops: std::mem::take(&mut p.ops),
+            counters: std::mem::take(&mut p.counters),
+            listeners: std::mem::take(&mut p.listeners),
+            ticket: p.ticket.take(),
+            reads: std::mem::take(&mut p.reads),
+            shutdown: p.shutdown,
+        };
+        p.epoch += 1;
+        p.bytes = 0;
+        round
+    }
+
+    fn apply(&mut self, ops: Vec<Op>, counters: &HashMap<u32, Counters>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut defs = sled::Batch::default();
+        let mut defs_touched = false;
+        for op in ops {
+            match op {
+                Op::Put(k, v) => batch.insert(k, v),
+                Op::Remove(k) => batch.remove(k),
+                Op::PutDef(name, json) => {
+                    // Keep `next_qid` above every id ever used, so a deleted queue's id
+                    // (whose keys might survive a crash mid-delete) is never reused.
+                    if let Ok(d) = serde_json::from_slice::<StoredDefinition>(&json) {
+                        self.next_qid = self.next_qid.max(d.qid.saturating_add(1));
+                    }
+                    defs.insert(name.as_bytes(), json);
+                    defs_touched = true;
+                }
+                Op::RemoveDef(name) => {
+                    defs.remove(name.as_bytes());
+                    defs_touched = true;
+                }
+                Op::DropQueue(qid) => {
+                    // Apply what came before, so the queue's last writes are deleted too.
+                    let before = std::mem::take(&mut batch);
+                    self.data
+                        .apply_batch(before)
+                        .map_err(|e| StoreError::io("writing", e))?;
+                    self.drop_queue(qid)?;
+                }
+            }
+        }
+        for (qid, c) in counters {
+            batch.insert(&prefix(*qid, TAG_COUNTERS)[..], &c.encode()[..]);
+        }
+        self.data
+            .apply_batch(batch)
+            .map_err(|e| StoreError::io("writing", e))?;
+        if defs_touched {
+            defs.insert(NEXT_QID_KEY, &self.next_qid.to_be_bytes()[..]);
+            self.defs
+                .apply_batch(defs)
+                .map_err(|e| StoreError::io("writing definitions", e))?;
+        }
+        Ok(())
+    }
+
+    fn drop_queue(&mut self, qid: u32) -> Result<(), StoreError> {
+        let (start, end) = (qid.to_be_bytes(), qid.saturating_add(1).to_be_bytes());
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in self.data.range(start..end).take(DROP_CHUNK) {
+                let (k, _) = item.map_err(|e| StoreError::io("deleting a queue", e))?;
+                batch.remove(k);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            self.data
+                .apply_batch(batch)
+                .map_err(|e| StoreError::io("deleting a queue", e))?;
+        }
+    }
+
+    fn make_durable(&mut self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| StoreError::io("flush", e))?;
+        self.files
+            .sync()
+            .map_err(|e| StoreError::io("fdatasync", e))
+    }
+}

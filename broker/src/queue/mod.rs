@@ -332,7 +332,7 @@ impl QueueEngine {
     pub fn publish(
         &self,
         msg: &Publish,
-    ) -> impl Future<Output = Result<PublishOutcome, QueueError>> + Send + 'static {
+    ) -> impl Future<Output = Result<PublishOutcome, QueueError>> + Send + use<> {
         let routed = self.inner.route(msg);
         async move {
             let (outcome, tickets) = match routed {

@@ -1,0 +1,676 @@
+//! Durable-queue engine semantics, tested through its public API with a real sled
+//! store in a temp dir: confirms, acks, retries, dead letters, limits, TTL, dedup,
+//! delayed delivery and restarts.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidings_broker::queue::{DeliverySink, EngineConfig, QueueEngine, QueueError, QueueSession};
+use tidings_protocol::{Delivery, Overflow, Publish, QueueOptions, Text};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct ChannelSink(mpsc::UnboundedSender<Delivery>);
+
+impl DeliverySink for ChannelSink {
+    fn deliver(&self, delivery: Delivery) -> bool {
+        self.0.send(delivery).is_ok()
+    }
+}
+
+struct Consumer {
+    session: QueueSession,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Consumer {
+    fn new(engine: &QueueEngine) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            session: engine.session(Arc::new(ChannelSink(tx))),
+            rx,
+        }
+    }
+
+    async fn next(&mut self) -> Delivery {
+        timeout(WAIT, self.rx.recv())
+            .await
+            .expect("a delivery within the time limit")
+            .expect("sink open")
+    }
+
+    /// Nothing arrives within `ms` (a bounded negative check).
+    async fn nothing_for(&mut self, ms: u64) {
+        if let Ok(d) = timeout(Duration::from_millis(ms), self.rx.recv()).await {
+            panic!("unexpected delivery {d:?}");
+        }
+    }
+}
+
+fn open(dir: &std::path::Path) -> QueueEngine {
+    QueueEngine::open(EngineConfig::new(dir)).expect("engine opens")
+}
+
+fn options(binding: &str) -> QueueOptions {
+    QueueOptions {
+        bindings: vec![Text::from(binding)],
+        ..Default::default()
+    }
+}
+
+fn msg(topic: &str, body: &str) -> Publish {
+    Publish {
+        request_id: Some(1),
+        confirm: true,
+        ..Publish::new(topic, Bytes::copy_from_slice(body.as_bytes()))
+    }
+}
+
+fn body(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.payload).into_owned()
+}
+
+async fn publish_n(engine: &QueueEngine, topic: &str, n: usize) {
+    for i in 0..n {
+        let out = engine.publish(&msg(topic, &i.to_string())).await.unwrap();
+        assert_eq!(out.queues, 1);
+    }
+}
+
+#[tokio::test]
+async fn declare_is_idempotent_and_a_mismatch_names_the_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine
+        .declare("orders", &options("orders.>"))
+        .await
+        .unwrap();
+    engine
+        .declare("orders", &options("orders.>"))
+        .await
+        .unwrap();
+    let explicit_default = QueueOptions {
+        max_deliveries: Some(5),
+        ..options("orders.>")
+    };
+    engine.declare("orders", &explicit_default).await.unwrap();
+    let err = engine
+        .declare(
+            "orders",
+            &QueueOptions {
+                ack_timeout_ms: Some(5),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, QueueError::OptionsMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("ack_timeout_ms"), "{err}");
+    assert_eq!(
+        err.code(),
+        tidings_protocol::ErrorCode::QueueOptionsMismatch
+    );
+    assert!(matches!(
+        engine.declare("bad..name", &QueueOptions::default()).await,
+        Err(QueueError::InvalidQueue(_))
+    ));
+    assert!(matches!(
+        engine.bind("orders", "a.>.b").await,
+        Err(QueueError::InvalidPattern { .. })
+    ));
+    assert!(matches!(
+        engine.info("nope").await,
+        Err(QueueError::NotFound(_))
+    ));
+    let list = engine.list().await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].bindings, vec![Text::from("orders.>")]);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn routing_bind_unbind_and_no_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("a", &options("x.*")).await.unwrap();
+    engine.declare("b", &QueueOptions::default()).await.unwrap();
+    engine.bind("b", "x.>").await.unwrap();
+    engine.bind("b", "*.y").await.unwrap();
+    let out = engine.publish(&msg("x.y", "1")).await.unwrap();
+    assert_eq!(out.queues, 2, "b matches twice but takes it once");
+    assert_eq!(engine.publish(&msg("z.z", "1")).await.unwrap().queues, 0);
+    engine.unbind("b", "x.>").await.unwrap();
+    engine.unbind("b", "*.y").await.unwrap();
+    assert_eq!(engine.publish(&msg("x.y", "2")).await.unwrap().queues, 1);
+    assert_eq!(engine.info("b").await.unwrap().depth, 1);
+    engine.delete("b").await.unwrap();
+    assert!(engine.info("b").await.is_err());
+    engine.shutdown().await;
+    // Bindings and definitions survive a restart; the deleted queue stays deleted.
+    let engine = open(dir.path());
+    assert_eq!(engine.publish(&msg("x.q", "3")).await.unwrap().queues, 1);
+    assert!(engine.info("b").await.is_err());
+    assert_eq!(engine.info("a").await.unwrap().depth, 3);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_unacked_messages_in_order_with_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("q", &options("t")).await.unwrap();
+    publish_n(&engine, "t", 10).await;
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 3).await.unwrap();
+    let first: Vec<Delivery> = vec![c.next().await, c.next().await, c.next().await];
+    assert_eq!(first.iter().map(body).collect::<Vec<_>>(), ["0", "1", "2"]);
+    assert!(first.iter().all(|d| d.attempt == 1));
+    c.session.ack(&[first[0].delivery_id]).await.unwrap();
+    let fourth = c.next().await;
+    assert_eq!(body(&fourth), "3");
+    let info = engine.info("q").await.unwrap();
+    assert_eq!((info.depth, info.in_flight, info.acked), (9, 3, 1));
+    drop(c);
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open(dir.path());
+    let info = engine.info("q").await.unwrap();
+    assert_eq!(info.depth, 9);
+    let mut c = Consumer::new(&engine);
+    c.session.consume(7, "q", 100).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..9 {
+        let d = c.next().await;
+        got.push((body(&d), d.attempt));
+        c.session.ack(&[d.delivery_id]).await.unwrap();
+    }
+    let bodies: Vec<&str> = got.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(bodies, ["1", "2", "3", "4", "5", "6", "7", "8", "9"]);
+    for (b, attempt) in &got {
+        let delivered_before = ["1", "2", "3"].contains(&b.as_str());
+        assert_eq!(
+            *attempt >= 2,
+            delivered_before,
+            "message {b} attempt {attempt}"
+        );
+    }
+    c.nothing_for(50).await;
+    assert_eq!(engine.info("q").await.unwrap().depth, 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn ack_timeout_redelivers_and_a_stale_ack_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let o = QueueOptions {
+        ack_timeout_ms: Some(100),
+        ..options("t")
+    };
+    engine.declare("q", &o).await.unwrap();
+    publish_n(&engine, "t", 1).await;
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 1).await.unwrap();
+    let d1 = c.next().await;
+    let at = Instant::now();
+    let d2 = c.next().await;
+    let waited = at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(90),
+        "redelivered after {waited:?}"
+    );
+    assert_eq!((d1.attempt, d2.attempt), (1, 2));
+    assert_ne!(d1.delivery_id, d2.delivery_id);
+    let err = c
+        .session
+        .ack(&[d1.delivery_id, d2.delivery_id])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        QueueError::UnknownDelivery {
+            ids: vec![d1.delivery_id]
+        }
+    );
+    assert_eq!(
+        engine.info("q").await.unwrap().depth,
+        0,
+        "d2 was still acked"
+    );
+    assert!(c.session.ack(&[999]).await.is_err());
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dropped_session_returns_its_deliveries_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("q", &options("t")).await.unwrap();
+    publish_n(&engine, "t", 3).await;
+    let mut a = Consumer::new(&engine);
+    a.session.consume(1, "q", 10).await.unwrap();
+    for _ in 0..3 {
+        a.next().await;
+    }
+    let mut b = Consumer::new(&engine);
+    b.session.consume(1, "q", 10).await.unwrap();
+    b.nothing_for(30).await;
+    drop(a);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let d = b.next().await;
+        assert_eq!(d.attempt, 2);
+        got.push(body(&d));
+    }
+    assert_eq!(got, ["0", "1", "2"]);
+    // Cancel also returns what the consumer held.
+    b.session.cancel(1).await.unwrap();
+    assert!(matches!(
+        b.session.cancel(1).await,
+        Err(QueueError::UnknownConsumer(1))
+    ));
+    let mut c = Consumer::new(&engine);
+    c.session.consume(2, "q", 10).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.next().await.attempt, 3);
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn nack_backoff_spaces_out_redeliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let o = QueueOptions {
+        backoff_ms: Some(vec![100, 250]),
+        max_deliveries: Some(10),
+        ..options("t")
+    };
+    engine.declare("q", &o).await.unwrap();
+    publish_n(&engine, "t", 1).await;
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 5).await.unwrap();
+    let d = c.next().await;
+    let at = Instant::now();
+    c.session.nack(&[d.delivery_id], None).await.unwrap();
+    assert_eq!(engine.info("q").await.unwrap().delayed, 1);
+    let d = c.next().await;
+    let first = at.elapsed();
+    assert_eq!(d.attempt, 2);
+    let at = Instant::now();
+    c.session.nack(&[d.delivery_id], None).await.unwrap();
+    let d = c.next().await;
+    let second = at.elapsed();
+    assert_eq!(d.attempt, 3);
+    assert!(
+        first >= Duration::from_millis(95) && first < Duration::from_secs(3),
+        "{first:?}"
+    );
+    assert!(
+        second >= Duration::from_millis(245) && second < Duration::from_secs(3),
+        "{second:?}"
+    );
+    // An explicit delay overrides the backoff; zero means at once.
+    let at = Instant::now();
+    c.session
+        .nack(&[d.delivery_id], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let d = c.next().await;
+    assert!(at.elapsed() < Duration::from_millis(200));
+    assert_eq!(d.attempt, 4);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn dead_letters_after_max_deliveries_and_redrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let o = QueueOptions {
+        max_deliveries: Some(2),
+        ..options("jobs.>")
+    };
+    engine.declare("jobs", &o).await.unwrap();
+    let mut p = msg("jobs.email", "poison");
+    p.headers = vec![(Text::from("k"), Text::from("v"))];
+    engine.publish(&p).await.unwrap();
+    publish_n(&engine, "jobs.ok", 1).await;
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "jobs", 1).await.unwrap();
+    let d = c.next().await;
+    assert_eq!(body(&d), "poison");
+    c.session.nack(&[d.delivery_id], None).await.unwrap();
+    let d = c.next().await;
+    assert_eq!((body(&d).as_str(), d.attempt), ("poison", 2));
+    c.session.nack(&[d.delivery_id], None).await.unwrap();
+    let d = c.next().await;
+    assert_eq!(body(&d), "0", "the poison message is gone");
+    c.session.ack(&[d.delivery_id]).await.unwrap();
+
+    let info = engine.info("jobs").await.unwrap();
+    assert_eq!((info.depth, info.dead_lettered), (0, 1));
+    assert_eq!(engine.info("jobs.dlq").await.unwrap().depth, 1);
+    let letters = engine.dead_letters("jobs", 0).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(l.topic, "jobs.email");
+    assert_eq!(l.attempts, 2);
+    assert_eq!(l.reason, "max_deliveries");
+    assert_eq!(l.headers, vec![(Text::from("k"), Text::from("v"))]);
+    assert_eq!(&l.payload[..], b"poison");
+
+    // Dead letters survive a restart, then go back as fresh messages.
+    drop(c);
+    engine.shutdown().await;
+    let engine = open(dir.path());
+    assert_eq!(engine.dead_letters("jobs", 10).await.unwrap().len(), 1);
+    assert_eq!(engine.redrive("jobs", 0).await.unwrap(), 1);
+    assert_eq!(engine.dead_letters("jobs", 0).await.unwrap().len(), 0);
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "jobs", 1).await.unwrap();
+    let d = c.next().await;
+    assert_eq!((body(&d).as_str(), d.attempt), ("poison", 1));
+    assert_eq!(d.headers, vec![(Text::from("k"), Text::from("v"))]);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn delayed_messages_keep_their_due_time_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("q", &options("t")).await.unwrap();
+    let published = Instant::now();
+    let mut p = msg("t", "later");
+    p.delay_ms = Some(400);
+    engine.publish(&p).await.unwrap();
+    publish_n(&engine, "t", 1).await;
+    let info = engine.info("q").await.unwrap();
+    assert_eq!((info.depth, info.delayed), (2, 1));
+    engine.shutdown().await;
+
+    let engine = open(dir.path());
+    assert_eq!(engine.info("q").await.unwrap().delayed, 1);
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 10).await.unwrap();
+    let d = c.next().await;
+    assert_eq!(body(&d), "0", "the undelayed message comes first");
+    let d = c.next().await;
+    assert_eq!((body(&d).as_str(), d.attempt), ("later", 1));
+    let waited = published.elapsed();
+    assert!(
+        waited >= Duration::from_millis(395),
+        "delivered after {waited:?}"
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn reject_publish_and_drop_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let reject = QueueOptions {
+        max_length: Some(2),
+        ..options("r")
+    };
+    engine.declare("reject", &reject).await.unwrap();
+    let drop_head = QueueOptions {
+        max_length: Some(2),
+        overflow: Some(Overflow::DropHead),
+        ..options("d")
+    };
+    engine.declare("drop", &drop_head).await.unwrap();
+    let bytes = QueueOptions {
+        max_bytes: Some(10),
+        ..options("b")
+    };
+    engine.declare("bytes", &bytes).await.unwrap();
+
+    for i in 0..3 {
+        let out = engine.publish(&msg("r", &i.to_string())).await.unwrap();
+        let expect = if i < 2 { (1, 0) } else { (0, 1) };
+        assert_eq!((out.queues, out.rejected), expect, "publish {i}");
+        let out = engine.publish(&msg("d", &i.to_string())).await.unwrap();
+        assert_eq!((out.queues, out.rejected), (1, 0));
+    }
+    let out = engine.publish(&msg("b", "123456")).await.unwrap();
+    assert_eq!(out.queues, 1);
+    let out = engine.publish(&msg("b", "123456")).await.unwrap();
+    assert_eq!(out.rejected, 1, "6 + 6 bytes exceed max_bytes 10");
+
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "reject", 10).await.unwrap();
+    c.session.consume(2, "drop", 10).await.unwrap();
+    let mut reject_got = Vec::new();
+    let mut drop_got = Vec::new();
+    for _ in 0..4 {
+        let d = c.next().await;
+        if d.consumer_id == 1 {
+            reject_got.push(body(&d));
+        } else {
+            drop_got.push(body(&d));
+        }
+    }
+    reject_got.sort();
+    drop_got.sort();
+    assert_eq!(reject_got, ["0", "1"]);
+    assert_eq!(drop_got, ["1", "2"], "the oldest was dropped");
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn ttl_discards_old_messages_undelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let o = QueueOptions {
+        ttl_ms: Some(100),
+        ..options("t")
+    };
+    engine.declare("q", &o).await.unwrap();
+    publish_n(&engine, "t", 3).await;
+    let deadline = Instant::now() + WAIT;
+    while engine.info("q").await.unwrap().depth > 0 {
+        assert!(Instant::now() < deadline, "messages never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 10).await.unwrap();
+    engine.publish(&msg("t", "fresh")).await.unwrap();
+    assert_eq!(body(&c.next().await), "fresh");
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn dedup_within_the_window_and_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let o = QueueOptions {
+        dedup_window_ms: Some(1_000),
+        ..options("t")
+    };
+    engine.declare("q", &o).await.unwrap();
+    let mut p = msg("t", "x");
+    p.message_id = Some(Text::from("id-1"));
+    let first_at = Instant::now();
+    let out = engine.publish(&p).await.unwrap();
+    assert_eq!((out.queues, out.duplicate), (1, false));
+    let out = engine.publish(&p).await.unwrap();
+    assert_eq!((out.queues, out.duplicate), (1, true));
+    assert_eq!(engine.info("q").await.unwrap().depth, 1);
+    engine.shutdown().await;
+
+    let engine = open(dir.path());
+    let out = engine.publish(&p).await.unwrap();
+    assert!(
+        first_at.elapsed() < Duration::from_millis(1_000),
+        "test too slow to check the window"
+    );
+    assert!(out.duplicate, "the window survives a restart");
+    assert_eq!(engine.info("q").await.unwrap().depth, 1);
+    let mut other = p.clone();
+    other.message_id = Some(Text::from("id-2"));
+    assert!(!engine.publish(&other).await.unwrap().duplicate);
+    // Outside the window the same id is a new message.
+    tokio::time::sleep(
+        Duration::from_millis(1_000).saturating_sub(first_at.elapsed()) + Duration::from_millis(20),
+    )
+    .await;
+    let out = engine.publish(&p).await.unwrap();
+    assert!(!out.duplicate);
+    assert_eq!(engine.info("q").await.unwrap().depth, 3);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn competing_consumers_get_disjoint_sets_covering_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("work", &options("w")).await.unwrap();
+    const N: usize = 300;
+    let mut workers = Vec::new();
+    for w in 0..3u32 {
+        let mut c = Consumer::new(&engine);
+        c.session.consume(w, "work", 8).await.unwrap();
+        workers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Ok(Some(d)) = timeout(Duration::from_millis(500), c.rx.recv()).await {
+                got.push(body(&d));
+                c.session.ack(&[d.delivery_id]).await.unwrap();
+            }
+            got
+        }));
+    }
+    let publisher = engine.clone();
+    let publish = tokio::spawn(async move {
+        let futures: Vec<_> = (0..N)
+            .map(|i| publisher.publish(&msg("w", &i.to_string())))
+            .collect();
+        for f in futures {
+            assert_eq!(f.await.unwrap().queues, 1);
+        }
+    });
+    timeout(WAIT, publish).await.unwrap().unwrap();
+    let mut all = HashSet::new();
+    let mut counts = Vec::new();
+    for w in workers {
+        let got = timeout(WAIT, w).await.unwrap().unwrap();
+        counts.push(got.len());
+        for b in got {
+            assert!(all.insert(b), "a message was delivered to two consumers");
+        }
+    }
+    assert_eq!(all.len(), N, "counts per worker {counts:?}");
+    assert!(
+        counts.iter().all(|c| *c > 0),
+        "every worker got work: {counts:?}"
+    );
+    assert_eq!(engine.info("work").await.unwrap().depth, 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_backlog_larger_than_the_window_pages_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new(dir.path());
+    config.ready_window = 16;
+    config.delayed_window = 4;
+    let engine = QueueEngine::open(config.clone()).unwrap();
+    engine.declare("q", &options("t")).await.unwrap();
+    let futures: Vec<_> = (0..500)
+        .map(|i| engine.publish(&msg("t", &i.to_string())))
+        .collect();
+    for f in futures {
+        f.await.unwrap();
+    }
+    for i in 0..20 {
+        let mut p = msg("t", &format!("d{i}"));
+        p.delay_ms = Some(50 + i * 5);
+        engine.publish(&p).await.unwrap();
+    }
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 5).await.unwrap();
+    for i in 0..200 {
+        let d = c.next().await;
+        assert_eq!(body(&d), i.to_string());
+        c.session.ack(&[d.delivery_id]).await.unwrap();
+    }
+    drop(c);
+    engine.shutdown().await;
+
+    let engine = QueueEngine::open(config).unwrap();
+    assert_eq!(engine.info("q").await.unwrap().depth, 320);
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 5).await.unwrap();
+    let mut fresh = Vec::new();
+    let mut delayed = HashSet::new();
+    for _ in 0..320 {
+        let d = c.next().await;
+        let b = body(&d);
+        if let Some(rest) = b.strip_prefix('d') {
+            delayed.insert(rest.to_owned());
+        } else {
+            fresh.push(b.parse::<usize>().unwrap());
+        }
+        c.session.ack(&[d.delivery_id]).await.unwrap();
+    }
+    assert_eq!(fresh, (200..500).collect::<Vec<_>>());
+    assert_eq!(delayed.len(), 20);
+    assert_eq!(engine.info("q").await.unwrap().depth, 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn credit_zero_and_unknown_consumers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("q", &options("t")).await.unwrap();
+    publish_n(&engine, "t", 3).await;
+    let mut c = Consumer::new(&engine);
+    assert!(matches!(
+        c.session.consume(1, "q", 0).await,
+        Err(QueueError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        c.session.consume(1, "missing", 1).await,
+        Err(QueueError::NotFound(_))
+    ));
+    c.session.consume(1, "q", 1).await.unwrap();
+    assert!(matches!(
+        c.session.consume(1, "q", 1).await,
+        Err(QueueError::DuplicateConsumer(1))
+    ));
+    assert!(c.session.credit(9, 1).is_err());
+    let d = c.next().await;
+    c.nothing_for(50).await;
+    c.session.credit(1, 2).unwrap();
+    let e = c.next().await;
+    let f = c.next().await;
+    let ids: HashSet<u64> = [d.delivery_id, e.delivery_id, f.delivery_id].into();
+    assert_eq!(ids.len(), 3, "delivery ids are unique per session");
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn stats_name_each_queue_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("q", &options("t")).await.unwrap();
+    publish_n(&engine, "t", 2).await;
+    let stats = engine.stats();
+    let depth = stats.iter().find(|(k, _)| k == "queue.q.depth").unwrap();
+    assert_eq!(depth.1, 2);
+    assert!(
+        stats
+            .iter()
+            .any(|(k, v)| k == "queue.q.published" && *v == 2)
+    );
+    engine.shutdown().await;
+    assert!(matches!(
+        engine.declare("z", &QueueOptions::default()).await,
+        Err(QueueError::ShuttingDown)
+    ));
+}

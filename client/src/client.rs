@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tidings_protocol::{Frame, Publish, Stats as StatsFrame, Text, Topic};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tidings_protocol::{Frame, Publish, Stats as StatsFrame, Text, Topic};
 
 use crate::connection::{self, Command};
 use crate::error::{CallError, ConnectError, PublishError, QueueError, ServerError};
@@ -44,6 +44,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn new(
+        opts: ClientBuilder,
+        state: watch::Receiver<ConnState>,
+        max_payload: usize,
+    ) -> Self {
+        let (events, _) = broadcast::channel(64);
+        Shared {
+            state,
+            next_id: AtomicU32::new(1),
+            next_sid: AtomicU32::new(1),
+            next_token: AtomicU64::new(1),
+            epoch: AtomicU64::new(1),
+            max_payload: AtomicUsize::new(max_payload),
+            inbox: format!("_INBOX.{}", random_token()),
+            budget: Arc::new(Semaphore::new(opts.max_buffered_bytes)),
+            events,
+            opts,
+        }
+    }
+
     /// A request id, never 0 (0 means "not tied to a request" on the wire).
     pub(crate) fn next_id(&self) -> u32 {
         loop {
@@ -226,20 +246,7 @@ impl Client {
     pub(crate) async fn start(opts: ClientBuilder) -> Result<Client, ConnectError> {
         let opened = connection::open(&opts).await?;
         let (state_tx, state_rx) = watch::channel(ConnState::Connected);
-        let (events, _) = broadcast::channel(64);
-        let budget = Arc::new(Semaphore::new(opts.max_buffered_bytes));
-        let shared = Arc::new(Shared {
-            state: state_rx,
-            next_id: AtomicU32::new(1),
-            next_sid: AtomicU32::new(1),
-            next_token: AtomicU64::new(1),
-            epoch: AtomicU64::new(1),
-            max_payload: AtomicUsize::new(opened.max_payload()),
-            inbox: format!("_INBOX.{}", random_token()),
-            budget,
-            events,
-            opts,
-        });
+        let shared = Arc::new(Shared::new(opts, state_rx, opened.max_payload()));
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = Handle { tx, shared };
         let close = CancellationToken::new();

@@ -52,7 +52,11 @@ pub(crate) enum Command {
         permit: OwnedSemaphorePermit,
     },
     /// A frame the broker answers under request id `id`.
-    Call { id: u32, frame: Frame, reply: Reply },
+    Call {
+        id: u32,
+        frame: Frame,
+        reply: Reply,
+    },
     Subscribe {
         id: u32,
         sid: u32,
@@ -101,7 +105,9 @@ pub(crate) enum Command {
     },
     /// Answered `true` once everything queued before it is written, `false` if the
     /// connection drops first.
-    Flush { reply: oneshot::Sender<bool> },
+    Flush {
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A connected, handshaken socket.
@@ -302,7 +308,10 @@ impl Task {
             if let Some(opened) = next.take() {
                 if !first {
                     self.epoch += 1;
-                    self.handle.shared.epoch.store(self.epoch, Ordering::Relaxed);
+                    self.handle
+                        .shared
+                        .epoch
+                        .store(self.epoch, Ordering::Relaxed);
                     info!(attempts = failures, "reconnected");
                     let _ = self
                         .handle
@@ -419,11 +428,17 @@ impl Task {
                 Pending::Call(reply) => {
                     let _ = reply.send(Err(CallError::ConnectionLost));
                 }
-                Pending::Subscribe { sid, reply: Some(reply) } => {
+                Pending::Subscribe {
+                    sid,
+                    reply: Some(reply),
+                } => {
                     self.subs.remove(&sid);
                     let _ = reply.send(Err(CallError::ConnectionLost));
                 }
-                Pending::Consume { cid, reply: Some(reply) } => {
+                Pending::Consume {
+                    cid,
+                    reply: Some(reply),
+                } => {
                     self.consumers.remove(&cid);
                     let _ = reply.send(Err(CallError::ConnectionLost));
                 }
@@ -571,7 +586,9 @@ impl Task {
                 Ok(Some(frame)) => self.frame(frame)?,
                 Ok(None) => return Ok(()),
                 Err(e) if e.is_fatal() => {
-                    return Err(SessionEnd::Lost(format!("invalid frame from the broker: {e}")));
+                    return Err(SessionEnd::Lost(format!(
+                        "invalid frame from the broker: {e}"
+                    )));
                 }
                 Err(e) => warn!(error = %e, "skipped a frame from the broker"),
             }
@@ -913,13 +930,19 @@ impl Task {
             // Raced with an unsubscribe; the broker stops soon.
             return;
         };
-        match sub.tx.try_send(Message::from_frame(m, Some(self.handle.clone()))) {
+        match sub
+            .tx
+            .try_send(Message::from_frame(m, Some(self.handle.clone())))
+        {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let dropped = sub.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 // Report at powers of two: visible, but never a flood.
                 if dropped.is_power_of_two() {
-                    warn!(sid, dropped, "subscription not polled fast enough; dropping messages");
+                    warn!(
+                        sid,
+                        dropped, "subscription not polled fast enough; dropping messages"
+                    );
                     let _ = self
                         .handle
                         .shared
@@ -956,6 +979,11 @@ fn jitter(delay: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(delay.subsec_nanos());
-    let quarter = u64::try_from(delay.as_micros() / 4).unwrap_or(u64::MAX).max(1);
+    let quarter = u64::try_from(delay.as_micros() / 4)
+        .unwrap_or(u64::MAX)
+        .max(1);
     Duration::from_micros(hasher.finish() % quarter)
 }
+
+#[cfg(test)]
+mod tests;

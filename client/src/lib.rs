@@ -88,6 +88,3 @@ pub use options::{ClientBuilder, ReconnectPolicy};
 pub use queue::{DeadLetter, QueueConfig};
 pub use subscriber::Subscription;
 pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};
-
-#[cfg(test)]
-mod tests;

@@ -152,7 +152,11 @@ impl Message {
     }
 
     pub(crate) fn from_frame(frame: tidings_protocol::Message, handle: Option<Handle>) -> Self {
-        let responder = if frame.reply_to.is_some() { handle } else { None };
+        let responder = if frame.reply_to.is_some() {
+            handle
+        } else {
+            None
+        };
         Self {
             topic: frame.topic,
             payload: frame.payload,

@@ -27,7 +27,10 @@ impl Client {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn subscribe(&self, pattern: impl Into<Text>) -> Result<Subscription, SubscribeError> {
+    pub async fn subscribe(
+        &self,
+        pattern: impl Into<Text>,
+    ) -> Result<Subscription, SubscribeError> {
         self.subscribe_inner(pattern.into(), None).await
     }
 
@@ -38,7 +41,8 @@ impl Client {
         pattern: impl Into<Text>,
         group: impl Into<Text>,
     ) -> Result<Subscription, SubscribeError> {
-        self.subscribe_inner(pattern.into(), Some(group.into())).await
+        self.subscribe_inner(pattern.into(), Some(group.into()))
+            .await
     }
 
     async fn subscribe_inner(

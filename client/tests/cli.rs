@@ -48,7 +48,11 @@ async fn pub_sub_round_trip() {
         .unwrap();
     until_exit(&mut sub, async || {
         let out = run(&addr, &["pub", "orders.created", "hello world"]).await;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     })
     .await;
     let status = within(sub.wait()).await.unwrap();
@@ -109,7 +113,11 @@ async fn req_reply_round_trip() {
 #[tokio::test]
 async fn req_without_responders_fails_with_one_line() {
     let broker = TestBroker::start().await;
-    let out = run(&broker.addr(), &["req", "nobody", "x", "--timeout", "500ms"]).await;
+    let out = run(
+        &broker.addr(),
+        &["req", "nobody", "x", "--timeout", "500ms"],
+    )
+    .await;
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -120,7 +128,11 @@ async fn req_without_responders_fails_with_one_line() {
 async fn stats_prints_a_table_and_json() {
     let broker = TestBroker::start().await;
     let out = run(&broker.addr(), &["stats"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.stdout.is_empty());
     let out = run(&broker.addr(), &["stats", "--json"]).await;
     assert!(out.status.success());

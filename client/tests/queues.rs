@@ -46,7 +46,10 @@ async fn declare_publish_confirmed_consume_ack() {
         let d = within(consumer.next()).await.unwrap();
         assert_eq!(d.payload(), format!("{i}").as_bytes());
         assert_eq!(d.header_value("n"), Some(format!("{i}").as_str()));
-        assert_eq!((d.topic(), d.queue(), d.attempt()), ("orders.created", "billing", 1));
+        assert_eq!(
+            (d.topic(), d.queue(), d.attempt()),
+            ("orders.created", "billing", 1)
+        );
         d.ack().await.unwrap();
     }
     within(client.flush()).await.unwrap();
@@ -57,7 +60,10 @@ async fn declare_publish_confirmed_consume_ack() {
         if info.depth == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "acks never landed: {info:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acks never landed: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -88,12 +94,14 @@ async fn nack_redelivers_with_a_higher_attempt() {
 async fn dead_letters_and_redrive() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    within(client.declare_queue(
-        QueueConfig::new("poison")
-            .bind("poison.>")
-            .max_deliveries(2)
-            .backoff([Duration::from_millis(1)]),
-    ))
+    within(
+        client.declare_queue(
+            QueueConfig::new("poison")
+                .bind("poison.>")
+                .max_deliveries(2)
+                .backoff([Duration::from_millis(1)]),
+        ),
+    )
     .await
     .unwrap();
     within(client.publish_confirmed(Message::new("poison.pill", "bad")))
@@ -111,7 +119,10 @@ async fn dead_letters_and_redrive() {
         if !letters.is_empty() {
             break letters;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never dead-lettered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(letters.len(), 1);
@@ -126,11 +137,13 @@ async fn dead_letters_and_redrive() {
 async fn duplicates_are_confirmed_but_stored_once() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    within(client.declare_queue(
-        QueueConfig::new("dedup")
-            .bind("pay.>")
-            .dedup_window(Duration::from_secs(60)),
-    ))
+    within(
+        client.declare_queue(
+            QueueConfig::new("dedup")
+                .bind("pay.>")
+                .dedup_window(Duration::from_secs(60)),
+        ),
+    )
     .await
     .unwrap();
     let first = within(client.publish_confirmed(Message::new("pay.in", "1").id("p-1")))
@@ -148,12 +161,18 @@ async fn duplicates_are_confirmed_but_stored_once() {
 async fn bind_unbind_delete_and_typed_errors() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    within(client.declare_queue(QueueConfig::new("q"))).await.unwrap();
+    within(client.declare_queue(QueueConfig::new("q")))
+        .await
+        .unwrap();
     within(client.bind("q", "a.*")).await.unwrap();
-    let c = within(client.publish_confirmed(Message::new("a.b", "x"))).await.unwrap();
+    let c = within(client.publish_confirmed(Message::new("a.b", "x")))
+        .await
+        .unwrap();
     assert_eq!(c.queues, 1);
     within(client.unbind("q", "a.*")).await.unwrap();
-    let c = within(client.publish_confirmed(Message::new("a.b", "x"))).await.unwrap();
+    let c = within(client.publish_confirmed(Message::new("a.b", "x")))
+        .await
+        .unwrap();
     assert_eq!(c.queues, 0);
     within(client.delete_queue("q")).await.unwrap();
     let err = within(client.queue_info("q")).await.unwrap_err();
@@ -218,13 +237,32 @@ async fn cli_queue_declare_pub_confirm_consume() {
     let addr = broker.addr();
     let out = within(
         tidings(&addr)
-            .args(["queue", "declare", "cliq", "--bind", "cli.>", "--max-deliveries", "3"])
-            .args(["--ack-timeout", "30s", "--backoff", "100ms,1s", "--overflow", "reject-publish"])
+            .args([
+                "queue",
+                "declare",
+                "cliq",
+                "--bind",
+                "cli.>",
+                "--max-deliveries",
+                "3",
+            ])
+            .args([
+                "--ack-timeout",
+                "30s",
+                "--backoff",
+                "100ms,1s",
+                "--overflow",
+                "reject-publish",
+            ])
             .output(),
     )
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = within(
         tidings(&addr)
@@ -233,13 +271,19 @@ async fn cli_queue_declare_pub_confirm_consume() {
     )
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "confirmed: queues=1 rejected=0 duplicate=false\n"
     );
 
-    let out = within(tidings(&addr).args(["queue", "ls"]).output()).await.unwrap();
+    let out = within(tidings(&addr).args(["queue", "ls"]).output())
+        .await
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("cliq"));
 
     let out = within(
@@ -249,7 +293,11 @@ async fn cli_queue_declare_pub_confirm_consume() {
     )
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "cli.created payload-1 (attempt 1)\n"

@@ -11,7 +11,9 @@ use tidings_client::{ClientBuilder, Event, PublishError, ReconnectPolicy, Reques
 
 async fn wait_for(events: &mut tidings_client::Events, want: fn(&Event) -> bool) -> Event {
     loop {
-        let event = within(events.next()).await.expect("events end only on close");
+        let event = within(events.next())
+            .await
+            .expect("events end only on close");
         if want(&event) {
             return event;
         }
@@ -33,7 +35,9 @@ async fn subscriptions_resume_after_a_broker_restart() {
 
     // Another client publishes on the new broker: the restored subscriptions get it.
     let publisher = broker.client().await;
-    within(publisher.publish("orders.created", "after restart")).await.unwrap();
+    within(publisher.publish("orders.created", "after restart"))
+        .await
+        .unwrap();
     within(publisher.publish("jobs.run", "job")).await.unwrap();
     let m = within(sub.next()).await.unwrap();
     assert_eq!(&m.payload()[..], b"after restart");

@@ -29,7 +29,9 @@ async fn request_gets_the_reply() {
     let server = broker.client().await;
     let _task = responder(&server, "pricing.quote").await;
     let client = broker.client().await;
-    let reply = within(client.request("pricing.quote", "sku-1")).await.unwrap();
+    let reply = within(client.request("pricing.quote", "sku-1"))
+        .await
+        .unwrap();
     assert_eq!(&reply.payload()[..], b"re: sku-1");
 }
 
@@ -45,7 +47,10 @@ async fn no_responders_is_immediate_and_typed() {
         matches!(&err, RequestError::NoResponders { topic } if topic == "nobody.home"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(2), "it waited for the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it waited for the timeout"
+    );
 }
 
 #[tokio::test]
@@ -74,7 +79,9 @@ async fn many_concurrent_requests_share_the_inbox() {
         .map(|i| {
             let client = client.clone();
             tokio::spawn(async move {
-                let reply = client.request(format!("echo.{}", i % 7), format!("{i}")).await?;
+                let reply = client
+                    .request(format!("echo.{}", i % 7), format!("{i}"))
+                    .await?;
                 Ok::<_, RequestError>((i, reply))
             })
         })
@@ -92,7 +99,10 @@ async fn respond_without_reply_to_is_an_error() {
     let mut sub = within(client.subscribe("plain")).await.unwrap();
     within(client.publish("plain", "x")).await.unwrap();
     let msg = within(sub.next()).await.unwrap();
-    assert!(matches!(msg.respond("y").await, Err(PublishError::NoReplyTo)));
+    assert!(matches!(
+        msg.respond("y").await,
+        Err(PublishError::NoReplyTo)
+    ));
     assert!(matches!(
         Message::new("a", "b").respond("c").await,
         Err(PublishError::NoReplyTo)

@@ -18,7 +18,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value.checked_mul(1_000),
         "m" => value.checked_mul(60_000),
         "h" => value.checked_mul(3_600_000),
-        other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}` (use ms, s, m or h)"
+            ));
+        }
     };
     millis
         .map(Duration::from_millis)

@@ -21,7 +21,12 @@ use output::{display_payload, print_info, print_queue_table, print_stats};
 #[command(name = "tidings", version, about)]
 pub struct Cli {
     /// Broker address (host:port).
-    #[arg(long, global = true, env = "TIDINGS_SERVER", default_value = "127.0.0.1:7878")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_SERVER",
+        default_value = "127.0.0.1:7878"
+    )]
     server: String,
     /// Shared secret, when the broker requires one.
     #[arg(long, global = true, env = "TIDINGS_TOKEN", hide_env_values = true)]
@@ -258,7 +263,11 @@ async fn publish(client: &Client, args: PubArgs) -> Result<()> {
 
 async fn subscribe(client: &Client, args: SubArgs, echo: bool) -> Result<()> {
     let mut sub = match &args.group {
-        Some(group) => client.subscribe_group(args.pattern.as_str(), group.as_str()).await,
+        Some(group) => {
+            client
+                .subscribe_group(args.pattern.as_str(), group.as_str())
+                .await
+        }
         None => client.subscribe(args.pattern.as_str()).await,
     }
     .with_context(|| format!("cannot subscribe to `{}`", args.pattern))?;

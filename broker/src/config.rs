@@ -71,7 +71,15 @@ pub enum ConfigError {
 /// assert_eq!(config.listen.port(), 0);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
-#[command(name = "tidings-broker", version, about = "The tidings event broker.")]
+#[command(
+    name = "tidings-broker",
+    version,
+    about = "The tidings event broker: pub/sub, request/reply and durable queues over TCP.",
+    long_about = "The tidings event broker: pub/sub, request/reply and durable queues over TCP.\n\n\
+        Every option can also be set through its TIDINGS_* environment variable or in a TOML \
+        file given with --config, with keys named like the flags. Precedence: flag, then \
+        environment, then file, then default."
+)]
 pub struct Config {
     /// TOML file with settings; flags and TIDINGS_* variables override it.
     #[arg(long, env = "TIDINGS_CONFIG", value_name = "FILE")]
@@ -464,11 +472,15 @@ mod tests {
 
     #[test]
     fn validation_rejects_out_of_range() {
-        let mut config = Config::default();
-        config.max_payload = 0;
+        let config = Config {
+            max_payload: 0,
+            ..Config::default()
+        };
         assert!(config.validate().is_err());
-        config = Config::default();
-        config.max_connections = 0;
+        let config = Config {
+            max_connections: 0,
+            ..Config::default()
+        };
         assert!(config.validate().is_err());
     }
 }

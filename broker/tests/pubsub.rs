@@ -81,7 +81,7 @@ async fn wildcards_match_per_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_three_shares_each_message_exactly_once() {
-    const N: u32 = 3000;
+    const N: usize = 3000;
     let broker = start().await;
     let mut members = Vec::new();
     for i in 0..3 {
@@ -107,7 +107,7 @@ async fn group_of_three_shares_each_message_exactly_once() {
         })
         .collect();
     let mut publisher = Client::hello(broker.addr, "pub").await;
-    for i in 0..N {
+    for i in 0..3000u32 {
         publisher
             .publish("jobs.work", i.to_be_bytes().to_vec())
             .await;
@@ -117,15 +117,15 @@ async fn group_of_three_shares_each_message_exactly_once() {
     for r in readers {
         let seen = within("a group member", r).await.unwrap();
         assert!(
-            seen.len() as u32 >= N / 3 - 10,
+            seen.len() >= N / 3 - 10,
             "round-robin spreads work: one member got only {}",
             seen.len()
         );
         all.extend(seen);
     }
-    assert_eq!(all.len() as u32, N, "every message exactly once in total");
+    assert_eq!(all.len(), N, "every message exactly once in total");
     let unique: HashSet<u32> = all.into_iter().collect();
-    assert_eq!(unique.len() as u32, N);
+    assert_eq!(unique.len(), N);
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! goes on), heartbeats, and the orderly close.
 //!
 //! A connection is two tasks: this reader, which handles each frame in turn, and the
-//! writer ([`writer`]), which drains the connection's [`Outbox`]. Everything sent to
+//! writer ([`OutboxReceiver::write_to`]), which drains the connection's [`Outbox`]. Everything sent to
 //! the client, from replies to fan-out, goes through the outbox.
 
 mod dispatch;
@@ -26,11 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
-pub use writer::{Closed, ConnId, Outbox, OutboxReceiver};
+pub use writer::{Closed, ConnId, Outbox, OutboxReceiver, WriterEnd};
 
 use crate::server::Shared;
 use dispatch::Session;
-use writer::WriterEnd;
 
 /// Read-buffer space made available before each read.
 const READ_CHUNK: usize = 32 * 1024;
@@ -244,24 +243,18 @@ impl Reader {
 
     /// Reads until the HELLO. Anything else first closes the connection.
     async fn handshake(&mut self, stats: &crate::stats::Stats) -> Result<Hello, Ending> {
-        loop {
-            match self.next(stats).await {
-                Ok(Read::Frame(Frame::Hello(hello))) => return Ok(hello),
-                Ok(Read::Frame(other)) => {
-                    return Err(close(
-                        ErrorCode::HandshakeRequired,
-                        format!("{} before HELLO; the handshake comes first", other.name()),
-                    ));
-                }
-                Ok(Read::Skipped(err)) => {
-                    return Err(close(
-                        ErrorCode::HandshakeRequired,
-                        format!("{err} before HELLO"),
-                    ));
-                }
-                Ok(Read::Closed) => return Err(Ending::Quiet),
-                Err(err) => return Err(close(err.code(), err.to_string())),
-            }
+        match self.next(stats).await {
+            Ok(Read::Frame(Frame::Hello(hello))) => Ok(hello),
+            Ok(Read::Frame(other)) => Err(close(
+                ErrorCode::HandshakeRequired,
+                format!("{} before HELLO; the handshake comes first", other.name()),
+            )),
+            Ok(Read::Skipped(err)) => Err(close(
+                ErrorCode::HandshakeRequired,
+                format!("{err} before HELLO"),
+            )),
+            Ok(Read::Closed) => Err(Ending::Quiet),
+            Err(err) => Err(close(err.code(), err.to_string())),
         }
     }
 

@@ -39,6 +39,9 @@ const BATCH: usize = 256;
 /// frame in progress and the ERROR frame before it closes regardless.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_millis(250);
 
+// Frames are moved, not boxed: a box would cost an allocation per frame sent, and
+// the data-less `Close` is sent once per connection.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     Frame(Frame, usize),
     /// Write everything queued before this, then close the socket.
@@ -83,7 +86,9 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// The receiving end of an [`Outbox`], consumed by [`OutboxReceiver::write_to`].
+/// The receiving end of an [`Outbox`], consumed by [`OutboxReceiver::write_to`]
+/// (the connection's writer task; tests and benches may drive it over any
+/// `AsyncWrite`).
 pub struct OutboxReceiver {
     rx: mpsc::UnboundedReceiver<Item>,
     shared: Arc<Shared>,
@@ -233,7 +238,7 @@ pub(crate) fn frame_cost(frame: &Frame) -> usize {
 
 /// How a writer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum WriterEnd {
+pub enum WriterEnd {
     /// Everything queued up to the close was written and the socket shut down.
     Flushed,
     /// Stopped early: slow consumer, abort, or a write error.
@@ -244,7 +249,7 @@ impl OutboxReceiver {
     /// Drains the queue into `out` until the outbox is closed or aborted: each
     /// wake-up takes everything queued (up to a soft limit), encodes it into one
     /// buffer and writes it with as few syscalls as the socket allows.
-    pub(crate) async fn write_to<W: AsyncWrite + Unpin>(mut self, mut out: W) -> WriterEnd {
+    pub async fn write_to<W: AsyncWrite + Unpin>(mut self, mut out: W) -> WriterEnd {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut batch = Vec::with_capacity(BATCH);
         let end = loop {

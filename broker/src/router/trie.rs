@@ -218,8 +218,8 @@ mod tests {
     fn wildcards() {
         let mut trie = Trie::default();
         let pats = ["a.b.c", "a.*.c", "a.>", "*.b.*", ">", "a.b", "a.*"];
-        for (i, p) in pats.iter().enumerate() {
-            trie.insert(&Pattern::new(*p).unwrap(), i as u32);
+        for (i, p) in (0u32..).zip(pats) {
+            trie.insert(&Pattern::new(p).unwrap(), i);
         }
         assert_eq!(matches(&trie, "a.b.c"), [0, 1, 2, 3, 4]);
         assert_eq!(matches(&trie, "a.b"), [2, 4, 5, 6]);
@@ -250,12 +250,12 @@ mod tests {
         ) {
             let mut trie = Trie::default();
             let parsed: Vec<Pattern> = pats.iter().map(|p| Pattern::new(p.as_str()).unwrap()).collect();
-            for (i, p) in parsed.iter().enumerate() {
-                trie.insert(p, i as u32);
+            for (i, p) in (0u32..).zip(&parsed) {
+                trie.insert(p, i);
             }
             for t in &topics {
-                let expected: Vec<u32> = parsed.iter().enumerate()
-                    .filter(|(_, p)| p.matches(t)).map(|(i, _)| i as u32).collect();
+                let expected: Vec<u32> = (0u32..).zip(&parsed)
+                    .filter(|(_, p)| p.matches(t)).map(|(i, _)| i).collect();
                 prop_assert_eq!(matches(&trie, t), expected);
             }
         }

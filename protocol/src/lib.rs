@@ -29,7 +29,7 @@ pub use codec::{DEFAULT_MAX_FRAME_LEN, FrameCodec, HEADER_LEN};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::*;
 pub use text::Text;
-pub use topic::{MAX_TOPIC_DEPTH, MAX_TOPIC_LEN, Pattern, Topic, TopicError};
+pub use topic::{MAX_TOPIC_DEPTH, MAX_TOPIC_LEN, Pattern, PatternToken, Topic, TopicError};
 
 /// The protocol version this crate speaks. A server refuses any other version in the
 /// handshake with [`ErrorCode::UnsupportedVersion`].

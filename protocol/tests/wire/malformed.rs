@@ -27,8 +27,24 @@ fn invalid_utf8_names_the_field_and_offset() {
     let headers_key = vec![(t(M), t("v"))];
     let headers_value = vec![(t("k"), t(M))];
     let cases: Vec<(Frame, &str)> = vec![
-        (Hello { version: 1, client_name: t(M), token: None }.into(), "client_name"),
-        (Hello { version: 1, client_name: t("c"), token: Some(t(M)) }.into(), "token"),
+        (
+            Hello {
+                version: 1,
+                client_name: t(M),
+                token: None,
+            }
+            .into(),
+            "client_name",
+        ),
+        (
+            Hello {
+                version: 1,
+                client_name: t("c"),
+                token: Some(t(M)),
+            }
+            .into(),
+            "token",
+        ),
         (
             Welcome {
                 version: 1,
@@ -41,35 +57,92 @@ fn invalid_utf8_names_the_field_and_offset() {
             "server_version",
         ),
         (Publish::new(M, Bytes::new()).into(), "topic"),
-        (Publish { reply_to: Some(t(M)), ..Publish::new("a", Bytes::new()) }.into(), "reply_to"),
         (
-            Publish { message_id: Some(t(M)), ..Publish::new("a", Bytes::new()) }.into(),
+            Publish {
+                reply_to: Some(t(M)),
+                ..Publish::new("a", Bytes::new())
+            }
+            .into(),
+            "reply_to",
+        ),
+        (
+            Publish {
+                message_id: Some(t(M)),
+                ..Publish::new("a", Bytes::new())
+            }
+            .into(),
             "message_id",
         ),
         (
-            Publish { headers: headers_key.clone(), ..Publish::new("a", Bytes::new()) }.into(),
+            Publish {
+                headers: headers_key.clone(),
+                ..Publish::new("a", Bytes::new())
+            }
+            .into(),
             "header_key",
         ),
         (
-            Publish { headers: headers_value, ..Publish::new("a", Bytes::new()) }.into(),
+            Publish {
+                headers: headers_value,
+                ..Publish::new("a", Bytes::new())
+            }
+            .into(),
             "header_value",
         ),
-        (Subscribe { request_id: 1, sid: 1, pattern: t(M), group: None }.into(), "pattern"),
-        (Subscribe { request_id: 1, sid: 1, pattern: t("a"), group: Some(t(M)) }.into(), "group"),
-        (Message { topic: t(M), ..Message::default() }.into(), "topic"),
         (
-            Message { topic: t("a"), headers: headers_key, ..Message::default() }.into(),
+            Subscribe {
+                request_id: 1,
+                sid: 1,
+                pattern: t(M),
+                group: None,
+            }
+            .into(),
+            "pattern",
+        ),
+        (
+            Subscribe {
+                request_id: 1,
+                sid: 1,
+                pattern: t("a"),
+                group: Some(t(M)),
+            }
+            .into(),
+            "group",
+        ),
+        (
+            Message {
+                topic: t(M),
+                ..Message::default()
+            }
+            .into(),
+            "topic",
+        ),
+        (
+            Message {
+                topic: t("a"),
+                headers: headers_key,
+                ..Message::default()
+            }
+            .into(),
             "header_key",
         ),
         (
-            QueueDeclare { request_id: 1, name: t(M), options: QueueOptions::default() }.into(),
+            QueueDeclare {
+                request_id: 1,
+                name: t(M),
+                options: QueueOptions::default(),
+            }
+            .into(),
             "name",
         ),
         (
             QueueDeclare {
                 request_id: 1,
                 name: t("q"),
-                options: QueueOptions { bindings: vec![t(M)], ..QueueOptions::default() },
+                options: QueueOptions {
+                    bindings: vec![t(M)],
+                    ..QueueOptions::default()
+                },
             }
             .into(),
             "bindings",
@@ -78,22 +151,75 @@ fn invalid_utf8_names_the_field_and_offset() {
             QueueDeclare {
                 request_id: 1,
                 name: t("q"),
-                options: QueueOptions { dead_letter: Some(t(M)), ..QueueOptions::default() },
+                options: QueueOptions {
+                    dead_letter: Some(t(M)),
+                    ..QueueOptions::default()
+                },
             }
             .into(),
             "dead_letter",
         ),
-        (QueueBind { request_id: 1, name: t("q"), pattern: t(M) }.into(), "pattern"),
-        (DeadLetters { request_id: 1, queue: t(M), limit: 0 }.into(), "queue"),
-        (Consume { request_id: 1, consumer_id: 1, queue: t(M), credit: 1 }.into(), "queue"),
-        (Delivery { topic: t(M), queue: t("q"), ..Delivery::default() }.into(), "topic"),
+        (
+            QueueBind {
+                request_id: 1,
+                name: t("q"),
+                pattern: t(M),
+            }
+            .into(),
+            "pattern",
+        ),
+        (
+            DeadLetters {
+                request_id: 1,
+                queue: t(M),
+                limit: 0,
+            }
+            .into(),
+            "queue",
+        ),
+        (
+            Consume {
+                request_id: 1,
+                consumer_id: 1,
+                queue: t(M),
+                credit: 1,
+            }
+            .into(),
+            "queue",
+        ),
+        (
+            Delivery {
+                topic: t(M),
+                queue: t("q"),
+                ..Delivery::default()
+            }
+            .into(),
+            "topic",
+        ),
         (ErrorReply::new(1, ErrorCode::Internal, M).into(), "message"),
-        (StatsReply { request_id: 1, entries: vec![(t(M), 1)] }.into(), "name"),
-        (QueueInfoReply { request_id: 1, info: queue_info(M) }.into(), "name"),
+        (
+            StatsReply {
+                request_id: 1,
+                entries: vec![(t(M), 1)],
+            }
+            .into(),
+            "name",
+        ),
+        (
+            QueueInfoReply {
+                request_id: 1,
+                info: queue_info(M),
+            }
+            .into(),
+            "name",
+        ),
         (
             DeadLettersReply {
                 request_id: 1,
-                letters: vec![DeadLetter { reason: t(M), ..DeadLetter::default() }],
+                letters: vec![DeadLetter {
+                    reason: t(M),
+                    ..DeadLetter::default()
+                }],
             }
             .into(),
             "reason",
@@ -110,7 +236,11 @@ fn invalid_utf8_names_the_field_and_offset() {
         let err = decode(&mut buf).unwrap_err();
         assert_eq!(
             err,
-            ProtocolError::InvalidUtf8 { frame: frame.name(), field, offset: at - HEADER_LEN },
+            ProtocolError::InvalidUtf8 {
+                frame: frame.name(),
+                field,
+                offset: at - HEADER_LEN
+            },
             "{frame:?}"
         );
         assert!(err.is_fatal());
@@ -137,7 +267,10 @@ fn frame_of_exactly_max_len_is_accepted() {
     let frame = Frame::Publish(Publish::new("a", vec![0u8; 100]));
     let bytes = encode(&frame);
     let len = bytes.len() - 4;
-    assert_eq!(FrameCodec::new(len).decode(&mut bytes.clone()), Ok(Some(frame.clone())));
+    assert_eq!(
+        FrameCodec::new(len).decode(&mut bytes.clone()),
+        Ok(Some(frame.clone()))
+    );
     assert_eq!(
         FrameCodec::new(len - 1).decode(&mut bytes.clone()),
         Err(ProtocolError::FrameTooLarge { len, max: len - 1 })
@@ -167,24 +300,41 @@ fn publish_confirm_without_request_id_is_invalid() {
 #[test]
 fn unknown_queue_option_bits_and_overflow_values_are_invalid() {
     let declare = |options: QueueOptions| {
-        encode(&QueueDeclare { request_id: 1, name: t("q"), options }.into())
+        encode(
+            &QueueDeclare {
+                request_id: 1,
+                name: t("q"),
+                options,
+            }
+            .into(),
+        )
     };
     // `present` sits right after request_id(4) name(2+1) bindings count(2).
     let mut buf = declare(QueueOptions::default());
     buf[HEADER_LEN + 9..HEADER_LEN + 11].copy_from_slice(&0x0200u16.to_be_bytes());
     assert_eq!(
         decode(&mut buf),
-        Err(ProtocolError::InvalidValue { frame: "QUEUE_DECLARE", field: "present", value: 0x200 })
+        Err(ProtocolError::InvalidValue {
+            frame: "QUEUE_DECLARE",
+            field: "present",
+            value: 0x200
+        })
     );
 
-    let mut buf =
-        declare(QueueOptions { overflow: Some(Overflow::DropHead), ..QueueOptions::default() });
+    let mut buf = declare(QueueOptions {
+        overflow: Some(Overflow::DropHead),
+        ..QueueOptions::default()
+    });
     let last = buf.len() - 1;
     buf[last] = 2;
     let err = decode(&mut buf).unwrap_err();
     assert_eq!(
         err,
-        ProtocolError::InvalidValue { frame: "QUEUE_DECLARE", field: "overflow", value: 2 }
+        ProtocolError::InvalidValue {
+            frame: "QUEUE_DECLARE",
+            field: "overflow",
+            value: 2
+        }
     );
     assert!(err.is_fatal());
 }
@@ -196,7 +346,14 @@ fn huge_counts_do_not_allocate_ahead_of_the_bytes() {
     body.put_u32(1);
     body.put_u32(u32::MAX);
     let err = decode(&mut frame_bytes(kind::Ack, 0, &body)).unwrap_err();
-    assert!(matches!(err, ProtocolError::UnexpectedEof { frame: "ACK", field: "ids", .. }));
+    assert!(matches!(
+        err,
+        ProtocolError::UnexpectedEof {
+            frame: "ACK",
+            field: "ids",
+            ..
+        }
+    ));
     // Same for every counted list.
     for (kind, prefix) in [
         (kind::StatsReply, 4usize),
@@ -216,31 +373,63 @@ fn huge_counts_do_not_allocate_ahead_of_the_bytes() {
 #[test]
 fn fatality_and_codes_of_every_error() {
     let table: Vec<(ProtocolError, bool, ErrorCode)> = vec![
-        (ProtocolError::FrameTooLarge { len: 9, max: 8 }, true, ErrorCode::FrameTooLarge),
-        (ProtocolError::FrameTooShort { len: 1 }, true, ErrorCode::MalformedFrame),
-        (ProtocolError::UnknownFrameType { kind: 0xee }, false, ErrorCode::UnknownFrameType),
         (
-            ProtocolError::UnknownFlags { frame: "PING", flags: 1 },
+            ProtocolError::FrameTooLarge { len: 9, max: 8 },
+            true,
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            ProtocolError::FrameTooShort { len: 1 },
+            true,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            ProtocolError::UnknownFrameType { kind: 0xee },
+            false,
+            ErrorCode::UnknownFrameType,
+        ),
+        (
+            ProtocolError::UnknownFlags {
+                frame: "PING",
+                flags: 1,
+            },
             false,
             ErrorCode::UnknownFlags,
         ),
         (
-            ProtocolError::UnexpectedEof { frame: "ACK", field: "ids", offset: 4, need: 4, have: 0 },
+            ProtocolError::UnexpectedEof {
+                frame: "ACK",
+                field: "ids",
+                offset: 4,
+                need: 4,
+                have: 0,
+            },
             true,
             ErrorCode::MalformedFrame,
         ),
         (
-            ProtocolError::InvalidUtf8 { frame: "PUBLISH", field: "topic", offset: 2 },
+            ProtocolError::InvalidUtf8 {
+                frame: "PUBLISH",
+                field: "topic",
+                offset: 2,
+            },
             true,
             ErrorCode::MalformedFrame,
         ),
         (
-            ProtocolError::InvalidValue { frame: "PUBLISH", field: "flags", value: 2 },
+            ProtocolError::InvalidValue {
+                frame: "PUBLISH",
+                field: "flags",
+                value: 2,
+            },
             true,
             ErrorCode::MalformedFrame,
         ),
         (
-            ProtocolError::TrailingBytes { frame: "OK", count: 1 },
+            ProtocolError::TrailingBytes {
+                frame: "OK",
+                count: 1,
+            },
             true,
             ErrorCode::MalformedFrame,
         ),
@@ -248,7 +437,11 @@ fn fatality_and_codes_of_every_error() {
     for (err, fatal, code) in table {
         assert_eq!(err.is_fatal(), fatal, "{err}");
         assert_eq!(err.code(), code, "{err}");
-        assert_eq!(code.closes_connection(), fatal, "{err}: code and error agree");
+        assert_eq!(
+            code.closes_connection(),
+            fatal,
+            "{err}: code and error agree"
+        );
     }
 }
 
@@ -296,7 +489,11 @@ fn error_codes_are_stable() {
     assert_eq!(ErrorCode::from_u16(0), None);
     assert_eq!(ErrorCode::from_u16(1000), None);
     // Unknown codes survive decoding so that old clients can report them.
-    let reply = ErrorReply { request_id: 1, code: 1000, message: t("new") };
+    let reply = ErrorReply {
+        request_id: 1,
+        code: 1000,
+        message: t("new"),
+    };
     assert_eq!(reply.error_code(), None);
     let mut buf = encode(&reply.clone().into());
     assert_eq!(decode(&mut buf), Ok(Some(Frame::Error(reply))));
@@ -306,12 +503,23 @@ fn error_codes_are_stable() {
 fn encoder_refuses_fields_too_long_for_their_prefix() {
     let frame = Frame::Publish(Publish::new("a".repeat(65_536), Bytes::new()));
     let mut dst = BytesMut::from(&b"keep"[..]);
-    let err = FrameCodec::new(usize::MAX).encode(&frame, &mut dst).unwrap_err();
+    let err = FrameCodec::new(usize::MAX)
+        .encode(&frame, &mut dst)
+        .unwrap_err();
     assert_eq!(
         err,
-        ProtocolError::TooLongToEncode { frame: "PUBLISH", field: "topic", len: 65_536, max: 65_535 }
+        ProtocolError::TooLongToEncode {
+            frame: "PUBLISH",
+            field: "topic",
+            len: 65_536,
+            max: 65_535
+        }
     );
-    assert_eq!(&dst[..], b"keep", "a failed encode leaves the buffer as it was");
+    assert_eq!(
+        &dst[..],
+        b"keep",
+        "a failed encode leaves the buffer as it was"
+    );
 }
 
 #[test]
@@ -323,7 +531,9 @@ fn encoder_refuses_frames_over_its_max() {
     });
     let len = encode(&frame).len() - 4;
     let mut dst = BytesMut::new();
-    let err = FrameCodec::new(len - 1).encode(frame.clone(), &mut dst).unwrap_err();
+    let err = FrameCodec::new(len - 1)
+        .encode(frame.clone(), &mut dst)
+        .unwrap_err();
     assert_eq!(err, ProtocolError::FrameTooLarge { len, max: len - 1 });
     assert!(dst.is_empty());
     FrameCodec::new(len).encode(frame, &mut dst).unwrap();

@@ -21,12 +21,16 @@ const GROWTH_SLACK: usize = 4;
 
 /// Every type byte this version knows.
 fn known_kinds() -> Vec<u8> {
-    (0..=u8::MAX).filter(|k| Frame::name_of(*k).is_some()).collect()
+    (0..=u8::MAX)
+        .filter(|k| Frame::name_of(*k).is_some())
+        .collect()
 }
 
 /// Every type byte this version does not know.
 fn unknown_kinds() -> Vec<u8> {
-    (0..=u8::MAX).filter(|k| Frame::name_of(*k).is_none()).collect()
+    (0..=u8::MAX)
+        .filter(|k| Frame::name_of(*k).is_none())
+        .collect()
 }
 
 /// Frames whose header is consistent but whose type, flags and body are random,
@@ -210,8 +214,11 @@ proptest! {
     fn cut_bodies_are_truncated_fields(f in frame(), cut in any::<Index>()) {
         let bytes = encode(&f);
         let body = &bytes[HEADER_LEN..];
+        if body.is_empty() {
+            // PING and PONG: nothing to cut.
+            return Ok(());
+        }
         let fixed_len = body.len() - ends_in_payload(&f).unwrap_or(0);
-        prop_assume!(body.len() > 0);
         let cut = cut.index(body.len());
         let mut buf = reframe(bytes[4], bytes[5], &body[..cut]);
         let result = FrameCodec::default().decode(&mut buf);

@@ -23,7 +23,11 @@ fn every_sample_round_trips() {
     for (name, frame) in all() {
         let mut buf = encode(&frame);
         let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-        assert_eq!(len + 4, buf.len(), "{name}: length prefix counts type+flags+body");
+        assert_eq!(
+            len + 4,
+            buf.len(),
+            "{name}: length prefix counts type+flags+body"
+        );
         assert_eq!(buf[4], frame.kind(), "{name}: type byte");
         let decoded = codec.decode(&mut buf).unwrap();
         assert_eq!(decoded.as_ref(), Some(&frame), "{name}");
@@ -58,7 +62,10 @@ fn decoded_payload_shares_the_read_buffer() {
         panic!("expected a publish");
     };
     let at = p.payload.as_ptr() as usize;
-    assert!(at >= base && at + p.payload.len() <= end, "payload was copied");
+    assert!(
+        at >= base && at + p.payload.len() <= end,
+        "payload was copied"
+    );
     let topic_at = p.topic.as_bytes().as_ptr() as usize;
     assert!(topic_at >= base && topic_at < end, "topic was copied");
 }
@@ -76,10 +83,17 @@ fn every_prefix_of_every_frame_is_incomplete() {
                 "{name} cut at {cut} of {}",
                 bytes.len()
             );
-            assert_eq!(&buf[..], &bytes[..cut], "{name} cut at {cut}: buffer changed");
+            assert_eq!(
+                &buf[..],
+                &bytes[..cut],
+                "{name} cut at {cut}: buffer changed"
+            );
             if cut >= 4 {
                 // Once the length is known the decoder reserves room for the whole frame.
-                assert!(buf.capacity() >= bytes.len(), "{name} cut at {cut}: no reserve");
+                assert!(
+                    buf.capacity() >= bytes.len(),
+                    "{name} cut at {cut}: no reserve"
+                );
             }
             buf.extend_from_slice(&bytes[cut..]);
             assert_eq!(

@@ -18,11 +18,21 @@ fn examples() -> BTreeMap<&'static str, Frame> {
     BTreeMap::from([
         (
             "hello",
-            Hello { version: 1, client_name: t("billing"), token: None }.into(),
+            Hello {
+                version: 1,
+                client_name: t("billing"),
+                token: None,
+            }
+            .into(),
         ),
         (
             "hello-token",
-            Hello { version: 1, client_name: t("billing"), token: Some(t("s3cret")) }.into(),
+            Hello {
+                version: 1,
+                client_name: t("billing"),
+                token: Some(t("s3cret")),
+            }
+            .into(),
         ),
         (
             "welcome",
@@ -37,7 +47,10 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         ),
         ("ping", Ping.into()),
         ("pong", Pong.into()),
-        ("publish", Publish::new("orders.created", json.clone()).into()),
+        (
+            "publish",
+            Publish::new("orders.created", json.clone()).into(),
+        ),
         (
             "publish-confirm",
             Publish {
@@ -50,12 +63,23 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         ),
         (
             "subscribe",
-            Subscribe { request_id: 1, sid: 1, pattern: t("orders.*"), group: None }.into(),
+            Subscribe {
+                request_id: 1,
+                sid: 1,
+                pattern: t("orders.*"),
+                group: None,
+            }
+            .into(),
         ),
         (
             "subscribe-group",
-            Subscribe { request_id: 2, sid: 2, pattern: t("jobs.>"), group: Some(t("w")) }
-                .into(),
+            Subscribe {
+                request_id: 2,
+                sid: 2,
+                pattern: t("jobs.>"),
+                group: Some(t("w")),
+            }
+            .into(),
         ),
         (
             "message",
@@ -71,7 +95,13 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         ("ok", OkReply { request_id: 1 }.into()),
         (
             "confirm",
-            Confirm { request_id: 7, queues: 1, rejected: 0, duplicate: false }.into(),
+            Confirm {
+                request_id: 7,
+                queues: 1,
+                rejected: 0,
+                duplicate: false,
+            }
+            .into(),
         ),
         (
             "error",
@@ -93,7 +123,13 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         ),
         (
             "consume",
-            Consume { request_id: 4, consumer_id: 1, queue: t("orders"), credit: 16 }.into(),
+            Consume {
+                request_id: 4,
+                consumer_id: 1,
+                queue: t("orders"),
+                credit: 16,
+            }
+            .into(),
         ),
         (
             "delivery",
@@ -108,10 +144,22 @@ fn examples() -> BTreeMap<&'static str, Frame> {
             }
             .into(),
         ),
-        ("ack", Ack { request_id: 5, ids: vec![1, 2] }.into()),
+        (
+            "ack",
+            Ack {
+                request_id: 5,
+                ids: vec![1, 2],
+            }
+            .into(),
+        ),
         (
             "nack",
-            Nack { request_id: 6, delay_ms: Some(5_000), ids: vec![3] }.into(),
+            Nack {
+                request_id: 6,
+                delay_ms: Some(5_000),
+                ids: vec![3],
+            }
+            .into(),
         ),
     ])
 }
@@ -124,8 +172,15 @@ fn parse_examples(doc: &str) -> Vec<(String, Vec<u8>)> {
     while let Some((n, line)) = lines.next() {
         let line = line.trim();
         if let Some(rest) = line.strip_prefix("<!-- example:") {
-            let name = rest.strip_suffix("-->").expect("marker closes on its line").trim();
-            assert!(pending.is_none(), "line {}: marker without a hex block", n + 1);
+            let name = rest
+                .strip_suffix("-->")
+                .expect("marker closes on its line")
+                .trim();
+            assert!(
+                pending.is_none(),
+                "line {}: marker without a hex block",
+                n + 1
+            );
             pending = Some(name.to_owned());
         } else if line == "```hex" {
             let name = pending
@@ -147,7 +202,10 @@ fn parse_examples(doc: &str) -> Vec<(String, Vec<u8>)> {
             }
             out.push((name, bytes));
         } else if pending.is_some() && !line.is_empty() {
-            panic!("line {}: a marker must be followed by a ```hex block", n + 1);
+            panic!(
+                "line {}: a marker must be followed by a ```hex block",
+                n + 1
+            );
         }
     }
     assert!(pending.is_none(), "marker at the end of the document");
@@ -171,18 +229,33 @@ fn protocol_md_examples_match_the_codec() {
             "example `{name}`: the codec's bytes (left) differ from PROTOCOL.md (right)"
         );
         let mut buf = BytesMut::from(&bytes[..]);
-        assert_eq!(codec.decode(&mut buf), Ok(Some(frame)), "example `{name}` decodes");
+        assert_eq!(
+            codec.decode(&mut buf),
+            Ok(Some(frame)),
+            "example `{name}` decodes"
+        );
         assert!(buf.is_empty(), "example `{name}` holds exactly one frame");
     }
-    assert!(wanted.is_empty(), "missing from PROTOCOL.md: {:?}", wanted.keys());
+    assert!(
+        wanted.is_empty(),
+        "missing from PROTOCOL.md: {:?}",
+        wanted.keys()
+    );
 }
 
 #[test]
 fn example_parser_reads_comments_and_rejects_nothing_valid() {
     let doc = "text\n<!-- example: x -->\n```hex\n00 01 # comment 02\nff\n```\n";
-    assert_eq!(parse_examples(doc), vec![("x".to_owned(), vec![0, 1, 0xff])]);
+    assert_eq!(
+        parse_examples(doc),
+        vec![("x".to_owned(), vec![0, 1, 0xff])]
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

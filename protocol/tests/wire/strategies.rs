@@ -39,11 +39,25 @@ fn publish() -> impl Strategy<Value = Publish> {
         payload(),
     )
         .prop_map(
-            |(request_id, confirm, check, topic, reply_to, message_id, delay_ms, headers, payload)| {
+            |(
+                request_id,
+                confirm,
+                check,
+                topic,
+                reply_to,
+                message_id,
+                delay_ms,
+                headers,
+                payload,
+            )| {
                 // confirm and check_responders need a request id on the wire.
                 let wants_id = confirm || check;
                 Publish {
-                    request_id: if wants_id { Some(request_id.unwrap_or(1)) } else { request_id },
+                    request_id: if wants_id {
+                        Some(request_id.unwrap_or(1))
+                    } else {
+                        request_id
+                    },
                     confirm,
                     check_responders: check,
                     topic,
@@ -74,18 +88,20 @@ fn queue_options() -> impl Strategy<Value = QueueOptions> {
         option::of(any::<u64>()),
         option::of(text()),
     )
-        .prop_map(|(bindings, md, ack, backoff, len, bytes, of, ttl, dedup, dl)| QueueOptions {
-            bindings,
-            max_deliveries: md,
-            ack_timeout_ms: ack,
-            backoff_ms: backoff,
-            max_length: len,
-            max_bytes: bytes,
-            overflow: of,
-            ttl_ms: ttl,
-            dedup_window_ms: dedup,
-            dead_letter: dl,
-        })
+        .prop_map(
+            |(bindings, md, ack, backoff, len, bytes, of, ttl, dedup, dl)| QueueOptions {
+                bindings,
+                max_deliveries: md,
+                ack_timeout_ms: ack,
+                backoff_ms: backoff,
+                max_length: len,
+                max_bytes: bytes,
+                overflow: of,
+                ttl_ms: ttl,
+                dedup_window_ms: dedup,
+                dead_letter: dl,
+            },
+        )
 }
 
 fn queue_info() -> impl Strategy<Value = QueueInfo> {
@@ -110,22 +126,34 @@ fn queue_info() -> impl Strategy<Value = QueueInfo> {
 }
 
 fn dead_letter() -> impl Strategy<Value = DeadLetter> {
-    (any::<u64>(), text(), any::<u32>(), text(), headers(), payload()).prop_map(
-        |(id, topic, attempts, reason, headers, payload)| DeadLetter {
-            id,
-            topic,
-            attempts,
-            reason,
-            headers,
-            payload,
-        },
+    (
+        any::<u64>(),
+        text(),
+        any::<u32>(),
+        text(),
+        headers(),
+        payload(),
     )
+        .prop_map(
+            |(id, topic, attempts, reason, headers, payload)| DeadLetter {
+                id,
+                topic,
+                attempts,
+                reason,
+                headers,
+                payload,
+            },
+        )
 }
 
 fn session_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
         (any::<u16>(), text(), option::of(text())).prop_map(|(version, client_name, token)| {
-            Frame::from(Hello { version, client_name, token })
+            Frame::from(Hello {
+                version,
+                client_name,
+                token,
+            })
         }),
         (any::<u16>(), text(), any::<[u32; 3]>()).prop_map(|(version, sv, n)| {
             Frame::from(Welcome {
@@ -141,10 +169,17 @@ fn session_frames() -> BoxedStrategy<Frame> {
         any::<u32>().prop_map(|request_id| Frame::from(Stats { request_id })),
         any::<u32>().prop_map(|request_id| Frame::from(OkReply { request_id })),
         (any::<u32>(), any::<u16>(), text()).prop_map(|(request_id, code, message)| {
-            Frame::from(ErrorReply { request_id, code, message })
+            Frame::from(ErrorReply {
+                request_id,
+                code,
+                message,
+            })
         }),
         (any::<u32>(), vec((text(), any::<u64>()), 0..3)).prop_map(|(request_id, entries)| {
-            Frame::from(StatsReply { request_id, entries })
+            Frame::from(StatsReply {
+                request_id,
+                entries,
+            })
         }),
     ]
     .boxed()
@@ -155,16 +190,32 @@ fn messaging_frames() -> BoxedStrategy<Frame> {
         publish().prop_map(Frame::from),
         (any::<u32>(), any::<u32>(), text(), option::of(text())).prop_map(
             |(request_id, sid, pattern, group)| {
-                Frame::from(Subscribe { request_id, sid, pattern, group })
+                Frame::from(Subscribe {
+                    request_id,
+                    sid,
+                    pattern,
+                    group,
+                })
             }
         ),
         (any::<u32>(), any::<u32>())
             .prop_map(|(request_id, sid)| Frame::from(Unsubscribe { request_id, sid })),
-        (any::<u32>(), text(), option::of(text()), headers(), payload()).prop_map(
-            |(sid, topic, reply_to, headers, payload)| {
-                Frame::from(Message { sid, topic, reply_to, headers, payload })
-            }
-        ),
+        (
+            any::<u32>(),
+            text(),
+            option::of(text()),
+            headers(),
+            payload()
+        )
+            .prop_map(|(sid, topic, reply_to, headers, payload)| {
+                Frame::from(Message {
+                    sid,
+                    topic,
+                    reply_to,
+                    headers,
+                    payload,
+                })
+            }),
     ]
     .boxed()
 }
@@ -172,24 +223,44 @@ fn messaging_frames() -> BoxedStrategy<Frame> {
 fn queue_admin_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
         (any::<u32>(), text(), queue_options()).prop_map(|(request_id, name, options)| {
-            Frame::from(QueueDeclare { request_id, name, options })
+            Frame::from(QueueDeclare {
+                request_id,
+                name,
+                options,
+            })
         }),
         (any::<u32>(), text())
             .prop_map(|(request_id, name)| Frame::from(QueueDelete { request_id, name })),
         (any::<u32>(), text(), text()).prop_map(|(request_id, name, pattern)| {
-            Frame::from(QueueBind { request_id, name, pattern })
+            Frame::from(QueueBind {
+                request_id,
+                name,
+                pattern,
+            })
         }),
         (any::<u32>(), text(), text()).prop_map(|(request_id, name, pattern)| {
-            Frame::from(QueueUnbind { request_id, name, pattern })
+            Frame::from(QueueUnbind {
+                request_id,
+                name,
+                pattern,
+            })
         }),
         (any::<u32>(), text())
             .prop_map(|(request_id, name)| Frame::from(QueueInfoRequest { request_id, name })),
         any::<u32>().prop_map(|request_id| Frame::from(QueueList { request_id })),
         (any::<u32>(), text(), any::<u32>()).prop_map(|(request_id, queue, limit)| {
-            Frame::from(DeadLetters { request_id, queue, limit })
+            Frame::from(DeadLetters {
+                request_id,
+                queue,
+                limit,
+            })
         }),
         (any::<u32>(), text(), any::<u32>()).prop_map(|(request_id, queue, limit)| {
-            Frame::from(Redrive { request_id, queue, limit })
+            Frame::from(Redrive {
+                request_id,
+                queue,
+                limit,
+            })
         }),
     ]
     .boxed()
@@ -199,34 +270,62 @@ fn queue_data_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
         (any::<u32>(), any::<u32>(), text(), any::<u32>()).prop_map(
             |(request_id, consumer_id, queue, credit)| {
-                Frame::from(Consume { request_id, consumer_id, queue, credit })
-            }
-        ),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(request_id, consumer_id)| Frame::from(Cancel { request_id, consumer_id })),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(consumer_id, credit)| Frame::from(Credit { consumer_id, credit })),
-        (any::<(u32, u64, u32)>(), text(), text(), headers(), payload()).prop_map(
-            |((consumer_id, delivery_id, attempt), queue, topic, headers, payload)| {
-                Frame::from(Delivery {
+                Frame::from(Consume {
+                    request_id,
                     consumer_id,
-                    delivery_id,
-                    attempt,
                     queue,
-                    topic,
-                    headers,
-                    payload,
+                    credit,
                 })
             }
         ),
+        (any::<u32>(), any::<u32>()).prop_map(|(request_id, consumer_id)| Frame::from(Cancel {
+            request_id,
+            consumer_id
+        })),
+        (any::<u32>(), any::<u32>()).prop_map(|(consumer_id, credit)| Frame::from(Credit {
+            consumer_id,
+            credit
+        })),
+        (
+            any::<(u32, u64, u32)>(),
+            text(),
+            text(),
+            headers(),
+            payload()
+        )
+            .prop_map(
+                |((consumer_id, delivery_id, attempt), queue, topic, headers, payload)| {
+                    Frame::from(Delivery {
+                        consumer_id,
+                        delivery_id,
+                        attempt,
+                        queue,
+                        topic,
+                        headers,
+                        payload,
+                    })
+                }
+            ),
         (any::<u32>(), vec(any::<u64>(), 0..4))
             .prop_map(|(request_id, ids)| Frame::from(Ack { request_id, ids })),
-        (any::<u32>(), option::of(any::<u64>()), vec(any::<u64>(), 0..4)).prop_map(
-            |(request_id, delay_ms, ids)| Frame::from(Nack { request_id, delay_ms, ids })
-        ),
+        (
+            any::<u32>(),
+            option::of(any::<u64>()),
+            vec(any::<u64>(), 0..4)
+        )
+            .prop_map(|(request_id, delay_ms, ids)| Frame::from(Nack {
+                request_id,
+                delay_ms,
+                ids
+            })),
         (any::<(u32, u32, u32)>(), any::<bool>()).prop_map(
             |((request_id, queues, rejected), duplicate)| {
-                Frame::from(Confirm { request_id, queues, rejected, duplicate })
+                Frame::from(Confirm {
+                    request_id,
+                    queues,
+                    rejected,
+                    duplicate,
+                })
             }
         ),
     ]
@@ -240,7 +339,10 @@ fn queue_reply_frames() -> BoxedStrategy<Frame> {
         (any::<u32>(), vec(queue_info(), 0..3))
             .prop_map(|(request_id, queues)| Frame::from(QueueListReply { request_id, queues })),
         (any::<u32>(), vec(dead_letter(), 0..3)).prop_map(|(request_id, letters)| {
-            Frame::from(DeadLettersReply { request_id, letters })
+            Frame::from(DeadLettersReply {
+                request_id,
+                letters,
+            })
         }),
         (any::<u32>(), any::<u64>())
             .prop_map(|(request_id, moved)| Frame::from(RedriveReply { request_id, moved })),

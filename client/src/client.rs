@@ -101,6 +101,10 @@ pub(crate) struct Handle {
 impl Handle {
     /// Waits until the connection is up, at most until `deadline`.
     pub(crate) async fn ready(&self, deadline: Instant) -> Result<(), CallError> {
+        // Fast path for the common case: no receiver clone, no await.
+        if *self.shared.state.borrow() == ConnState::Connected {
+            return Ok(());
+        }
         let mut state = self.shared.state.clone();
         let started = Instant::now();
         loop {

@@ -37,7 +37,11 @@ pub enum Event {
 /// A stream of [`Event`]s, from [`crate::Client::events`].
 ///
 /// If the stream is not polled and falls more than 64 events behind, the oldest
-/// are skipped. It ends when the client closes.
+/// are skipped. [`Event::Closed`] is the last event of a client.
+///
+/// # Cancel safety
+///
+/// `next()` is cancel safe: an event is never lost by dropping the future.
 pub struct Events {
     inner: BoxStream<'static, Event>,
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field, info, info_span, warn};
 
+use crate::connection::queue_ops::BrokerQueues;
 use crate::connection::{self, ConnId, Signals};
 use crate::router::Router;
 use crate::stats::Stats;
@@ -26,6 +27,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) router: Router,
     pub(crate) stats: Arc<Stats>,
+    pub(crate) queues: BrokerQueues,
 }
 
 /// How long a refused connection gets to read its error frame.
@@ -47,9 +49,11 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     config.validate()?;
     let stats = Arc::new(Stats::default());
+    let queues = BrokerQueues::open(&config)?;
     let shared = Arc::new(Shared {
         router: Router::new(stats.clone()),
         stats,
+        queues,
         config,
     });
     let signals = Signals {
@@ -117,6 +121,7 @@ pub async fn run(
         signals.kill.cancel();
         let _ = tokio::time::timeout(KILL_GRACE, tracker.wait()).await;
     }
+    shared.queues.shutdown().await;
     info!("shutdown complete");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Client, start, start_with, within};
-use tidings_protocol::{ErrorCode, Frame, FrameCodec, Pong};
+use tidings_protocol::{ErrorCode, Frame, FrameCodec, Ping, Pong};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
@@ -127,27 +127,21 @@ async fn silent_peer_is_closed_after_missed_heartbeats() {
         c.missed_heartbeats = 2;
     })
     .await;
-    let mut silent = Client::hello(broker.addr, "silent").await;
+    // Answering pings keeps a connection alive well past the silent one's end.
     let mut polite = Client::hello(broker.addr, "polite").await;
-    assert_eq!(
-        silent.recv().await,
-        Some(Frame::Ping(tidings_protocol::Ping))
-    );
-    assert_eq!(
-        silent.recv().await,
-        Some(Frame::Ping(tidings_protocol::Ping))
-    );
+    let polite = tokio::spawn(async move {
+        for _ in 0..8 {
+            assert_eq!(polite.recv().await, Some(Frame::Ping(Ping)));
+            polite.send(Frame::Pong(Pong)).await;
+        }
+        polite.stats().await;
+    });
+    let mut silent = Client::hello(broker.addr, "silent").await;
+    assert_eq!(silent.recv().await, Some(Frame::Ping(Ping)));
+    assert_eq!(silent.recv().await, Some(Frame::Ping(Ping)));
     silent.expect_error(ErrorCode::HeartbeatTimeout).await;
     silent.expect_closed().await;
-    // Answering pings keeps a connection alive well past that.
-    for _ in 0..6 {
-        assert_eq!(
-            polite.recv().await,
-            Some(Frame::Ping(tidings_protocol::Ping))
-        );
-        polite.send(Frame::Pong(Pong)).await;
-    }
-    polite.stats().await;
+    within("the polite client", polite).await.unwrap();
 }
 
 #[tokio::test]

@@ -48,10 +48,14 @@ impl Session {
             Frame::Ping(_) => self.reply(Frame::Pong(Pong)),
             // Any inbound bytes count as liveness; the read loop saw them already.
             Frame::Pong(_) => {}
-            Frame::Stats(s) => self.reply(Frame::StatsReply(StatsReply {
-                request_id: s.request_id,
-                entries: self.shared.stats.snapshot(),
-            })),
+            Frame::Stats(s) => {
+                let mut entries = self.shared.stats.snapshot();
+                entries.extend(queue_ops::stats(self));
+                self.reply(Frame::StatsReply(StatsReply {
+                    request_id: s.request_id,
+                    entries,
+                }));
+            }
             Frame::Hello(_) => {
                 self.reply_error(0, ErrorCode::UnexpectedFrame, "HELLO after the handshake")
             }

@@ -7,7 +7,7 @@
 //! the client, from replies to fan-out, goes through the outbox.
 
 mod dispatch;
-mod queue_ops;
+pub(crate) mod queue_ops;
 mod writer;
 
 use std::sync::Arc;
@@ -81,7 +81,7 @@ pub(crate) async fn serve(
         conn,
         outbox: outbox.clone(),
         shared: shared.clone(),
-        queues: Default::default(),
+        queues: queue_ops::QueueSession::default(),
     };
 
     let ending = reader.run(&mut session, &signals).await;
@@ -194,6 +194,7 @@ impl Reader {
         }
         Span::current().record("client", hello.client_name.as_str());
         debug!("handshake complete");
+        session.queues = queue_ops::QueueSession::new(&shared.queues, &session.outbox);
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),

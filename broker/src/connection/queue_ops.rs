@@ -1,21 +1,49 @@
 //! Durable-queue frames (QUEUE_*, DEAD_LETTERS, REDRIVE, CONSUME, CANCEL, CREDIT,
-//! ACK, NACK) and the queue side of PUBLISH: the one place where a connection meets
-//! the durable-queue engine.
+//! ACK, NACK), the queue side of PUBLISH, and the queue engine's place in the
+//! broker's life: the one file where connections and the server meet durable
+//! queues.
 //!
 //! The engine is not wired in yet, so queue commands are answered with ERROR
 //! `Internal` and a confirmed publish reaches no queue (CONFIRM with `queues: 0`).
-//! The integration replaces this file: [`QueueSession`] holds a connection's
-//! consumers, [`handle`] serves the commands, [`publish`] hands every published
-//! message to the queues whose bindings match, and [`connection_closed`] returns a
-//! departed connection's unacknowledged deliveries.
+//! The integration replaces this file's bodies, keeping its signatures:
+//! - [`BrokerQueues`]: opened by the server at start ([`BrokerQueues::open`]),
+//!   shared by every connection, shut down after the connections have drained.
+//! - [`QueueSession`]: one per connection, created after the handshake with the
+//!   connection's [`Outbox`], through which deliveries reach the client.
+//! - [`handle`] serves queue commands; [`publish`] receives every valid PUBLISH
+//!   after its subscribers were served; [`stats`] adds queue figures to STATS;
+//!   [`connection_closed`] releases a departed connection's deliveries.
 
-use tidings_protocol::{Confirm, ErrorCode, Frame, Publish};
+use tidings_protocol::{Confirm, ErrorCode, Frame, Publish, Text};
 
 use super::Session;
+use super::writer::Outbox;
+use crate::{BrokerError, Config};
+
+/// The broker-wide queue state.
+#[derive(Debug, Default)]
+pub(crate) struct BrokerQueues {}
+
+impl BrokerQueues {
+    /// Opens the queues kept under `config.data_dir`.
+    pub(crate) fn open(_config: &Config) -> Result<BrokerQueues, BrokerError> {
+        Ok(BrokerQueues {})
+    }
+
+    /// Called once every connection has finished: make everything durable.
+    pub(crate) async fn shutdown(&self) {}
+}
 
 /// Per-connection queue state (consumers, outstanding deliveries).
 #[derive(Debug, Default)]
 pub(crate) struct QueueSession {}
+
+impl QueueSession {
+    /// The queue state of a connection that just completed its handshake.
+    pub(crate) fn new(_queues: &BrokerQueues, _outbox: &Outbox) -> QueueSession {
+        QueueSession {}
+    }
+}
 
 /// Serves one queue command from the connection's client.
 pub(crate) async fn handle(session: &mut Session, frame: Frame) {
@@ -39,6 +67,11 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
             duplicate: false,
         }));
     }
+}
+
+/// Queue figures for STATS_REPLY (`queue.<name>.<figure>`), after the broker's own.
+pub(crate) fn stats(_session: &Session) -> Vec<(Text, u64)> {
+    Vec::new()
 }
 
 /// The connection is gone: release its consumers and their deliveries.

@@ -210,7 +210,10 @@ impl Outbox {
 /// strings plus a fixed allowance for lengths and fields. Close to the encoded size
 /// for MESSAGE and DELIVERY, which is where the bytes are.
 pub(crate) fn frame_cost(frame: &Frame) -> usize {
-    const FIXED: usize = 32;
+    // What a queued frame occupies besides its variable parts: the frame itself
+    // (its size in the queue) and room for its wire lengths, so that a flood of tiny
+    // messages is bounded in memory too, not only in wire bytes.
+    const FIXED: usize = std::mem::size_of::<Frame>() + 32;
     let headers =
         |h: &tidings_protocol::Headers| h.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>();
     FIXED

@@ -6,7 +6,7 @@ use anyhow::{Result, anyhow};
 
 use crate::driver::tidings::TidingsDriver;
 use crate::driver::{Driver, System, Workload};
-use crate::report::RunReport;
+use crate::report::{RunReport, whole};
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
 use crate::workload::latency::LatencyParams;
@@ -43,7 +43,7 @@ impl Job {
 
     /// The defaults, with counts (and the latency run's length) multiplied by `scale`.
     pub fn scaled(workload: Workload, scale: f64) -> Job {
-        let n = |default: u64| ((default as f64 * scale).round() as u64).max(1);
+        let n = |default: u64| whole(default as f64 * scale).max(1);
         match workload {
             Workload::Fanin => Job::Fanin(FaninParams {
                 publishers: 1,

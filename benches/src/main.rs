@@ -173,7 +173,12 @@ mod tests {
                 assert_eq!(target.system, System::Tidings);
                 assert_eq!(target.server, None);
                 assert_eq!(
-                    (params.responders, params.requesters, params.requests, params.size),
+                    (
+                        params.responders,
+                        params.requesters,
+                        params.requests,
+                        params.size
+                    ),
                     (2, 8, 100_000, 128)
                 );
             }
@@ -183,7 +188,10 @@ mod tests {
         match cli.command {
             Command::Latency { target, params } => {
                 assert!(target.json);
-                assert_eq!((params.rate, params.seconds, params.size), (10_000, 10.0, 128));
+                assert_eq!(
+                    (params.rate, params.seconds, params.size),
+                    (10_000, 10.0, 128)
+                );
             }
             other => panic!("parsed as {other:?}"),
         }

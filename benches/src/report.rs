@@ -186,12 +186,19 @@ impl RunReport {
     }
 }
 
+/// `x` rounded to a whole count. Float-to-int `as` saturates (NaN gives 0), which is
+/// exactly what a count derived from a rate or a scale needs.
+#[allow(clippy::cast_possible_truncation)]
+pub fn whole(x: f64) -> u64 {
+    x.round() as u64
+}
+
 /// `1234567.8` -> `1,234,568`: rates read at a glance.
 pub fn thousands(value: f64) -> String {
     if !value.is_finite() {
         return "-".into();
     }
-    let rounded = value.round().abs() as u64;
+    let rounded = whole(value.abs());
     let digits = rounded.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
     if value.round() < 0.0 {

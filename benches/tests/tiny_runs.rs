@@ -37,9 +37,15 @@ fn assert_clean(report: &Value, workload: &str) {
     assert_eq!(report["workload"], workload);
     assert_eq!(report["missing"], 0, "{report}");
     assert_eq!(report["duplicates"], 0, "{report}");
-    assert!(report["msgs_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(
+        report["msgs_per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
     assert!(report["p99_us"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
-    assert!(report["duration_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(
+        report["duration_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
 }
 
 #[tokio::test]

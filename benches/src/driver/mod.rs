@@ -130,9 +130,9 @@ impl System {
         use Workload::*;
         match (self, workload) {
             (Tidings, _) => Ok(()),
-            (Nats, Queue) => Err(
-                "core NATS keeps nothing: a durable queue needs JetStream (--system jetstream)",
-            ),
+            (Nats, Queue) => {
+                Err("core NATS keeps nothing: a durable queue needs JetStream (--system jetstream)")
+            }
             (Jetstream, Fanin | Fanout | Latency | Reqrep) => Err(
                 "JetStream is NATS's durable layer; ephemeral pub/sub and request/reply \
                  are core NATS (--system nats)",
@@ -359,7 +359,10 @@ mod tests {
             }))
             .await
             .expect("room for one");
-        window.push(Box::pin(async { Ok(()) })).await.expect("room for two");
+        window
+            .push(Box::pin(async { Ok(()) }))
+            .await
+            .expect("room for two");
         tx.send(()).expect("receiver alive");
         // A confirm that is already failed surfaces at once, not at the end.
         let err = window

@@ -10,7 +10,7 @@ use super::{Common, Sent, check_size, joined};
 use crate::control::{OnComplete, Progress, RunControl, receive};
 use crate::driver::{Driver, Publisher, Workload};
 use crate::payload;
-use crate::report::RunReport;
+use crate::report::{RunReport, whole};
 use crate::tracker::SeqTracker;
 
 /// Parameters, defaults as in the issue.
@@ -41,7 +41,7 @@ impl LatencyParams {
 
     /// Messages the run sends: rate × seconds.
     pub fn messages(&self) -> u64 {
-        (self.rate as f64 * self.seconds).round() as u64
+        whole(self.rate as f64 * self.seconds)
     }
 
     fn to_json(&self) -> Map<String, serde_json::Value> {
@@ -66,7 +66,8 @@ async fn paced<P: Publisher>(mut publisher: P, p: LatencyParams, ctl: Arc<RunCon
             error = Some(format!("stopped by the deadline after {seq} messages"));
             break;
         }
-        let due = ((started.elapsed().as_secs_f64() * p.rate as f64) as u64).min(total);
+        // Floor, not round: a message is due once its whole interval has begun.
+        let due = whole((started.elapsed().as_secs_f64() * p.rate as f64).floor()).min(total);
         while seq < due {
             if let Err(e) = publisher.publish(payload::encode(seq, p.size)).await {
                 error = Some(format!("publish failed after {seq} messages: {e:#}"));

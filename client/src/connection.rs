@@ -640,6 +640,12 @@ impl Task {
     }
 
     fn command(&mut self, cmd: Command) {
+        // Acks gathered so far go out before any other frame, so that the wire keeps
+        // the order the user acted in (an ack, then a cancel, must not be reordered
+        // into a cancel that returns the delivery, then an unknown ack).
+        if !matches!(cmd, Command::Ack { .. } | Command::Nack { .. }) {
+            self.encode_acks();
+        }
         match cmd {
             Command::Publish { frame, permit } => {
                 if self.encode(&Frame::Publish(frame)) {

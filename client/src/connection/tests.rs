@@ -238,3 +238,26 @@ async fn acks_are_batched_into_one_frame() {
     };
     assert_eq!(ack.ids, vec![100]);
 }
+
+#[tokio::test]
+async fn acks_keep_their_place_before_later_commands() {
+    let (handle, mut server, _close, _join) = session();
+    let epoch = handle.shared.epoch.load(Ordering::Relaxed);
+    handle
+        .send(Command::Ack {
+            epoch,
+            delivery_id: 1,
+        })
+        .unwrap();
+    let (reply, _rx) = oneshot::channel();
+    let id = handle.shared.next_id();
+    handle
+        .send(Command::Call {
+            id,
+            frame: Frame::Stats(tidings_protocol::Stats { request_id: id }),
+            reply,
+        })
+        .unwrap();
+    assert!(matches!(next(&mut server).await, Frame::Ack(_)));
+    assert!(matches!(next(&mut server).await, Frame::Stats(_)));
+}

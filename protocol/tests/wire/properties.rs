@@ -8,7 +8,7 @@ use proptest::sample::Index;
 use tidings_protocol::{ErrorCode, Frame, FrameCodec, HEADER_LEN, ProtocolError};
 use tokio_util::codec::Decoder;
 
-use crate::samples::{encode, ends_in_payload, known_flags};
+use crate::samples::{all, encode, ends_in_payload, known_flags};
 use crate::strategies::frame;
 
 const CASES: u32 = 10_000;
@@ -24,6 +24,12 @@ fn known_kinds() -> Vec<u8> {
     (0..=u8::MAX)
         .filter(|k| Frame::name_of(*k).is_some())
         .collect()
+}
+
+/// One of the hand-built frames: cheaper than `frame()` where the frame is only
+/// there to show the stream is still in step.
+fn sample_frame() -> impl Strategy<Value = Frame> {
+    proptest::sample::select(all().into_iter().map(|(_, f)| f).collect::<Vec<_>>())
 }
 
 /// Every type byte this version does not know.
@@ -145,7 +151,7 @@ proptest! {
 
     #[test]
     fn split_stream_decodes_to_the_same_frames(
-        frames in vec(frame(), 1..5),
+        frames in vec(frame(), 1..4),
         at in vec(any::<Index>(), 0..8),
     ) {
         let mut bytes = BytesMut::new();
@@ -181,7 +187,7 @@ proptest! {
     fn unknown_frame_type_is_skipped(
         f in frame(),
         kind in proptest::sample::select(unknown_kinds()),
-        next in frame(),
+        next in sample_frame(),
     ) {
         let mut buf = encode(&f);
         buf[4] = kind;
@@ -195,7 +201,7 @@ proptest! {
     }
 
     #[test]
-    fn unknown_flags_are_skipped(f in frame(), pick in any::<Index>(), next in frame()) {
+    fn unknown_flags_are_skipped(f in frame(), pick in any::<Index>(), next in sample_frame()) {
         let unknown: Vec<u8> =
             (0..8).map(|bit| 1u8 << bit).filter(|b| known_flags(f.kind()) & b == 0).collect();
         let flag = *pick.get(&unknown);

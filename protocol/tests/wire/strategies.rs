@@ -7,13 +7,23 @@ use proptest::option;
 use proptest::prelude::*;
 use tidings_protocol::*;
 
-/// Short strings, ASCII mostly, with some multi-byte UTF-8.
+/// Short strings: mostly topic-like ASCII, with multi-byte UTF-8 (2, 3 and 4 bytes
+/// per char) mixed in so that lengths are byte counts, not char counts.
 pub fn text() -> impl Strategy<Value = Text> {
-    prop_oneof![
-        4 => "[a-z.*>]{0,8}",
-        1 => "\\PC{0,4}",
-    ]
-    .prop_map(Text::from)
+    const CHARS: &[char] = &[
+        'a',
+        'b',
+        'z',
+        '.',
+        '*',
+        '>',
+        ' ',
+        '\u{e9}',
+        '\u{5b57}',
+        '\u{1f600}',
+    ];
+    vec(proptest::sample::select(CHARS), 0..8)
+        .prop_map(|chars| Text::from(String::from_iter(chars)))
 }
 
 /// A small payload.
@@ -336,9 +346,9 @@ fn queue_reply_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
         (any::<u32>(), queue_info())
             .prop_map(|(request_id, info)| Frame::from(QueueInfoReply { request_id, info })),
-        (any::<u32>(), vec(queue_info(), 0..3))
+        (any::<u32>(), vec(queue_info(), 0..2))
             .prop_map(|(request_id, queues)| Frame::from(QueueListReply { request_id, queues })),
-        (any::<u32>(), vec(dead_letter(), 0..3)).prop_map(|(request_id, letters)| {
+        (any::<u32>(), vec(dead_letter(), 0..2)).prop_map(|(request_id, letters)| {
             Frame::from(DeadLettersReply {
                 request_id,
                 letters,

@@ -17,6 +17,9 @@ pub const FRAME_OVERHEAD: usize = 64 * 1024;
 /// protocol's `u32` length prefix with room to spare.
 pub const MAX_PAYLOAD_LIMIT: usize = 256 * 1024 * 1024;
 
+/// Largest `--max-connections` accepted (far beyond what descriptors allow anyway).
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -282,8 +285,8 @@ impl Config {
         if self.max_payload == 0 || self.max_payload > MAX_PAYLOAD_LIMIT {
             return invalid("max_payload", "must be between 1 byte and 256MiB");
         }
-        if self.max_connections == 0 {
-            return invalid("max_connections", "must be at least 1");
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return invalid("max_connections", "must be between 1 and 1000000");
         }
         if self.max_pending_bytes < 1024 {
             return invalid("max_pending_bytes", "must be at least 1KiB");

@@ -21,7 +21,6 @@ pub struct Stats {
     bytes_out: AtomicU64,
     subscriptions: AtomicU64,
     slow_consumers: AtomicU64,
-    pending_bytes: AtomicU64,
     pending_bytes_peak: AtomicU64,
     errors: Box<[AtomicU64]>,
 }
@@ -39,7 +38,6 @@ impl Default for Stats {
             bytes_out: AtomicU64::new(0),
             subscriptions: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
-            pending_bytes: AtomicU64::new(0),
             pending_bytes_peak: AtomicU64::new(0),
             errors: ErrorCode::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
         }
@@ -102,17 +100,14 @@ impl Stats {
         self.slow_consumers.fetch_add(1, Relaxed);
     }
 
-    /// Bytes queued for some connection grew by `n`, to `connection_total` for that
-    /// connection.
-    pub fn pending_added(&self, n: usize, connection_total: usize) {
-        self.pending_bytes.fetch_add(widen(n), Relaxed);
-        self.pending_bytes_peak
-            .fetch_max(widen(connection_total), Relaxed);
-    }
-
-    /// Bytes queued for some connection were written or dropped.
-    pub fn pending_removed(&self, n: usize) {
-        self.pending_bytes.fetch_sub(widen(n), Relaxed);
+    /// Bytes queued for one connection reached `connection_total`.
+    pub fn pending(&self, connection_total: usize) {
+        let total = widen(connection_total);
+        // Called per queued frame from every connection: read first, so the shared
+        // cache line is written only when the peak actually moves.
+        if total > self.pending_bytes_peak.load(Relaxed) {
+            self.pending_bytes_peak.fetch_max(total, Relaxed);
+        }
     }
 
     /// An ERROR frame with this code was sent (or, for a close, attempted).
@@ -152,7 +147,6 @@ impl Stats {
             ("bytes.out", self.bytes_out.load(Relaxed)),
             ("subscriptions", self.subscriptions.load(Relaxed)),
             ("slow_consumers", self.slow_consumers.load(Relaxed)),
-            ("outbound.pending_bytes", self.pending_bytes.load(Relaxed)),
             (
                 "outbound.pending_bytes_peak",
                 self.pending_bytes_peak.load(Relaxed),

@@ -140,10 +140,9 @@ impl Outbox {
             self.slow_consumer();
             return Err(Closed);
         }
-        self.shared.stats.pending_added(cost, total);
+        self.shared.stats.pending(total);
         if self.tx.send(Item::Frame(frame, cost)).is_err() {
             self.shared.pending.fetch_sub(cost, Ordering::AcqRel);
-            self.shared.stats.pending_removed(cost);
             return Err(Closed);
         }
         Ok(())
@@ -175,10 +174,8 @@ impl Outbox {
         if let Some(frame) = last {
             let cost = frame_cost(&frame);
             self.shared.pending.fetch_add(cost, Ordering::AcqRel);
-            self.shared.stats.pending_added(cost, 0);
             if self.tx.send(Item::Frame(frame, cost)).is_err() {
                 self.shared.pending.fetch_sub(cost, Ordering::AcqRel);
-                self.shared.stats.pending_removed(cost);
             }
         }
         let _ = self.tx.send(Item::Close);
@@ -374,7 +371,6 @@ impl OutboxReceiver {
     fn release(&self, bytes: usize) {
         if bytes > 0 {
             self.shared.pending.fetch_sub(bytes, Ordering::AcqRel);
-            self.shared.stats.pending_removed(bytes);
         }
     }
 }

@@ -16,6 +16,9 @@ use tokio::task::JoinHandle;
 
 use super::{Driver, Producer, Publisher, Source, System, Unsupported, Workload, refuse};
 
+/// Where a publisher's flush marker goes; nothing subscribes to it.
+const FLUSH_TOPIC: &str = "tidings-bench/flush";
+
 /// Connects every role to one MQTT broker.
 pub struct MqttDriver {
     host: String,
@@ -149,9 +152,22 @@ impl Publisher for MqttPublisher {
         Ok(())
     }
     async fn flush(&mut self) -> Result<()> {
-        // rumqttc's event loop writes queued requests as fast as it can; QoS 0 has
-        // nothing to wait for.
-        Ok(())
+        // rumqttc queues requests for its event loop and handles them in order, and
+        // QoS 0 has no answer of its own: the PUBACK of a QoS 1 marker proves that
+        // everything queued before it has been written.
+        self.conn
+            .client
+            .publish(FLUSH_TOPIC, QoS::AtLeastOnce, false, Vec::new())
+            .await?;
+        let acked = tokio::time::timeout(Duration::from_secs(30), self.conn.acked.acquire());
+        match acked.await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(anyhow!("connection lost while flushing")),
+            Err(_) => Err(anyhow!("no PUBACK for the flush marker within 30 s")),
+        }
     }
 }
 

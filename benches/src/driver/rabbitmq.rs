@@ -90,8 +90,22 @@ impl Publisher for RabbitPublisher {
         Ok(())
     }
     async fn flush(&mut self) -> Result<()> {
-        // lapin writes each publish as soon as its frames are queued; there is no
-        // client-side buffer to push out.
+        // Publishes have no answer; a passive declare on the same channel does, and
+        // RabbitMQ handles a channel's frames in order, so its answer means every
+        // publish before it has reached the broker.
+        self.link
+            .channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("flushing")?;
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! store in a temp dir: confirms, acks, retries, dead letters, limits, TTL, dedup,
 //! delayed delivery and restarts.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -673,4 +673,68 @@ async fn stats_name_each_queue_figure() {
         engine.declare("z", &QueueOptions::default()).await,
         Err(QueueError::ShuttingDown)
     ));
+}
+
+/// Rough throughput of confirmed 1 KiB publishes plus acked consumption. Run with
+/// `cargo test --release -p tidings-broker --test queue_engine -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_confirmed_publish_and_acked_consume() {
+    const N: usize = 100_000;
+    const PUBLISHERS: usize = 8;
+    const WINDOW: usize = 256;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine.declare("bench", &options("bench")).await.unwrap();
+    let payload = Bytes::from(vec![b'x'; 1024]);
+    let started = Instant::now();
+    let mut consumer = Consumer::new(&engine);
+    consumer.session.consume(1, "bench", 1024).await.unwrap();
+    let consume = tokio::spawn(async move {
+        let mut ids = Vec::with_capacity(64);
+        for _ in 0..N {
+            let d = consumer.next().await;
+            ids.push(d.delivery_id);
+            if ids.len() == 64 {
+                consumer.session.ack(&ids).await.unwrap();
+                ids.clear();
+            }
+        }
+        consumer.session.ack(&ids).await.unwrap();
+    });
+    let mut publishers = Vec::new();
+    for _ in 0..PUBLISHERS {
+        let engine = engine.clone();
+        let payload = payload.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut in_flight = VecDeque::with_capacity(WINDOW);
+            for _ in 0..N / PUBLISHERS {
+                let p = Publish {
+                    request_id: Some(1),
+                    confirm: true,
+                    ..Publish::new("bench", payload.clone())
+                };
+                in_flight.push_back(engine.publish(&p));
+                if in_flight.len() == WINDOW {
+                    in_flight.pop_front().unwrap().await.unwrap();
+                }
+            }
+            for f in in_flight {
+                f.await.unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let published = started.elapsed();
+    consume.await.unwrap();
+    let total = started.elapsed();
+    println!(
+        "{N} x 1 KiB: confirmed publishes {:.0}/s, publish + acked consume {:.0} msgs/s",
+        N as f64 / published.as_secs_f64(),
+        N as f64 / total.as_secs_f64()
+    );
+    assert_eq!(engine.info("bench").await.unwrap().depth, 0);
+    engine.shutdown().await;
 }

@@ -9,6 +9,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use thiserror::Error;
 
+use crate::queue::FsyncPolicy;
+
 /// Room in a frame beyond its payload for the topic, reply-to, headers and fixed
 /// fields; the codec's maximum frame length is `max_payload` plus this.
 pub const FRAME_OVERHEAD: usize = 64 * 1024;
@@ -156,6 +158,30 @@ pub struct Config {
     /// cut off [default: 10s].
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = "10s", hide_default_value = true, value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// When a publisher confirm may go out [default: always]. `always`: only after
+    /// the message is written and fdatasync'ed (survives kill -9 and power loss).
+    /// `interval:MS`: confirm once written to the store's memory, fdatasync every
+    /// MS milliseconds (a crash loses up to MS of confirmed messages). `never`:
+    /// confirm once in memory, never fdatasync (a crash loses what the store had not
+    /// written back; power loss more).
+    #[arg(
+        long,
+        env = "TIDINGS_FSYNC",
+        default_value = "always",
+        hide_default_value = true
+    )]
+    pub fsync: FsyncPolicy,
+
+    /// Ready messages each queue keeps in memory; the rest wait in the store and are
+    /// paged in as consumers get to them [default: 4096].
+    #[arg(
+        long,
+        env = "TIDINGS_QUEUE_WINDOW",
+        default_value_t = 4096,
+        hide_default_value = true
+    )]
+    pub queue_window: usize,
 }
 
 impl Default for Config {
@@ -173,6 +199,8 @@ impl Default for Config {
             auth_token: None,
             handshake_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(10),
+            fsync: FsyncPolicy::Always,
+            queue_window: 4096,
         }
     }
 }
@@ -269,6 +297,8 @@ impl Config {
             "auth_token" => self.auth_token = Some(raw.to_owned()),
             "handshake_timeout" => self.handshake_timeout = parse_duration(raw)?,
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
+            "fsync" => self.fsync = raw.parse()?,
+            "queue_window" => self.queue_window = num(raw)?,
             _ => return Err("unknown setting".into()),
         }
         Ok(())
@@ -296,6 +326,9 @@ impl Config {
         }
         if self.handshake_timeout.is_zero() {
             return invalid("handshake_timeout", "must be more than 0");
+        }
+        if self.queue_window == 0 {
+            return invalid("queue_window", "must be at least 1");
         }
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
@@ -337,6 +370,8 @@ impl Config {
             "shutdown-timeout",
             quoted(&format_duration(self.shutdown_timeout)),
         );
+        line("fsync", quoted(&self.fsync.to_string()));
+        line("queue-window", self.queue_window.to_string());
         out
     }
 }

@@ -82,6 +82,9 @@ pub enum BrokerError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The durable-queue store could not be opened.
+    #[error("cannot open the queue store: {0}")]
+    Queues(#[from] queue::QueueError),
     /// Some other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

@@ -1,80 +1,259 @@
 //! Durable-queue frames (QUEUE_*, DEAD_LETTERS, REDRIVE, CONSUME, CANCEL, CREDIT,
 //! ACK, NACK), the queue side of PUBLISH, and the queue engine's place in the
 //! broker's life: the one file where connections and the server meet durable
-//! queues.
+//! queues ([`crate::queue`]).
 //!
-//! The engine is not wired in yet, so queue commands are answered with ERROR
-//! `Internal` and a confirmed publish reaches no queue (CONFIRM with `queues: 0`).
-//! The integration replaces this file's bodies, keeping its signatures:
-//! - [`BrokerQueues`]: opened by the server at start ([`BrokerQueues::open`]),
-//!   shared by every connection, shut down after the connections have drained.
-//! - [`QueueSession`]: one per connection, created after the handshake with the
-//!   connection's [`Outbox`], through which deliveries reach the client.
+//! - [`BrokerQueues`]: the engine, opened by the server at start and shut down
+//!   (flushed) after the connections have drained.
+//! - [`QueueSession`]: one per connection, created after the handshake; deliveries
+//!   reach the client through the connection's [`Outbox`].
 //! - [`handle`] serves queue commands; [`publish`] receives every valid PUBLISH
 //!   after its subscribers were served; [`stats`] adds queue figures to STATS;
 //!   [`connection_closed`] releases a departed connection's deliveries.
 
-use tidings_protocol::{Confirm, ErrorCode, Frame, Publish, Text};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::Session;
+use futures::FutureExt;
+use tidings_protocol::{
+    Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
+    QueueListReply, RedriveReply, Text,
+};
+use tokio::sync::Semaphore;
+
+use super::dispatch::Session;
 use super::writer::Outbox;
+use crate::queue::{DeliverySink, EngineConfig, PublishOutcome, QueueEngine, QueueError};
 use crate::{BrokerError, Config};
 
+/// Publishes of one connection whose storage is still in progress. Past this the
+/// connection stops reading until some are durable, so a fast publisher feels the
+/// store's pace instead of growing the broker's memory.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
+
 /// The broker-wide queue state.
-#[derive(Debug, Default)]
-pub(crate) struct BrokerQueues {}
+pub(crate) struct BrokerQueues {
+    engine: QueueEngine,
+}
+
+impl std::fmt::Debug for BrokerQueues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerQueues").finish_non_exhaustive()
+    }
+}
 
 impl BrokerQueues {
     /// Opens the queues kept under `config.data_dir`.
-    pub(crate) fn open(_config: &Config) -> Result<BrokerQueues, BrokerError> {
-        Ok(BrokerQueues {})
+    pub(crate) fn open(config: &Config) -> Result<BrokerQueues, BrokerError> {
+        let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
+        engine_config.fsync = config.fsync;
+        engine_config.ready_window = config.queue_window;
+        Ok(BrokerQueues {
+            engine: QueueEngine::open(engine_config)?,
+        })
     }
 
     /// Called once every connection has finished: make everything durable.
-    pub(crate) async fn shutdown(&self) {}
+    pub(crate) async fn shutdown(&self) {
+        self.engine.shutdown().await;
+    }
 }
 
-/// Per-connection queue state (consumers, outstanding deliveries).
-#[derive(Debug, Default)]
-pub(crate) struct QueueSession {}
+/// Hands DELIVERY frames to a connection's outbox.
+struct OutboxSink(Outbox);
+
+impl DeliverySink for OutboxSink {
+    fn deliver(&self, delivery: Delivery) -> bool {
+        self.0.send(Frame::Delivery(delivery)).is_ok()
+    }
+}
+
+/// Per-connection queue state (consumers, outstanding deliveries). Empty until the
+/// handshake completes.
+#[derive(Default)]
+pub(crate) struct QueueSession {
+    inner: Option<crate::queue::QueueSession>,
+    in_flight: Option<Arc<Semaphore>>,
+}
+
+impl std::fmt::Debug for QueueSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueSession")
+            .field("open", &self.inner.is_some())
+            .finish()
+    }
+}
 
 impl QueueSession {
     /// The queue state of a connection that just completed its handshake.
-    pub(crate) fn new(_queues: &BrokerQueues, _outbox: &Outbox) -> QueueSession {
-        QueueSession {}
+    pub(crate) fn new(queues: &BrokerQueues, outbox: &Outbox) -> QueueSession {
+        QueueSession {
+            inner: Some(queues.engine.session(Arc::new(OutboxSink(outbox.clone())))),
+            in_flight: Some(Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT))),
+        }
     }
 }
 
 /// Serves one queue command from the connection's client.
 pub(crate) async fn handle(session: &mut Session, frame: Frame) {
     let request_id = frame.request_id().unwrap_or(0);
-    session.reply_error(
-        request_id,
-        ErrorCode::Internal,
-        format!("{}: durable queues are not available yet", frame.name()),
-    );
+    let engine = &session.shared.queues.engine;
+    let Some(queues) = session.queues.inner.as_ref() else {
+        return;
+    };
+    let result: Result<Frame, QueueError> = match frame {
+        Frame::QueueDeclare(f) => engine
+            .declare(&f.name, &f.options)
+            .await
+            .map(|()| ok(request_id)),
+        Frame::QueueDelete(f) => engine.delete(&f.name).await.map(|()| ok(request_id)),
+        Frame::QueueBind(f) => engine
+            .bind(&f.name, &f.pattern)
+            .await
+            .map(|()| ok(request_id)),
+        Frame::QueueUnbind(f) => engine
+            .unbind(&f.name, &f.pattern)
+            .await
+            .map(|()| ok(request_id)),
+        Frame::QueueInfoRequest(f) => engine.info(&f.name).await.map(|info| {
+            Frame::QueueInfo(QueueInfoReply {
+                request_id: f.request_id,
+                info,
+            })
+        }),
+        Frame::QueueList(f) => Ok(Frame::QueueListReply(QueueListReply {
+            request_id: f.request_id,
+            queues: engine.list().await,
+        })),
+        Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
+            Frame::DeadLettersReply(DeadLettersReply {
+                request_id: f.request_id,
+                letters,
+            })
+        }),
+        Frame::Redrive(f) => engine.redrive(&f.queue, f.limit).await.map(|moved| {
+            Frame::RedriveReply(RedriveReply {
+                request_id: f.request_id,
+                moved,
+            })
+        }),
+        Frame::Consume(f) => queues
+            .consume(f.consumer_id, &f.queue, f.credit)
+            .await
+            .map(|()| ok(request_id)),
+        Frame::Cancel(f) => queues.cancel(f.consumer_id).await.map(|()| ok(request_id)),
+        // CREDIT has no answer unless it fails.
+        Frame::Credit(f) => match queues.credit(f.consumer_id, f.credit) {
+            Ok(()) => return,
+            Err(err) => Err(err),
+        },
+        Frame::Ack(f) => queues.ack(&f.ids).await.map(|()| ok(request_id)),
+        Frame::Nack(f) => queues
+            .nack(&f.ids, f.delay_ms.map(Duration::from_millis))
+            .await
+            .map(|()| ok(request_id)),
+        other => Err(QueueError::InvalidArgument(format!(
+            "{} is not a queue command",
+            other.name()
+        ))),
+    };
+    match result {
+        Ok(reply) => session.reply(reply),
+        Err(err) => session.reply_error(request_id, err.code(), err.to_string()),
+    }
+}
+
+fn ok(request_id: u32) -> Frame {
+    Frame::Ok(OkReply { request_id })
 }
 
 /// Hands a published message (topic and payload already validated, subscribers
 /// already served) to the durable queues, and answers a confirm request once every
 /// queue that took it has made it durable.
+///
+/// The read loop never waits for storage: when the engine cannot answer at once
+/// (the message went to a queue), a task awaits durability and sends the CONFIRM
+/// through the outbox, so one connection can have many publishes in flight.
 pub(crate) async fn publish(session: &mut Session, publish: Publish) {
-    if publish.confirm {
-        session.reply(Frame::Confirm(Confirm {
-            request_id: publish.request_id.unwrap_or(0),
-            queues: 0,
-            rejected: 0,
-            duplicate: false,
-        }));
+    let Some(in_flight) = session.queues.in_flight.clone() else {
+        return;
+    };
+    let stored = session.shared.queues.engine.publish(&publish);
+    let request_id = publish.request_id.unwrap_or(0);
+    let confirm = publish.confirm;
+    let mut stored = Box::pin(stored);
+    // The common pub/sub case: no binding matched and the future is ready.
+    if let Some(result) = (&mut stored).now_or_never() {
+        send_answer(session, request_id, confirm, result);
+        return;
+    }
+    let Ok(permit) = in_flight.acquire_owned().await else {
+        return;
+    };
+    let outbox = session.outbox.clone();
+    let stats = session.shared.stats.clone();
+    tokio::spawn(async move {
+        let result = stored.await;
+        if let Some(frame) = answer_frame(&stats, request_id, confirm, result) {
+            let _ = outbox.send(frame);
+        }
+        drop(permit);
+    });
+}
+
+fn send_answer(
+    session: &Session,
+    request_id: u32,
+    confirm: bool,
+    result: Result<PublishOutcome, QueueError>,
+) {
+    if let Some(frame) = answer_frame(&session.shared.stats, request_id, confirm, result) {
+        session.reply(frame);
     }
 }
 
+/// CONFIRM (or ERROR) for a publish that asked for it; an ERROR with request id 0
+/// for a fire-and-forget publish the queues could not store, so the failure is not
+/// silent.
+fn answer_frame(
+    stats: &crate::stats::Stats,
+    request_id: u32,
+    confirm: bool,
+    result: Result<PublishOutcome, QueueError>,
+) -> Option<Frame> {
+    Some(match result {
+        Ok(outcome) if confirm => Frame::Confirm(Confirm {
+            request_id,
+            queues: outcome.queues,
+            rejected: outcome.rejected,
+            duplicate: outcome.duplicate,
+        }),
+        Ok(_) => return None,
+        Err(err) => {
+            stats.error(err.code());
+            Frame::Error(ErrorReply::new(
+                if confirm { request_id } else { 0 },
+                err.code(),
+                err.to_string(),
+            ))
+        }
+    })
+}
+
 /// Queue figures for STATS_REPLY (`queue.<name>.<figure>`), after the broker's own.
-pub(crate) fn stats(_session: &Session) -> Vec<(Text, u64)> {
-    Vec::new()
+pub(crate) fn stats(session: &Session) -> Vec<(Text, u64)> {
+    session
+        .shared
+        .queues
+        .engine
+        .stats()
+        .into_iter()
+        .map(|(name, value)| (Text::from(name), value))
+        .collect()
 }
 
 /// The connection is gone: release its consumers and their deliveries.
 pub(crate) async fn connection_closed(session: &mut Session) {
-    let QueueSession {} = std::mem::take(&mut session.queues);
+    // Dropping the engine session returns every unacked delivery to its queue.
+    drop(std::mem::take(&mut session.queues));
 }

@@ -531,17 +531,29 @@ async fn competing_consumers_get_disjoint_sets_covering_everything() {
     let engine = open(dir.path());
     engine.declare("work", &options("w")).await.unwrap();
     const N: usize = 300;
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let done_tx = Arc::new(done_tx);
     let mut workers = Vec::new();
     for w in 0..3u32 {
         let mut c = Consumer::new(&engine);
         c.session.consume(w, "work", 8).await.unwrap();
+        let (received, done_tx, mut done_rx) = (received.clone(), done_tx.clone(), done_rx.clone());
         workers.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            while let Ok(Some(d)) = timeout(Duration::from_millis(500), c.rx.recv()).await {
-                got.push(body(&d));
-                c.session.ack(&[d.delivery_id]).await.unwrap();
+            loop {
+                tokio::select! {
+                    d = c.rx.recv() => {
+                        let d = d.expect("sink open");
+                        got.push(body(&d));
+                        c.session.ack(&[d.delivery_id]).await.unwrap();
+                        if received.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == N {
+                            done_tx.send_replace(true);
+                        }
+                    }
+                    _ = done_rx.changed() => return got,
+                }
             }
-            got
         }));
     }
     let publisher = engine.clone();

@@ -21,6 +21,31 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 1024 * 1024 + 64 * 1024;
 ///
 /// On an error the offending frame has been consumed when the error is not fatal
 /// ([`ProtocolError::is_fatal`]), so a caller that owns its buffer may keep reading.
+/// A fatal error consumes nothing that can be trusted: send the ERROR and close.
+///
+/// Note for `tokio_util::codec::FramedRead` users: after the decoder returns an
+/// error, `FramedRead` yields `None` once before it reads on (tokio issue 3976).
+/// A loop that stops at the first `None` would therefore end the connection on a
+/// non-fatal error too; either keep polling after a non-fatal error, or drive
+/// [`Decoder::decode`] over a buffer you own, which has no such quirk.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use tidings_protocol::{Frame, FrameCodec, Ping, ProtocolError};
+/// use tokio_util::codec::Decoder;
+///
+/// let mut codec = FrameCodec::new(1024);
+/// // An unknown frame type (0x7f), then a PING.
+/// let mut buf = BytesMut::from(&[0, 0, 0, 2, 0x7f, 0, 0, 0, 0, 2, 0x03, 0][..]);
+/// let err = codec.decode(&mut buf).unwrap_err();
+/// assert_eq!(err, ProtocolError::UnknownFrameType { kind: 0x7f });
+/// assert!(!err.is_fatal());
+/// assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(Ping)));
+///
+/// // A length prefix over the maximum fails before the frame is buffered.
+/// let mut buf = BytesMut::from(&[0, 0, 0x10, 0][..]);
+/// assert!(codec.decode(&mut buf).unwrap_err().is_fatal());
+/// ```
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_frame_len: usize,
@@ -64,7 +89,14 @@ impl Decoder for FrameCodec {
         if len < 2 {
             return Err(ProtocolError::FrameTooShort { len });
         }
-        let total = 4 + len;
+        // Cannot overflow where usize is 64 bits, but a 32-bit target with a huge
+        // maximum must not panic either.
+        let Some(total) = len.checked_add(4) else {
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        };
         if src.len() < total {
             // `total` is bounded by max_frame_len, so this reserve is too.
             src.reserve(total - src.len());

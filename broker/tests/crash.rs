@@ -1,0 +1,363 @@
+//! Crash test: the real `tidings-broker` binary is killed with SIGKILL at random
+//! moments while several connections publish with confirms and a consumer holds
+//! deliveries unacked; it is restarted on the same data dir, again and again. At the
+//! end every confirmed message must be there, once, and every message that had been
+//! delivered before a crash must come back marked as a redelivery (attempt >= 2).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tidings_protocol::{
+    Ack, Consume, Frame, FrameCodec, Hello, PROTOCOL_VERSION, Publish, QueueDeclare,
+    QueueInfoRequest, QueueOptions,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Kill/restart cycles.
+const CYCLES: u64 = 20;
+/// Publishing connections per cycle.
+const PUBLISHERS: u64 = 3;
+/// Publishes each connection keeps in flight.
+const WINDOW: u64 = 16;
+/// Upper bound for any single wait, so a broken test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Starts the binary on port 0 and reads the address it bound from its log.
+async fn spawn_broker(data: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidings-broker"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .env_remove("TIDINGS_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the broker binary starts");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let addr = within("the listening line", async {
+        let mut log = String::new();
+        loop {
+            let mut line = String::new();
+            let n = stderr.read_line(&mut line).await.expect("read log");
+            assert!(n > 0, "broker exited before listening:\n{log}");
+            log.push_str(&line);
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().expect("an address");
+                return addr.parse::<SocketAddr>().expect("a socket address");
+            }
+        }
+    })
+    .await;
+    // Keep draining the log so the broker never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = stderr.read_to_end(&mut sink).await;
+    });
+    (child, addr)
+}
+
+/// A raw protocol connection that tolerates the server vanishing mid-frame.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Option<Conn> {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::new(),
+            codec: FrameCodec::default(),
+        };
+        conn.send(&[Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            client_name: "crash-test".into(),
+            token: None,
+        })])
+        .await?;
+        match conn.recv().await? {
+            Frame::Welcome(_) => Some(conn),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, frames: &[Frame]) -> Option<()> {
+        let mut out = BytesMut::new();
+        for f in frames {
+            self.codec.encode(f, &mut out).expect("encodable");
+        }
+        self.stream.write_all(&out).await.ok()
+    }
+
+    /// The next frame; `None` once the broker is gone.
+    async fn recv(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf).expect("valid frames") {
+                return Some(frame);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+fn queue_options() -> QueueOptions {
+    QueueOptions {
+        bindings: vec!["crash.>".into()],
+        // Redeliveries in this test come from crashes, not timeouts, and a message
+        // must never be dead-lettered for having been in flight across many crashes.
+        max_deliveries: Some(1000),
+        ..QueueOptions::default()
+    }
+}
+
+async fn declare(addr: SocketAddr) {
+    let mut c = within("connect", Conn::open(addr)).await.expect("connect");
+    c.send(&[Frame::QueueDeclare(QueueDeclare {
+        request_id: 1,
+        name: "crash".into(),
+        options: queue_options(),
+    })])
+    .await
+    .expect("send declare");
+    match within("declare", c.recv()).await {
+        Some(Frame::Ok(ok)) => assert_eq!(ok.request_id, 1),
+        other => panic!("declare failed: {other:?}"),
+    }
+}
+
+/// Publishes with confirms until the connection dies, recording what was confirmed.
+async fn publish_until_killed(
+    addr: SocketAddr,
+    cycle: u64,
+    publisher: u64,
+    confirmed: Arc<Mutex<HashSet<String>>>,
+    progress: Arc<Semaphore>,
+) {
+    let Some(mut c) = Conn::open(addr).await else {
+        return;
+    };
+    let mut pending: HashMap<u32, String> = HashMap::new();
+    let mut next = 0u32;
+    loop {
+        let mut frames = Vec::new();
+        while pending.len() < WINDOW as usize {
+            next += 1;
+            let id = format!("c{cycle}-p{publisher}-m{next}");
+            frames.push(Frame::Publish(Publish {
+                request_id: Some(next),
+                confirm: true,
+                payload: Bytes::from(id.clone().into_bytes()),
+                ..Publish::new(format!("crash.p{publisher}").as_str(), Bytes::new())
+            }));
+            pending.insert(next, id);
+        }
+        if c.send(&frames).await.is_none() {
+            return;
+        }
+        match c.recv().await {
+            Some(Frame::Confirm(confirm)) => {
+                let id = pending
+                    .remove(&confirm.request_id)
+                    .expect("a confirm matches a publish in flight");
+                assert_eq!(confirm.queues, 1, "{id} reached the queue");
+                confirmed.lock().unwrap().insert(id);
+                progress.add_permits(1);
+            }
+            Some(other) => panic!("unexpected frame while publishing: {other:?}"),
+            None => return,
+        }
+    }
+}
+
+/// Takes deliveries and never acks them, recording which ids were delivered.
+async fn hold_deliveries(addr: SocketAddr, delivered: Arc<Mutex<HashSet<String>>>) {
+    let Some(mut c) = Conn::open(addr).await else {
+        return;
+    };
+    let consume = Frame::Consume(Consume {
+        request_id: 1,
+        consumer_id: 1,
+        queue: "crash".into(),
+        credit: 64,
+    });
+    if c.send(&[consume]).await.is_none() {
+        return;
+    }
+    while let Some(frame) = c.recv().await {
+        if let Frame::Delivery(d) = frame {
+            let id = String::from_utf8(d.payload.to_vec()).expect("utf-8 id");
+            delivered.lock().unwrap().insert(id);
+        }
+    }
+}
+
+/// A tiny xorshift generator: random kill moments without a dependency; the seed is
+/// printed so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_repeated_sigkill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() ^ u64::from(d.subsec_nanos()))
+        .unwrap_or(1)
+        | 1;
+    println!("crash test seed {seed}");
+    let mut rng = Rng(seed);
+
+    let confirmed = Arc::new(Mutex::new(HashSet::new()));
+    let delivered = Arc::new(Mutex::new(HashSet::new()));
+
+    for cycle in 0..CYCLES {
+        let (mut child, addr) = spawn_broker(&data).await;
+        if cycle == 0 {
+            declare(addr).await;
+        }
+        let progress = Arc::new(Semaphore::new(0));
+        let mut tasks = Vec::new();
+        for publisher in 0..PUBLISHERS {
+            tasks.push(tokio::spawn(publish_until_killed(
+                addr,
+                cycle,
+                publisher,
+                confirmed.clone(),
+                progress.clone(),
+            )));
+        }
+        // Every other cycle a consumer holds deliveries when the broker dies.
+        if cycle % 2 == 1 {
+            tasks.push(tokio::spawn(hold_deliveries(addr, delivered.clone())));
+        }
+        // Let a confirm arrive (so every cycle tests something), then kill at a
+        // random moment 0–40 ms later.
+        within("the first confirm of the cycle", progress.acquire())
+            .await
+            .expect("semaphore open")
+            .forget();
+        tokio::time::sleep(Duration::from_millis(rng.next() % 40)).await;
+        child.start_kill().expect("SIGKILL the broker");
+        within("the killed broker to exit", child.wait())
+            .await
+            .expect("wait for the broker");
+        for task in tasks {
+            within("clients to notice the crash", task)
+                .await
+                .expect("client task");
+        }
+    }
+
+    // Drain everything with acks and compare.
+    let (mut child, addr) = spawn_broker(&data).await;
+    let mut c = within("connect", Conn::open(addr)).await.expect("connect");
+    let depth = queue_depth(&mut c).await;
+    let confirmed = confirmed.lock().unwrap().clone();
+    let delivered = delivered.lock().unwrap().clone();
+    assert!(
+        depth >= confirmed.len() as u64,
+        "queue holds {depth} messages but {} were confirmed",
+        confirmed.len()
+    );
+    c.send(&[Frame::Consume(Consume {
+        request_id: 2,
+        consumer_id: 7,
+        queue: "crash".into(),
+        credit: 256,
+    })])
+    .await
+    .expect("consume");
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut received = 0u64;
+    let mut next_request = 10u32;
+    while received < depth {
+        match within("a delivery while draining", c.recv()).await {
+            Some(Frame::Delivery(d)) => {
+                received += 1;
+                let id = String::from_utf8(d.payload.to_vec()).expect("utf-8 id");
+                if delivered.contains(&id) {
+                    assert!(
+                        d.attempt >= 2,
+                        "{id} was delivered before a crash but came back as attempt {} (seed {seed})",
+                        d.attempt
+                    );
+                }
+                assert!(
+                    seen.insert(id.clone()),
+                    "{id} delivered twice in one drain (seed {seed})"
+                );
+                next_request += 1;
+                c.send(&[Frame::Ack(Ack {
+                    request_id: next_request,
+                    ids: vec![d.delivery_id],
+                })])
+                .await
+                .expect("ack");
+            }
+            Some(Frame::Ok(_)) => {}
+            other => panic!("unexpected frame while draining: {other:?}"),
+        }
+    }
+    println!(
+        "{CYCLES} kills: {} confirmed, {} held unacked across a crash, {depth} drained",
+        confirmed.len(),
+        delivered.len()
+    );
+    let missing: Vec<&String> = confirmed.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost, e.g. {:?} (seed {seed})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        confirmed.len() as u64 >= CYCLES,
+        "every cycle confirmed something"
+    );
+    child.start_kill().expect("stop the broker");
+    let _ = child.wait().await;
+}
+
+async fn queue_depth(c: &mut Conn) -> u64 {
+    c.send(&[Frame::QueueInfoRequest(QueueInfoRequest {
+        request_id: 3,
+        name: "crash".into(),
+    })])
+    .await
+    .expect("info");
+    match within("queue info", c.recv()).await {
+        Some(Frame::QueueInfo(reply)) => reply.info.depth,
+        other => panic!("expected QUEUE_INFO_REPLY, got {other:?}"),
+    }
+}

@@ -27,7 +27,7 @@ const CYCLES: u64 = 20;
 /// Publishing connections per cycle.
 const PUBLISHERS: u64 = 3;
 /// Publishes each connection keeps in flight.
-const WINDOW: u64 = 16;
+const WINDOW: usize = 16;
 /// Upper bound for any single wait, so a broken test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -162,7 +162,7 @@ async fn publish_until_killed(
     let mut next = 0u32;
     loop {
         let mut frames = Vec::new();
-        while pending.len() < WINDOW as usize {
+        while pending.len() < WINDOW {
             next += 1;
             let id = format!("c{cycle}-p{publisher}-m{next}");
             frames.push(Frame::Publish(Publish {

@@ -122,8 +122,13 @@ proptest! {
             start = end;
             loop {
                 let before = buf.clone();
+                let capacity = buf.capacity();
                 let result = codec.decode(&mut buf);
                 prop_assert!(buf.capacity() <= bound, "capacity {} > {}", buf.capacity(), bound);
+                if buf.capacity() > capacity {
+                    // Growth the decoder caused is bounded by the maximum frame alone.
+                    prop_assert!(buf.capacity() <= GROWTH_SLACK * (max + HEADER_LEN));
+                }
                 match result {
                     Ok(None) => {
                         prop_assert_eq!(&buf, &before);

@@ -20,7 +20,9 @@ use crate::wire::{Reader, Writer};
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Publish {
     /// Id matching the CONFIRM or ERROR answer. Required when `confirm` or
-    /// `check_responders` is set.
+    /// `check_responders` is set; if it is `None` then, id 0 goes on the wire (and
+    /// decodes as `Some(0)`), which PROTOCOL.md reserves for errors not tied to a
+    /// request, so set one.
     pub request_id: Option<u32>,
     /// Ask for a CONFIRM once the message is durable in every queue it was routed to.
     pub confirm: bool,

@@ -157,7 +157,8 @@ macro_rules! error_codes {
                 }
             }
 
-            /// The stable snake_case name of the code, as used in stats.
+            /// The code's stable name as PROTOCOL.md spells it (`MalformedFrame`); stats
+            /// use its snake_case form (`errors.malformed_frame`).
             pub fn name(self) -> &'static str {
                 match self {
                     $( ErrorCode::$name => stringify!($name), )*

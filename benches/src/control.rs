@@ -165,6 +165,12 @@ pub async fn receive<S: Source>(
         }
     }
     ctl.received.fetch_add(unreported, Ordering::Relaxed);
+    if let Some(incidents) = src.incidents() {
+        out.error = Some(match out.error.take() {
+            Some(error) => format!("{error}; {incidents}"),
+            None => incidents,
+        });
+    }
     out
 }
 
@@ -206,5 +212,87 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.ticker.abort();
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Result;
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    /// A source fed through a channel, standing for a subscription.
+    struct Channel(mpsc::UnboundedReceiver<Bytes>);
+
+    impl Source for Channel {
+        async fn next(&mut self) -> Result<Option<Bytes>> {
+            Ok(self.0.recv().await)
+        }
+    }
+
+    fn feed(seqs: impl IntoIterator<Item = u64>) -> (Channel, mpsc::UnboundedSender<Bytes>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for seq in seqs {
+            tx.send(payload::encode(seq, 32)).expect("receiver alive");
+        }
+        (Channel(rx), tx)
+    }
+
+    #[tokio::test]
+    async fn stops_as_soon_as_everything_arrived() {
+        let ctl = RunControl::new(Duration::from_secs(60), Duration::from_secs(60));
+        let tracker = SeqTracker::new(100);
+        let (mut src, _tx) = feed((0..100).rev());
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            receive(&mut src, &tracker, &ctl, OnComplete::StopAll),
+        )
+        .await
+        .expect("complete runs do not wait for the drain");
+        assert_eq!(got.count, 100);
+        assert_eq!(got.bytes, 3200);
+        assert!(got.error.is_none());
+        assert!(tracker.complete());
+        assert!(
+            ctl.stop.is_cancelled(),
+            "competing consumers are told to stop"
+        );
+        assert_eq!(ctl.received.load(Ordering::Relaxed), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_message_ends_the_run_after_the_drain() {
+        let ctl = RunControl::new(Duration::from_secs(3600), Duration::from_secs(2));
+        let tracker = SeqTracker::new(10);
+        let (mut src, _tx) = feed((0..10).filter(|s| *s != 4));
+        ctl.senders_done.cancel();
+        let got = receive(&mut src, &tracker, &ctl, OnComplete::StopSelf).await;
+        assert_eq!(got.count, 9);
+        assert_eq!(tracker.tally().missing, 1);
+        assert!(!ctl.stop.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_closed_stream_is_an_error_and_foreign_bodies_are_counted() {
+        let ctl = RunControl::new(Duration::from_secs(60), Duration::from_secs(60));
+        let tracker = SeqTracker::new(5);
+        let (mut src, tx) = feed([0, 1]);
+        tx.send(Bytes::from_static(b"short"))
+            .expect("receiver alive");
+        drop(tx);
+        let got = receive(&mut src, &tracker, &ctl, OnComplete::StopSelf).await;
+        assert_eq!(got.count, 3);
+        assert_eq!(tracker.tally().foreign, 1);
+        assert!(got.error.expect("closed").contains("closed"));
+    }
+
+    #[test]
+    fn rates_need_two_instants() {
+        let t = Instant::now();
+        assert_eq!(rate(10, None, None), 0.0);
+        assert_eq!(rate(10, Some(t), Some(t)), 0.0);
+        let r = rate(11, Some(t), Some(t + Duration::from_secs(2)));
+        assert!((r - 5.0).abs() < 1e-9);
     }
 }

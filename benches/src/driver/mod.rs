@@ -168,6 +168,12 @@ pub trait Source: Send + 'static {
     /// The next payload; `None` when the system ended the stream. Dropped unfinished
     /// only when the run ends.
     fn next(&mut self) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+
+    /// What went wrong on the way without ending the stream (messages the client
+    /// dropped, reconnects), asked once receiving is over.
+    fn incidents(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Makes one request at a time and waits for its reply.

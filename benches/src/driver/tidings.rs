@@ -75,10 +75,12 @@ impl Publisher for TidingsPublisher {
     }
 }
 
-/// A subscription; keeps its client alive and watches its connection's events.
+/// A subscription; keeps its client alive and notes what its connection went through.
 pub struct TidingsSubscriber {
     sub: Subscription,
     events: Option<Events>,
+    /// Connection drops seen, with the first reason.
+    disconnects: (u32, Option<String>),
     _client: Client,
 }
 
@@ -91,16 +93,33 @@ impl Source for TidingsSubscriber {
             tokio::select! {
                 message = self.sub.next() => return Ok(message.map(Message::into_payload)),
                 event = events.next() => match event {
-                    // A dropped message or connection means the count is already
-                    // wrong: stop here and say why rather than quietly lose more.
-                    Some(event @ (Event::SlowSubscription { .. }
-                    | Event::Disconnected { .. }
-                    | Event::Closed)) => anyhow::bail!("tidings client: {event:?}"),
+                    Some(Event::Disconnected { reason }) => {
+                        self.disconnects.0 += 1;
+                        self.disconnects.1.get_or_insert(reason);
+                    }
                     Some(_) => {}
                     None => self.events = None,
                 },
             }
         }
+    }
+
+    fn incidents(&mut self) -> Option<String> {
+        let dropped = self.sub.dropped();
+        let mut said = Vec::new();
+        if dropped > 0 {
+            said.push(format!(
+                "the client dropped {dropped} messages: the subscription's buffer was full \
+                 (slow subscription)"
+            ));
+        }
+        if let (n @ 1.., reason) = &self.disconnects {
+            said.push(format!(
+                "the connection dropped {n} time(s), first: {}",
+                reason.as_deref().unwrap_or("?")
+            ));
+        }
+        (!said.is_empty()).then(|| said.join("; "))
     }
 }
 
@@ -215,6 +234,7 @@ impl Driver for TidingsDriver {
         Ok(TidingsSubscriber {
             sub,
             events: Some(events),
+            disconnects: (0, None),
             _client: client,
         })
     }

@@ -1,4 +1,4 @@
-//! End to end: the `tidings-bench` binary runs tiny `fanin` and `reqrep` workloads
+//! End to end: the `tidings-bench` binary runs tiny `fanin`, `reqrep` and `queue` workloads
 //! against a tidings broker it starts in-process on 127.0.0.1:0, and its JSON says
 //! nothing was lost.
 
@@ -61,6 +61,26 @@ async fn tiny_reqrep_answers_every_request() {
     let report = run_bench(&["reqrep", "--requests", "400", "--requesters", "4"]).await;
     assert_clean(&report, "reqrep");
     assert_eq!(report["params"]["responders"], 2);
+}
+
+#[tokio::test]
+async fn tiny_queue_confirms_and_delivers_everything() {
+    let report = run_bench(&[
+        "queue",
+        "--messages",
+        "600",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--window",
+        "32",
+        "--prefetch",
+        "16",
+    ])
+    .await;
+    assert_clean(&report, "queue");
+    assert_eq!(report["params"]["consumers"], 2);
 }
 
 #[tokio::test]

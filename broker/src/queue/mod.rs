@@ -305,15 +305,15 @@ impl QueueEngine {
             left -= batch.len();
             let now = now_ms();
             let mut done = Vec::with_capacity(batch.len());
-            for (seq, msg) in batch {
+            for (slot, msg) in batch {
                 let size = msg.size();
                 match target.append(redriven_copy(msg.clone()), None, now) {
                     Ok((Appended::Stored, ticket)) => {
                         last_ticket = ticket.or(last_ticket);
-                        done.push((seq, size));
+                        done.push((slot, size));
                         moved += 1;
                     }
-                    Ok(_) | Err(_) => dlq.abort_move(seq, msg),
+                    Ok(_) | Err(_) => dlq.abort_move(slot, msg),
                 }
             }
             dlq.finish_move(&done, false);
@@ -593,7 +593,7 @@ impl EngineInner {
             Err(err) => {
                 tracing::error!(queue = %source.name, error = %err, "cannot create the dead-letter queue");
                 for m in outbox {
-                    source.abort_move(m.seq, m.message);
+                    source.abort_move(m.slot, m.message);
                 }
                 return;
             }
@@ -607,10 +607,10 @@ impl EngineInner {
             // dead-letter queue's own TTL counts from its arrival there.
             copy.published_ms = m.message.published_ms;
             match dlq.append(copy, None, now) {
-                Ok((Appended::Stored | Appended::Duplicate, _)) => done.push((m.seq, size)),
+                Ok((Appended::Stored | Appended::Duplicate, _)) => done.push((m.slot, size)),
                 Ok((Appended::Rejected | Appended::Gone, _)) | Err(_) => {
                     tracing::warn!(queue = %source.name, dlq = %dlq.name, "dead-letter queue refused a message; kept in its queue");
-                    source.abort_move(m.seq, m.message);
+                    source.abort_move(m.slot, m.message);
                 }
             }
         }

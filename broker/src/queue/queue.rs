@@ -24,7 +24,7 @@ use crate::queue::options::Settings;
 use crate::queue::record::{DeadInfo, Message};
 use crate::queue::session::SessionInner;
 use crate::queue::store::{
-    CommitListener, Counters, Loaded, LoadedQueue, Range, Store, StoreError, Ticket,
+    CommitListener, Counters, Loaded, LoadedQueue, Range, Slot, Store, StoreError, Ticket,
 };
 
 /// How often the timer wakes with nothing else to do, to sample rates.
@@ -56,7 +56,7 @@ pub(crate) enum Requeue {
 /// until [`Queue::finish_move`] runs, after the dead-letter queue has taken it, so a
 /// crash in between duplicates it rather than losing it.
 pub(crate) struct DeadLetterMove {
-    pub seq: u64,
+    pub slot: Slot,
     pub message: Message,
 }
 
@@ -71,19 +71,21 @@ pub(crate) enum Appended {
 }
 
 struct Entry {
-    seq: u64,
+    slot: Slot,
     msg: Message,
 }
 
 struct PendingEntry {
     epoch: u64,
-    seq: u64,
+    /// Where a ready message went (`seq` alone matters for a delayed one).
+    slot: Slot,
     due: Option<u64>,
     msg: Message,
 }
 
 struct InFlight {
     msg: Message,
+    slot: Slot,
     session: Arc<SessionInner>,
     consumer_id: u32,
     delivery_id: u64,
@@ -408,18 +410,19 @@ impl Queue {
             }
             let seq = st.c.next_seq;
             st.c.next_seq += 1;
-            match due {
+            let slot = match due {
                 Some(due) => {
                     b.put_delayed(self.qid, due, seq, &msg);
                     st.c.d_count += 1;
                     st.c.d_bytes += size;
+                    delayed_slot(seq)
                 }
                 None => {
-                    b.put_message(self.qid, seq, &msg);
                     st.c.m_count += 1;
                     st.c.m_bytes += size;
+                    b.put_ready(self.qid, seq, &msg)
                 }
-            }
+            };
             if let Some(id) = &msg.message_id {
                 b.put_dedup(self.qid, id, now);
                 st.dedup.ids.insert(id.clone(), now);
@@ -429,7 +432,7 @@ impl Queue {
             b.listen(listener, &mut st.listen_epoch);
             st.pending.push_back(PendingEntry {
                 epoch: b.epoch(),
-                seq,
+                slot,
                 due,
                 msg,
             });
@@ -440,7 +443,18 @@ impl Queue {
     }
 
     /// Applies max_length / max_bytes before a message of `size` bytes is added.
-    /// They count messages waiting in the queue (ready or delayed), not those in flight.
+    ///
+    /// What the limits count: every message the queue holds that no consumer holds
+    /// right now — ready ones (in memory or paged out to the store), delayed ones, and
+    /// ones still waiting for their group commit — and, for max_bytes, their payload
+    /// bytes (topic and headers are not counted). Delivered, unacked messages do not
+    /// count (as in RabbitMQ): a slow consumer's prefetch cannot make a queue refuse
+    /// publishes. `QueueInfo::depth` and `bytes` do include them, so depth may exceed
+    /// max_length by at most what is in flight.
+    ///
+    /// drop-head drops the oldest ready message, paging it in from the store if it is
+    /// not in memory; it rejects only when nothing ready is left to drop (everything
+    /// counted is delayed or waiting for its commit).
     fn make_room(&self, st: &mut State, size: u64) -> bool {
         let s = &self.settings;
         if s.max_length.is_none() && s.max_bytes.is_none() {
@@ -464,22 +478,28 @@ impl Queue {
                         st.window_bytes -= e.msg.payload.len();
                         e
                     }
-                    // Nothing ready in memory to drop (all in flight, delayed, or not
-                    // paged in yet): refuse rather than drop out of order.
+                    None if st.unloaded > 0 => {
+                        if !self.page_now(st) {
+                            return false;
+                        }
+                        continue;
+                    }
+                    // Nothing ready to drop (all delayed or not yet committed):
+                    // refuse rather than drop out of order.
                     None => return false,
                 },
             };
             st.stats.dropped += 1;
-            self.remove_stored(st, head.seq, head.msg.size());
+            self.remove_stored(st, head.slot, head.msg.size());
         }
     }
 
-    fn remove_stored(&self, st: &mut State, seq: u64, size: u64) {
+    fn remove_stored(&self, st: &mut State, slot: Slot, size: u64) {
         st.c.m_count = st.c.m_count.saturating_sub(1);
         st.c.m_bytes = st.c.m_bytes.saturating_sub(size);
         let c = st.c;
         self.store.batch(|b| {
-            b.remove_message(self.qid, seq);
+            b.remove_ready(self.qid, slot);
             b.set_counters(self.qid, c);
         });
     }
@@ -513,13 +533,13 @@ impl Queue {
 
     // ---------------------------------------------------------------- visibility
 
-    fn add_ready(&self, st: &mut State, seq: u64, msg: Message) {
+    fn add_ready(&self, st: &mut State, slot: Slot, msg: Message) {
         let fits = st.window.len() < self.limits.ready_window
             && st.window_bytes + msg.payload.len() <= self.limits.ready_window_bytes;
-        if st.unloaded == 0 && seq >= st.paged_upto && fits {
+        if st.unloaded == 0 && slot.seq >= st.paged_upto && fits {
             st.window_bytes += msg.payload.len();
-            st.window.push_back(Entry { seq, msg });
-            st.paged_upto = seq + 1;
+            st.window.push_back(Entry { slot, msg });
+            st.paged_upto = slot.seq + 1;
         } else {
             // It stays in the store only; a page read brings it in when its turn comes.
             st.unloaded += 1;
@@ -544,17 +564,17 @@ impl Queue {
 
     fn take_page(&self, st: &mut State, page: Vec<Loaded>) {
         for loaded in page {
-            let seq = loaded.key.1;
-            if seq < st.paged_upto {
+            let slot = loaded.slot();
+            if slot.seq < st.paged_upto {
                 continue;
             }
             let mut msg = loaded.message;
-            if seq <= st.restart_mark {
+            if slot.seq <= st.restart_mark {
                 msg.deliveries = msg.deliveries.max(1);
             }
             st.window_bytes += msg.payload.len();
-            st.window.push_back(Entry { seq, msg });
-            st.paged_upto = seq + 1;
+            st.window.push_back(Entry { slot, msg });
+            st.paged_upto = slot.seq + 1;
             st.unloaded = st.unloaded.saturating_sub(1);
         }
     }
@@ -577,6 +597,35 @@ impl Queue {
                 None
             }
         };
+    }
+
+    /// Pages in the oldest stored ready messages at once, on the calling thread, for
+    /// a drop-head that found none in memory. A page read already on its way is then
+    /// ignored (`page_loaded` checks `paged_upto`). False if nothing came.
+    fn page_now(&self, st: &mut State) -> bool {
+        let count = self.limits.ready_window.min(256);
+        let range = Range::Messages {
+            qid: self.qid,
+            from: st.paged_upto,
+        };
+        match self
+            .store
+            .read_now(range, count, self.limits.ready_window_bytes)
+        {
+            Ok(page) if !page.is_empty() => {
+                self.take_page(st, page);
+                true
+            }
+            Ok(_) => {
+                tracing::warn!(queue = %self.name, unloaded = st.unloaded, "store holds fewer ready messages than counted");
+                st.unloaded = 0;
+                false
+            }
+            Err(err) => {
+                tracing::error!(queue = %self.name, error = %err, "paging messages in failed");
+                false
+            }
+        }
     }
 
     fn maybe_page(&self, st: &mut State) {
@@ -617,6 +666,8 @@ impl Queue {
                 self.take_page(&mut st, page);
                 self.dispatch(&mut st, now_ms());
             }
+            // Overtaken (a drop-head paged in meanwhile): ask again from where it is.
+            Ok(_) if !st.deleted => self.maybe_page(&mut st),
             Ok(_) => {}
             Err(err) => {
                 tracing::error!(queue = %self.name, error = %err, "paging messages in failed")
@@ -684,7 +735,7 @@ impl Queue {
                 let Some(front) = st.window.front() else {
                     break;
                 };
-                if front.msg.deliveries == 0 && front.seq > st.mark_durable {
+                if front.msg.deliveries == 0 && front.slot.seq > st.mark_durable {
                     self.request_mark(st);
                     break;
                 }
@@ -696,7 +747,7 @@ impl Queue {
             };
             if self.expired(&entry.msg, now) {
                 st.stats.expired += 1;
-                self.remove_stored(st, entry.seq, entry.msg.size());
+                self.remove_stored(st, entry.slot, entry.msg.size());
                 continue;
             }
             self.deliver(st, ci, entry, now);
@@ -721,7 +772,7 @@ impl Queue {
         let Some(target) = n
             .checked_sub(1)
             .and_then(|i| st.window.get(i))
-            .map(|e| e.seq)
+            .map(|e| e.slot.seq)
         else {
             return;
         };
@@ -743,7 +794,7 @@ impl Queue {
         let me = self.arc();
         let consumer = &mut st.consumers[ci];
         let session = consumer.session.clone();
-        let Some(delivery_id) = session.register(&me, entry.seq) else {
+        let Some(delivery_id) = session.register(&me, entry.slot.seq) else {
             consumer.alive = false;
             st.retry.push_front(entry);
             return;
@@ -761,12 +812,13 @@ impl Queue {
             payload: entry.msg.payload.clone(),
         };
         let deadline = now.saturating_add(self.settings.ack_timeout_ms);
-        st.deadlines.insert((deadline, entry.seq));
+        st.deadlines.insert((deadline, entry.slot.seq));
         st.in_flight_bytes += entry.msg.size();
         st.in_flight.insert(
-            entry.seq,
+            entry.slot.seq,
             InFlight {
                 msg: entry.msg,
+                slot: entry.slot,
                 session: session.clone(),
                 consumer_id,
                 delivery_id,
@@ -797,7 +849,7 @@ impl Queue {
             };
             st.window_bytes -= e.msg.payload.len();
             st.stats.expired += 1;
-            self.remove_stored(st, e.seq, e.msg.size());
+            self.remove_stored(st, e.slot, e.msg.size());
         }
     }
 
@@ -822,20 +874,20 @@ impl Queue {
         {
             c.outstanding = c.outstanding.saturating_sub(1);
         }
-        self.requeue(st, seq, f.msg, how, now, outbox);
+        self.requeue(st, f.slot, f.msg, how, now, outbox);
     }
 
     fn requeue(
         &self,
         st: &mut State,
-        seq: u64,
+        mut slot: Slot,
         msg: Message,
         how: Requeue,
         now: u64,
         outbox: &mut Vec<DeadLetterMove>,
     ) {
         if msg.deliveries >= self.settings.max_deliveries {
-            outbox.push(DeadLetterMove { seq, message: msg });
+            outbox.push(DeadLetterMove { slot, message: msg });
             return;
         }
         let delay = match how {
@@ -844,9 +896,10 @@ impl Queue {
             Requeue::Backoff => self.settings.backoff_after(msg.deliveries),
         };
         if delay == 0 {
-            // Rewritten so the attempt count survives a restart.
-            self.store.batch(|b| b.put_message(self.qid, seq, &msg));
-            st.retry.push_back(Entry { seq, msg });
+            // Recorded so the attempt count survives a restart.
+            self.store
+                .batch(|b| b.set_attempts(self.qid, &mut slot, msg.deliveries));
+            st.retry.push_back(Entry { slot, msg });
             return;
         }
         let due = now.saturating_add(delay);
@@ -860,7 +913,7 @@ impl Queue {
         st.c.d_bytes += size;
         let c = st.c;
         let epoch = self.store.batch(|b| {
-            b.remove_message(self.qid, seq);
+            b.remove_ready(self.qid, slot);
             b.put_delayed(self.qid, due, new_seq, &msg);
             b.set_counters(self.qid, c);
             b.listen(listener, &mut st.listen_epoch);
@@ -868,7 +921,7 @@ impl Queue {
         });
         st.pending.push_back(PendingEntry {
             epoch,
-            seq: new_seq,
+            slot: delayed_slot(new_seq),
             due: Some(due),
             msg,
         });
@@ -876,13 +929,13 @@ impl Queue {
 
     /// Completes a move out of this queue (dead letter, redrive): the message is now
     /// stored in its new queue, so it can be removed here.
-    pub fn finish_move(&self, moved: &[(u64, u64)], dead_lettered: bool) {
+    pub fn finish_move(&self, moved: &[(Slot, u64)], dead_lettered: bool) {
         let mut st = self.lock();
         if st.deleted {
             return;
         }
-        for (seq, size) in moved {
-            self.remove_stored(&mut st, *seq, *size);
+        for (slot, size) in moved {
+            self.remove_stored(&mut st, *slot, *size);
             if dead_lettered {
                 st.stats.dead_lettered += 1;
             }
@@ -890,10 +943,10 @@ impl Queue {
     }
 
     /// Gives a message back after its move failed.
-    pub fn abort_move(&self, seq: u64, msg: Message) {
+    pub fn abort_move(&self, slot: Slot, msg: Message) {
         let mut st = self.lock();
         if !st.deleted {
-            st.retry.push_back(Entry { seq, msg });
+            st.retry.push_back(Entry { slot, msg });
             self.dispatch(&mut st, now_ms());
         }
     }
@@ -976,13 +1029,13 @@ impl Queue {
             st.c.m_count = st.c.m_count.saturating_sub(1);
             st.c.m_bytes = st.c.m_bytes.saturating_sub(size);
             st.stats.totals.acked += 1;
-            removed.push(seq);
+            removed.push(f.slot);
         }
         if !removed.is_empty() && !st.deleted {
             let c = st.c;
             self.store.batch(|b| {
-                for seq in &removed {
-                    b.remove_message(self.qid, *seq);
+                for slot in &removed {
+                    b.remove_ready(self.qid, *slot);
                 }
                 b.set_counters(self.qid, c);
             });
@@ -1060,10 +1113,10 @@ impl Queue {
                     st.c.m_count += 1;
                     st.c.m_bytes += size;
                     b.remove_delayed(self.qid, due, seq);
-                    b.put_message(self.qid, new_seq, &msg);
+                    let slot = b.put_ready(self.qid, new_seq, &msg);
                     st.pending.push_back(PendingEntry {
                         epoch: b.epoch(),
-                        seq: new_seq,
+                        slot,
                         due: None,
                         msg,
                     });
@@ -1124,7 +1177,7 @@ impl Queue {
     /// Takes up to `limit` ready messages out for a move (redrive). They stay stored
     /// here until [`Queue::finish_move`]. Returns them and whether more are stored
     /// but not yet paged in.
-    pub fn take_ready(&self, limit: usize) -> (Vec<(u64, Message)>, bool) {
+    pub fn take_ready(&self, limit: usize) -> (Vec<(Slot, Message)>, bool) {
         let mut st = self.lock();
         let mut out = Vec::new();
         while out.len() < limit {
@@ -1138,7 +1191,7 @@ impl Queue {
                     None => break,
                 },
             };
-            out.push((e.seq, e.msg));
+            out.push((e.slot, e.msg));
         }
         let more = st.unloaded > 0;
         self.maybe_page(&mut st);
@@ -1223,8 +1276,8 @@ impl CommitListener for Queue {
                 break;
             };
             match p.due {
-                Some(due) => self.add_delayed(&mut st, due, p.seq, p.msg),
-                None => self.add_ready(&mut st, p.seq, p.msg),
+                Some(due) => self.add_delayed(&mut st, due, p.slot.seq, p.msg),
+                None => self.add_ready(&mut st, p.slot, p.msg),
             }
         }
         if let Some((mark_epoch, target)) = st.mark_pending {
@@ -1234,6 +1287,15 @@ impl CommitListener for Queue {
             }
         }
         self.dispatch(&mut st, now_ms());
+    }
+}
+
+/// The slot of a delayed message: only its seq means anything.
+fn delayed_slot(seq: u64) -> Slot {
+    Slot {
+        seq,
+        chunk: seq,
+        attempts_key: false,
     }
 }
 

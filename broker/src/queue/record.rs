@@ -45,21 +45,33 @@ impl Message {
 
     /// Encodes the stored form. Strings longer than 65,535 bytes cannot come off the
     /// wire, so truncating the length prefix cannot happen; they are cut defensively.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The stored form as a new buffer.
+    pub fn encode_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Bytes [`Message::encode_into`] appends.
+    pub fn encoded_len(&self) -> usize {
         let headers_len: usize = self
             .headers
             .iter()
             .map(|(k, v)| 4 + k.len() + v.len())
             .sum();
-        let mut out = Vec::with_capacity(
-            16 + 2
-                + self.topic.len()
-                + self.message_id.as_ref().map_or(0, |m| m.len() + 2)
-                + self.dead.as_ref().map_or(0, |d| d.reason.len() + 6)
-                + 2
-                + headers_len
-                + self.payload.len(),
-        );
+        16 + 2
+            + self.topic.len()
+            + self.message_id.as_ref().map_or(0, |m| m.len() + 2)
+            + self.dead.as_ref().map_or(0, |d| d.reason.len() + 6)
+            + 2
+            + headers_len
+            + self.payload.len()
+    }
+
+    /// Appends the stored form to `out` (a chunk of messages is built this way, with
+    /// one copy of each payload).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
         out.push(VERSION);
         out.extend_from_slice(&self.published_ms.to_be_bytes());
         out.extend_from_slice(&self.deliveries.to_be_bytes());
@@ -71,22 +83,21 @@ impl Message {
             flags |= FLAG_REASON;
         }
         out.push(flags);
-        put_str(&mut out, &self.topic);
+        put_str(out, &self.topic);
         if let Some(id) = &self.message_id {
-            put_str(&mut out, id);
+            put_str(out, id);
         }
         if let Some(dead) = &self.dead {
-            put_str(&mut out, &dead.reason);
+            put_str(out, &dead.reason);
             out.extend_from_slice(&dead.attempts.to_be_bytes());
         }
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&count.to_be_bytes());
         for (k, v) in self.headers.iter().take(usize::from(count)) {
-            put_str(&mut out, k);
-            put_str(&mut out, v);
+            put_str(out, k);
+            put_str(out, v);
         }
         out.extend_from_slice(&self.payload);
-        out
     }
 
     /// Decodes the stored form; `None` if the bytes are not a record this version wrote.
@@ -172,7 +183,7 @@ mod tests {
                 attempts: 5,
             }),
         };
-        let bytes = Bytes::from(m.encode());
+        let bytes = Bytes::from(m.encode_vec());
         assert_eq!(Message::decode(bytes.clone()), Some(m));
         // Every cut inside the fixed part and strings fails; cuts in the payload
         // decode to a shorter payload, which is why the store keeps whole records.

@@ -10,10 +10,27 @@
 //!
 //! | key | value |
 //! | --- | --- |
+//! | `qid:u32 'a' seq:u64` | attempt override: `deliveries:u32` of a requeued ready message |
+//! | `qid:u32 'b' first_seq:u64` | a chunk of ready or in-flight messages: `count:u16` then `count` × (`seq:u64 len:u32` record.rs layout), `seq` ascending |
 //! | `qid:u32 'c'` | counters: `m_count m_bytes d_count d_bytes next_seq mark` (u64 each) |
 //! | `qid:u32 'd' due_ms:u64 seq:u64` | a delayed message (record.rs layout) |
 //! | `qid:u32 'i' message_id` | dedup entry: `seen_ms:u64` |
-//! | `qid:u32 'm' seq:u64` | a ready or in-flight message, FIFO by `seq` |
+//! | `qid:u32 'x' first_seq:u64` | removed entries of chunk `first_seq`: `span:u32` then a bitmap of `span` bits (u64 words), bit `seq - first_seq` set when removed |
+//!
+//! Ready messages are stored in chunks: every message a queue receives within one
+//! group commit goes into the same chunk (up to [`CHUNK_MAX_ENTRIES`] messages and
+//! about [`CHUNK_MAX_BYTES`]), written once as one value. Acks, drops and dead-letter
+//! moves set bits in the chunk's removal bitmap, one write per touched chunk per
+//! round; when every bit is set the chunk and its bitmap are deleted. Seqs in a chunk
+//! need not be contiguous (delayed messages take seqs too): the gaps start out set. A
+//! redelivered message keeps its place in its chunk; its new attempt count goes to
+//! an `'a'` key, read back over the page's seq range when paging in. Per message this
+//! costs a fraction of a sled operation instead of an insert and a remove, which is
+//! what bounded throughput with one key per message (see DESIGN.md, Storage).
+//!
+//! The layout changed before 1.0 (it used to be one `'m'` key per message); there is
+//! no released data, so no migration: a data dir written by the old layout is not
+//! read by this one.
 //!
 //! The counters travel in the same batch as the data they count, so after any crash
 //! they agree with the keys, and a restart needs no scan of a 10-million-message
@@ -59,10 +76,23 @@ use crate::queue::error::QueueError;
 use crate::queue::options::StoredDefinition;
 use crate::queue::record::Message;
 
+const TAG_ATTEMPTS: u8 = b'a';
+const TAG_CHUNK: u8 = b'b';
 const TAG_COUNTERS: u8 = b'c';
 const TAG_DELAYED: u8 = b'd';
 const TAG_DEDUP: u8 = b'i';
-const TAG_MESSAGE: u8 = b'm';
+const TAG_REMOVED: u8 = b'x';
+/// Most messages in one chunk: its removal bitmap stays one or two words.
+pub(crate) const CHUNK_MAX_ENTRIES: usize = 64;
+/// A chunk is closed once it holds this many bytes. sled writes a tree node whose
+/// serialised form passes about a quarter of its 512 KiB segment as a separate blob
+/// file (which then needs its own fsync); 32 KiB chunks keep leaves well below that.
+pub(crate) const CHUNK_MAX_BYTES: usize = 32 << 10;
+/// Most seqs one chunk spans (gaps included), bounding its bitmap.
+const CHUNK_MAX_SPAN: u64 = 1024;
+/// Chunk states the writer keeps between rounds; past this it forgets them all and
+/// reads bitmaps back from sled as needed.
+const CHUNK_CACHE_MAX: usize = 65_536;
 const NEXT_QID_KEY: &[u8] = b"\0next_qid";
 /// Keys removed per sled batch when a queue is deleted, so that deleting a huge queue
 /// does not build one huge batch in memory.
@@ -140,9 +170,9 @@ fn prefix(qid: u32, tag: u8) -> [u8; 5] {
     k
 }
 
-fn message_key(qid: u32, seq: u64) -> [u8; 13] {
+fn seq_key(qid: u32, tag: u8, seq: u64) -> [u8; 13] {
     let mut k = [0u8; 13];
-    k[..5].copy_from_slice(&prefix(qid, TAG_MESSAGE));
+    k[..5].copy_from_slice(&prefix(qid, tag));
     k[5..].copy_from_slice(&seq.to_be_bytes());
     k
 }
@@ -170,6 +200,125 @@ fn decode_message(value: &[u8]) -> Option<Message> {
     Message::decode(Bytes::copy_from_slice(value))
 }
 
+/// The entries of a chunk value: `(seq, record)` in seq order; `None` if malformed.
+fn chunk_entries(value: &[u8]) -> Option<Vec<(u64, &[u8])>> {
+    let count = usize::from(u16::from_be_bytes(value.get(..2)?.try_into().ok()?));
+    let mut out = Vec::with_capacity(count.min(CHUNK_MAX_ENTRIES));
+    let mut at = 2usize;
+    for _ in 0..count {
+        let seq = be_u64(value.get(at..)?)?;
+        let len = u32::from_be_bytes(value.get(at + 8..at + 12)?.try_into().ok()?);
+        let start = at + 12;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        out.push((seq, value.get(start..end)?));
+        at = end;
+    }
+    Some(out)
+}
+
+/// Which entries of one chunk are removed. Bit `seq - first` is set for a removed
+/// message and for a seq the chunk never held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChunkState {
+    span: u32,
+    removed: Vec<u64>,
+    live: u32,
+}
+
+impl ChunkState {
+    /// A chunk holding exactly `seqs` (ascending, starting at `first`), none removed.
+    fn new(first: u64, seqs: impl Iterator<Item = u64>) -> Option<Self> {
+        let mut held = Vec::new();
+        let mut last = first;
+        for seq in seqs {
+            let off = usize::try_from(seq.checked_sub(first)?).ok()?;
+            if off >= held.len() {
+                held.resize(off + 1, false);
+            }
+            held[off] = true;
+            last = last.max(seq);
+        }
+        let span = u32::try_from(last - first + 1).ok()?;
+        let mut removed = vec![!0u64; usize::try_from(span.div_ceil(64)).ok()?];
+        let mut live = 0;
+        for (off, h) in held.iter().enumerate() {
+            if *h {
+                removed[off / 64] &= !(1u64 << (off % 64));
+                live += 1;
+            }
+        }
+        Some(Self {
+            span,
+            removed,
+            live,
+        })
+    }
+
+    fn is_removed(&self, off: u64) -> bool {
+        let Ok(off) = usize::try_from(off) else {
+            return true;
+        };
+        self.removed
+            .get(off / 64)
+            .is_none_or(|w| w & (1u64 << (off % 64)) != 0)
+    }
+
+    /// Marks `off` removed; false if it already was (or is outside the chunk).
+    fn remove(&mut self, off: u64) -> bool {
+        if self.is_removed(off) {
+            return false;
+        }
+        // is_removed checked the bounds.
+        let off = usize::try_from(off).unwrap_or(usize::MAX);
+        if let Some(w) = self.removed.get_mut(off / 64) {
+            *w |= 1u64 << (off % 64);
+            self.live -= 1;
+        }
+        true
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.removed.len() * 8);
+        out.extend_from_slice(&self.span.to_be_bytes());
+        for w in &self.removed {
+            out.extend_from_slice(&w.to_be_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let span = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+        let words = usize::try_from(span.div_ceil(64)).ok()?;
+        if bytes.len() != 4 + words * 8 {
+            return None;
+        }
+        let removed: Vec<u64> = bytes[4..].chunks_exact(8).filter_map(be_u64).collect();
+        let mut live = 0u32;
+        for off in 0..span {
+            let off = off as usize;
+            if removed[off / 64] & (1u64 << (off % 64)) == 0 {
+                live += 1;
+            }
+        }
+        Some(Self {
+            span,
+            removed,
+            live,
+        })
+    }
+}
+
+/// Where a ready message is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// Its place in the queue's FIFO order.
+    pub seq: u64,
+    /// The first seq of the chunk that holds it.
+    pub chunk: u64,
+    /// An attempt override (`'a'` key) exists and must go when the message does.
+    pub attempts_key: bool,
+}
+
 /// Which key range a paging read covers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Range {
@@ -185,6 +334,20 @@ pub(crate) struct Loaded {
     /// `(0, seq)` for ready messages, `(due, seq)` for delayed ones.
     pub key: (u64, u64),
     pub message: Message,
+    /// For ready messages: the chunk holding it and whether it has an attempt override.
+    pub chunk: u64,
+    pub attempts_key: bool,
+}
+
+impl Loaded {
+    /// Where a ready message is stored.
+    pub fn slot(&self) -> Slot {
+        Slot {
+            seq: self.key.1,
+            chunk: self.chunk,
+            attempts_key: self.attempts_key,
+        }
+    }
 }
 
 type ReadCallback = Box<dyn FnOnce(Result<Vec<Loaded>, StoreError>) + Send>;
@@ -212,10 +375,40 @@ enum Op {
 
 type TicketSender = watch::Sender<Option<Result<(), StoreError>>>;
 
+/// Ready messages of one queue written in one round, encoded as one chunk value.
+struct ChunkBuf {
+    qid: u32,
+    first: u64,
+    last: u64,
+    count: u16,
+    buf: Vec<u8>,
+}
+
+impl ChunkBuf {
+    fn fits(&self, seq: u64) -> bool {
+        usize::from(self.count) < CHUNK_MAX_ENTRIES
+            && self.buf.len() < CHUNK_MAX_BYTES
+            && seq > self.last
+            && seq - self.first < CHUNK_MAX_SPAN
+    }
+
+    fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        chunk_entries(&self.buf)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(seq, _)| seq)
+    }
+}
+
 #[derive(Default)]
 struct Pending {
     epoch: u64,
     ops: Vec<Op>,
+    /// Chunks being filled this round, and each queue's open one.
+    chunks: Vec<ChunkBuf>,
+    open_chunk: HashMap<u32, usize>,
+    /// Ready messages removed: `(qid, chunk, seq)`.
+    removals: Vec<(u32, u64, u64)>,
     bytes: usize,
     counters: HashMap<u32, Counters>,
     listeners: Vec<Arc<dyn CommitListener>>,
@@ -263,21 +456,76 @@ impl Batch<'_> {
         self.p.ops.push(op);
     }
 
-    pub fn put_message(&mut self, qid: u32, seq: u64, message: &Message) {
-        let value = message.encode();
-        let len = value.len() + 13;
+    /// Stores a ready message (seqs of one queue must ascend); returns where.
+    pub fn put_ready(&mut self, qid: u32, seq: u64, message: &Message) -> Slot {
+        let p = &mut *self.p;
+        let open = p
+            .open_chunk
+            .get(&qid)
+            .copied()
+            .filter(|i| p.chunks.get(*i).is_some_and(|c| c.fits(seq)));
+        let i = match open {
+            Some(i) => i,
+            None => {
+                let mut buf =
+                    Vec::with_capacity(CHUNK_MAX_BYTES.min(message.encoded_len() * 8) + 64);
+                buf.extend_from_slice(&0u16.to_be_bytes());
+                p.chunks.push(ChunkBuf {
+                    qid,
+                    first: seq,
+                    last: seq,
+                    count: 0,
+                    buf,
+                });
+                p.open_chunk.insert(qid, p.chunks.len() - 1);
+                p.chunks.len() - 1
+            }
+        };
+        let c = &mut p.chunks[i];
+        let start = c.buf.len();
+        c.buf.extend_from_slice(&seq.to_be_bytes());
+        c.buf.extend_from_slice(&[0u8; 4]);
+        message.encode_into(&mut c.buf);
+        // A record is far below 4 GiB: frames are capped well under that.
+        let len = u32::try_from(c.buf.len() - start - 12).unwrap_or(u32::MAX);
+        c.buf[start + 8..start + 12].copy_from_slice(&len.to_be_bytes());
+        c.count += 1;
+        c.last = seq;
+        let first = c.first;
+        p.bytes += c.buf.len() - start;
+        Slot {
+            seq,
+            chunk: first,
+            attempts_key: false,
+        }
+    }
+
+    /// Removes a ready message (ack, drop, expiry, move, delay).
+    pub fn remove_ready(&mut self, qid: u32, slot: Slot) {
+        if slot.attempts_key {
+            self.push(
+                Op::Remove(IVec::from(&seq_key(qid, TAG_ATTEMPTS, slot.seq)[..])),
+                13,
+            );
+        }
+        self.p.removals.push((qid, slot.chunk, slot.seq));
+        self.p.bytes += 20;
+    }
+
+    /// Records a ready message's new attempt count (it stays in its chunk).
+    pub fn set_attempts(&mut self, qid: u32, slot: &mut Slot, deliveries: u32) {
+        slot.attempts_key = true;
         self.push(
-            Op::Put(IVec::from(&message_key(qid, seq)[..]), IVec::from(value)),
-            len,
+            Op::Put(
+                IVec::from(&seq_key(qid, TAG_ATTEMPTS, slot.seq)[..]),
+                IVec::from(&deliveries.to_be_bytes()[..]),
+            ),
+            17,
         );
     }
 
-    pub fn remove_message(&mut self, qid: u32, seq: u64) {
-        self.push(Op::Remove(IVec::from(&message_key(qid, seq)[..])), 13);
-    }
-
     pub fn put_delayed(&mut self, qid: u32, due_ms: u64, seq: u64, message: &Message) {
-        let value = message.encode();
+        let value = message.encode_vec();
         let len = value.len() + 21;
         self.push(
             Op::Put(
@@ -318,6 +566,10 @@ impl Batch<'_> {
     /// Deletes every key of the queue (after the writes queued before this one).
     pub fn drop_queue(&mut self, qid: u32) {
         self.p.counters.remove(&qid);
+        // Its chunks and removals this round would only be deleted again.
+        self.p.chunks.retain(|c| c.qid != qid);
+        self.p.removals.retain(|r| r.0 != qid);
+        self.p.open_chunk.clear();
         self.push(Op::DropQueue(qid), 4);
     }
 
@@ -400,6 +652,9 @@ pub(crate) struct Opened {
 pub(crate) struct Store {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// For [`Store::read_now`]; sled trees may be read from any thread. Taken at
+    /// shutdown, since sled closes (and unlocks) its files when the last tree goes.
+    data: Mutex<Option<sled::Tree>>,
 }
 
 impl Store {
@@ -442,6 +697,7 @@ impl Store {
             }),
             wake: Condvar::new(),
         });
+        let reader = data.clone();
         let writer = Writer {
             shared: shared.clone(),
             db,
@@ -450,6 +706,7 @@ impl Store {
             files,
             policy: config.fsync,
             next_qid,
+            chunks: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("tidings-store".into())
@@ -459,6 +716,7 @@ impl Store {
             store: Store {
                 shared,
                 thread: Mutex::new(Some(thread)),
+                data: Mutex::new(Some(reader)),
             },
             queues,
             next_qid,
@@ -469,7 +727,11 @@ impl Store {
     /// the store's lock is always taken last.
     pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
         let mut p = self.shared.lock();
-        let was_idle = p.ops.is_empty() && p.reads.is_empty() && p.counters.is_empty();
+        let was_idle = p.ops.is_empty()
+            && p.reads.is_empty()
+            && p.counters.is_empty()
+            && p.chunks.is_empty()
+            && p.removals.is_empty();
         let r = f(&mut Batch { p: &mut p });
         if was_idle {
             self.shared.wake.notify_one();
@@ -501,9 +763,34 @@ impl Store {
         self.shared.wake.notify_one();
     }
 
+    /// Reads at once on the calling thread (blocking), without waiting for the writer.
+    /// It sees what the writer has applied, not what is still queued: callers read
+    /// only ranges whose messages are committed and have no removal queued (a queue's
+    /// stored ready messages above what it paged in), so nothing queued concerns them.
+    pub fn read_now(
+        &self,
+        range: Range,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Loaded>, StoreError> {
+        let data = self
+            .data
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match data {
+            Some(data) if !self.shared.lock().stopped => scan(&data, range, max_count, max_bytes),
+            _ => Err(StoreError("the store is shut down".into())),
+        }
+    }
+
     /// Writes out everything queued, makes it durable whatever the policy, and stops
     /// the writer thread (which closes sled). Blocking.
     pub fn shutdown(&self) {
+        self.data
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         {
             let mut p = self.shared.lock();
             p.shutdown = true;
@@ -602,36 +889,136 @@ fn scan(
     max_count: usize,
     max_bytes: usize,
 ) -> Result<Vec<Loaded>, StoreError> {
-    let (start, end): (Vec<u8>, [u8; 5]) = match range {
-        Range::Messages { qid, from } => (
-            message_key(qid, from).to_vec(),
-            prefix(qid, TAG_MESSAGE + 1),
-        ),
-        Range::Delayed { qid, from } => (
-            delayed_key(qid, from.0, from.1).to_vec(),
-            prefix(qid, TAG_DELAYED + 1),
-        ),
-    };
+    match range {
+        Range::Messages { qid, from } => scan_ready(data, qid, from, max_count, max_bytes),
+        Range::Delayed { qid, from } => scan_delayed(data, qid, from, max_count, max_bytes),
+    }
+}
+
+fn scan_delayed(
+    data: &sled::Tree,
+    qid: u32,
+    from: (u64, u64),
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<Vec<Loaded>, StoreError> {
+    let start = IVec::from(&delayed_key(qid, from.0, from.1)[..]);
+    let end = IVec::from(&prefix(qid, TAG_DELAYED + 1)[..]);
     let mut out = Vec::new();
     let mut bytes = 0usize;
-    for item in data.range(start..end.to_vec()) {
+    for item in data.range(start..end) {
         if out.len() >= max_count || bytes >= max_bytes {
             break;
         }
         let (k, v) = item.map_err(|e| StoreError::io("reading messages", e))?;
-        let key = match range {
-            Range::Messages { .. } => (0, be_u64(&k[5..]).unwrap_or(0)),
-            Range::Delayed { .. } => (
-                be_u64(&k[5..]).unwrap_or(0),
-                be_u64(k.get(13..).unwrap_or(&[])).unwrap_or(0),
-            ),
-        };
+        let key = (
+            be_u64(&k[5..]).unwrap_or(0),
+            be_u64(k.get(13..).unwrap_or(&[])).unwrap_or(0),
+        );
         let Some(message) = decode_message(&v) else {
             tracing::error!(key = ?k, "unreadable message record, skipped");
             continue;
         };
         bytes += message.payload.len();
-        out.push(Loaded { key, message });
+        out.push(Loaded {
+            key,
+            message,
+            chunk: 0,
+            attempts_key: false,
+        });
+    }
+    Ok(out)
+}
+
+/// The removal state of chunk `first` as stored.
+fn stored_chunk_state(
+    data: &sled::Tree,
+    qid: u32,
+    first: u64,
+    chunk: Option<&[u8]>,
+) -> Result<Option<ChunkState>, StoreError> {
+    let read = |e| StoreError::io("reading a chunk", e);
+    if let Some(v) = data.get(seq_key(qid, TAG_REMOVED, first)).map_err(read)? {
+        return Ok(ChunkState::decode(&v));
+    }
+    let owned;
+    let value = match chunk {
+        Some(v) => v,
+        None => match data.get(seq_key(qid, TAG_CHUNK, first)).map_err(read)? {
+            Some(v) => {
+                owned = v;
+                &owned[..]
+            }
+            None => return Ok(None),
+        },
+    };
+    Ok(chunk_entries(value).and_then(|e| ChunkState::new(first, e.into_iter().map(|(s, _)| s))))
+}
+
+/// Ready messages with `seq >= from`, in seq order, with their attempt overrides.
+fn scan_ready(
+    data: &sled::Tree,
+    qid: u32,
+    from: u64,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<Vec<Loaded>, StoreError> {
+    let read = |e| StoreError::io("reading messages", e);
+    let lowest = seq_key(qid, TAG_CHUNK, 0);
+    let from_key = seq_key(qid, TAG_CHUNK, from);
+    let end = prefix(qid, TAG_CHUNK + 1);
+    // The chunk holding `from` may start below it.
+    let start = match data.range(lowest..=from_key).next_back() {
+        Some(item) => item.map_err(read)?.0,
+        None => IVec::from(&from_key[..]),
+    };
+    let mut out: Vec<Loaded> = Vec::new();
+    let mut bytes = 0usize;
+    'chunks: for item in data.range(start..IVec::from(&end[..])) {
+        let (k, v) = item.map_err(read)?;
+        let first = be_u64(&k[5..]).unwrap_or(0);
+        let Some(entries) = chunk_entries(&v) else {
+            tracing::error!(key = ?k, "unreadable chunk, skipped");
+            continue;
+        };
+        if entries.last().is_none_or(|(seq, _)| *seq < from) {
+            continue;
+        }
+        let state = stored_chunk_state(data, qid, first, Some(&v))?;
+        for (seq, record) in entries {
+            if seq < from || state.as_ref().is_none_or(|s| s.is_removed(seq - first)) {
+                continue;
+            }
+            if out.len() >= max_count || bytes >= max_bytes {
+                break 'chunks;
+            }
+            let Some(message) = decode_message(record) else {
+                tracing::error!(queue = qid, seq, "unreadable message record, skipped");
+                continue;
+            };
+            bytes += message.payload.len();
+            out.push(Loaded {
+                key: (0, seq),
+                message,
+                chunk: first,
+                attempts_key: false,
+            });
+        }
+    }
+    if let Some(last) = out.last().map(|l| l.key.1) {
+        let range = seq_key(qid, TAG_ATTEMPTS, from)..=seq_key(qid, TAG_ATTEMPTS, last);
+        for item in data.range(range) {
+            let (k, v) = item.map_err(read)?;
+            let seq = be_u64(&k[5..]).unwrap_or(0);
+            let deliveries = v
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, u32::from_be_bytes);
+            if let Ok(i) = out.binary_search_by_key(&seq, |l| l.key.1) {
+                out[i].message.deliveries = deliveries;
+                out[i].attempts_key = true;
+            }
+        }
     }
     Ok(out)
 }
@@ -706,6 +1093,8 @@ struct Writer {
     files: FileSyncer,
     policy: FsyncPolicy,
     next_qid: u32,
+    /// Removal state of recently written or touched chunks, so an ack costs no read.
+    chunks: HashMap<(u32, u64), ChunkState>,
 }
 
 /// One round's work, taken from `Pending` in one go so reads stay ordered after the
@@ -713,6 +1102,8 @@ struct Writer {
 struct Round {
     epoch: u64,
     ops: Vec<Op>,
+    chunks: Vec<ChunkBuf>,
+    removals: Vec<(u32, u64, u64)>,
     counters: HashMap<u32, Counters>,
     listeners: Vec<Arc<dyn CommitListener>>,
     ticket: Option<TicketSender>,
@@ -726,9 +1117,12 @@ impl Writer {
         let mut dirty = false;
         loop {
             let round = self.take(dirty, last_sync);
-            let wrote = !round.ops.is_empty() || !round.counters.is_empty();
+            let wrote = !round.ops.is_empty()
+                || !round.counters.is_empty()
+                || !round.chunks.is_empty()
+                || !round.removals.is_empty();
             let mut result = if wrote {
-                self.apply(round.ops, &round.counters)
+                self.apply(round.ops, round.chunks, round.removals, &round.counters)
             } else {
                 Ok(())
             };
@@ -777,6 +1171,8 @@ impl Writer {
         let mut p = self.shared.lock();
         loop {
             let has_work = !p.ops.is_empty()
+                || !p.chunks.is_empty()
+                || !p.removals.is_empty()
                 || !p.counters.is_empty()
                 || !p.reads.is_empty()
                 || !p.listeners.is_empty()
@@ -810,18 +1206,43 @@ impl Writer {
         let round = Round {
             epoch: p.epoch,
             ops: std::mem::take(&mut p.ops),
+            chunks: std::mem::take(&mut p.chunks),
+            removals: std::mem::take(&mut p.removals),
             counters: std::mem::take(&mut p.counters),
             listeners: std::mem::take(&mut p.listeners),
             ticket: p.ticket.take(),
             reads: std::mem::take(&mut p.reads),
             shutdown: p.shutdown,
         };
+        p.open_chunk.clear();
         p.epoch += 1;
         p.bytes = 0;
         round
     }
 
-    fn apply(&mut self, ops: Vec<Op>, counters: &HashMap<u32, Counters>) -> Result<(), StoreError> {
+    fn apply(
+        &mut self,
+        ops: Vec<Op>,
+        chunks: Vec<ChunkBuf>,
+        removals: Vec<(u32, u64, u64)>,
+        counters: &HashMap<u32, Counters>,
+    ) -> Result<(), StoreError> {
+        let result = self.apply_inner(ops, chunks, removals, counters);
+        if result.is_err() || self.chunks.len() > CHUNK_CACHE_MAX {
+            // After a failed write the cache may hold bits sled does not: start over
+            // from what sled has.
+            self.chunks.clear();
+        }
+        result
+    }
+
+    fn apply_inner(
+        &mut self,
+        ops: Vec<Op>,
+        chunks: Vec<ChunkBuf>,
+        removals: Vec<(u32, u64, u64)>,
+        counters: &HashMap<u32, Counters>,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let mut defs = sled::Batch::default();
         let mut defs_touched = false;
@@ -849,7 +1270,57 @@ impl Writer {
                         .apply_batch(before)
                         .map_err(|e| StoreError::io("writing", e))?;
                     self.drop_queue(qid)?;
+                    self.chunks.retain(|(q, _), _| *q != qid);
                 }
+            }
+        }
+        for mut c in chunks {
+            c.buf[..2].copy_from_slice(&c.count.to_be_bytes());
+            let Some(state) = ChunkState::new(c.first, c.seqs()) else {
+                tracing::error!(
+                    queue = c.qid,
+                    chunk = c.first,
+                    "malformed chunk not written"
+                );
+                continue;
+            };
+            batch.insert(&seq_key(c.qid, TAG_CHUNK, c.first)[..], c.buf);
+            self.chunks.insert((c.qid, c.first), state);
+        }
+        let mut touched: HashSet<(u32, u64)> = HashSet::new();
+        for (qid, first, seq) in removals {
+            let key = (qid, first);
+            let state = match self.chunks.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    match stored_chunk_state(&self.data, qid, first, None)? {
+                        Some(state) => e.insert(state),
+                        None => {
+                            tracing::debug!(
+                                queue = qid,
+                                chunk = first,
+                                seq,
+                                "removal from a chunk that is gone"
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            if state.remove(seq.saturating_sub(first)) {
+                touched.insert(key);
+            }
+        }
+        for (qid, first) in touched {
+            let Some(state) = self.chunks.get(&(qid, first)) else {
+                continue;
+            };
+            if state.live == 0 {
+                batch.remove(&seq_key(qid, TAG_CHUNK, first)[..]);
+                batch.remove(&seq_key(qid, TAG_REMOVED, first)[..]);
+                self.chunks.remove(&(qid, first));
+            } else {
+                batch.insert(&seq_key(qid, TAG_REMOVED, first)[..], state.encode());
             }
         }
         for (qid, c) in counters {

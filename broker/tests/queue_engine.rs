@@ -635,6 +635,72 @@ async fn a_backlog_larger_than_the_window_pages_in_order() {
     engine.shutdown().await;
 }
 
+/// Drop-head drops the oldest ready message even when it is paged out to the store,
+/// before and after a restart; delivered, unacked messages do not count against
+/// max_length, and depth includes them.
+#[tokio::test]
+async fn drop_head_drops_paged_out_messages_and_limits_skip_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new(dir.path());
+    config.ready_window = 8;
+    let engine = QueueEngine::open(config.clone()).unwrap();
+    let drop_head = QueueOptions {
+        max_length: Some(50),
+        overflow: Some(Overflow::DropHead),
+        ..options("t")
+    };
+    engine.declare("q", &drop_head).await.unwrap();
+    // Concurrent publishes share commits, so most of the queue is only in the store.
+    let pending: Vec<_> = (0..100)
+        .map(|i| engine.publish(&msg("t", &i.to_string())))
+        .collect();
+    for p in pending {
+        assert_eq!(p.await.unwrap().queues, 1, "drop-head never rejects here");
+    }
+    assert_eq!(engine.info("q").await.unwrap().depth, 50);
+    engine.shutdown().await;
+
+    // After a restart the window holds the first 8 again; 30 more publishes drop 30
+    // of the oldest, most of them paged out.
+    let engine = QueueEngine::open(config).unwrap();
+    assert_eq!(engine.info("q").await.unwrap().depth, 50);
+    publish_n(&engine, "t", 30).await;
+    assert_eq!(engine.info("q").await.unwrap().depth, 50);
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 5).await.unwrap();
+    let held: Vec<Delivery> = vec![
+        c.next().await,
+        c.next().await,
+        c.next().await,
+        c.next().await,
+        c.next().await,
+    ];
+    let held_bodies: Vec<String> = held.iter().map(body).collect();
+    assert_eq!(held_bodies, ["80", "81", "82", "83", "84"]);
+    // Five in flight do not count: five more publishes fit without dropping.
+    for i in 30..35 {
+        let out = engine.publish(&msg("t", &i.to_string())).await.unwrap();
+        assert_eq!((out.queues, out.rejected), (1, 0));
+    }
+    let info = engine.info("q").await.unwrap();
+    assert_eq!((info.depth, info.in_flight), (55, 5));
+    let ids: Vec<u64> = held.iter().map(|d| d.delivery_id).collect();
+    c.session.ack(&ids).await.unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..50 {
+        let d = c.next().await;
+        rest.push(body(&d));
+        c.session.ack(&[d.delivery_id]).await.unwrap();
+    }
+    let expected: Vec<String> = (85..100)
+        .map(|i| i.to_string())
+        .chain((0..35).map(|i| i.to_string()))
+        .collect();
+    assert_eq!(rest, expected);
+    assert_eq!(engine.info("q").await.unwrap().depth, 0);
+    engine.shutdown().await;
+}
+
 #[tokio::test]
 async fn credit_zero_and_unknown_consumers_are_refused() {
     let dir = tempfile::tempdir().unwrap();

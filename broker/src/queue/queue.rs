@@ -453,8 +453,9 @@ impl Queue {
     /// max_length by at most what is in flight.
     ///
     /// drop-head drops the oldest ready message, paging it in from the store if it is
-    /// not in memory; it rejects only when nothing ready is left to drop (everything
-    /// counted is delayed or waiting for its commit).
+    /// not in memory, or taking it from the messages waiting for their commit; it
+    /// rejects only when everything counted is delayed (delayed messages are not
+    /// "ready", and dropping one would drop out of order).
     fn make_room(&self, st: &mut State, size: u64) -> bool {
         let s = &self.settings;
         if s.max_length.is_none() && s.max_bytes.is_none() {
@@ -484,9 +485,21 @@ impl Queue {
                         }
                         continue;
                     }
-                    // Nothing ready to drop (all delayed or not yet committed):
-                    // refuse rather than drop out of order.
-                    None => return false,
+                    // The oldest left is still waiting for its commit: it is dropped
+                    // as it lands (its publisher is confirmed, as for any message
+                    // dropped later).
+                    None => match st.pending.iter().position(|p| p.due.is_none()) {
+                        Some(i) => match st.pending.remove(i) {
+                            Some(p) => Entry {
+                                slot: p.slot,
+                                msg: p.msg,
+                            },
+                            None => return false,
+                        },
+                        // Nothing ready to drop (all delayed): refuse rather than
+                        // drop out of order.
+                        None => return false,
+                    },
                 },
             };
             st.stats.dropped += 1;

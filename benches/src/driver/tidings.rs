@@ -90,7 +90,10 @@ impl Source for TidingsSubscriber {
             let Some(events) = self.events.as_mut() else {
                 return Ok(self.sub.next().await.map(Message::into_payload));
             };
+            // Biased: messages first, so the events stream costs nothing while
+            // messages keep coming.
             tokio::select! {
+                biased;
                 message = self.sub.next() => return Ok(message.map(Message::into_payload)),
                 event = events.next() => match event {
                     Some(Event::Disconnected { reason }) => {

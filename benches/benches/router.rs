@@ -10,15 +10,16 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use tidings_broker::router::Trie;
 use tidings_protocol::Pattern;
 
-/// 10,000 patterns shaped like a service mesh: 70 % exact topics, 20 % with a `*`
-/// in the middle, 10 % `>` tails, over 100 services and 10 regions.
+/// 10,000 patterns shaped like a service mesh over 100 services: 70 % exact topics,
+/// 20 % with a `*` in the middle, 10 % `>` tails, with repeats (several services
+/// subscribing to the same pattern), as real subscription tables have.
 fn patterns(count: usize) -> Vec<Pattern> {
     (0..count)
         .map(|i| {
             let text = match i % 10 {
-                0 => format!("svc{}.>", i % 100),
-                1 | 2 => format!("svc{}.*.event{}", i % 100, i % 1000),
-                _ => format!("svc{}.region{}.event{}", i % 100, i % 10, i),
+                0 => format!("svc{}.>", (i / 10) % 100),
+                1 | 2 => format!("svc{}.*.event{}", (i + 2) % 100, (i + 2) % 1000),
+                _ => format!("svc{}.region{}.event{}", i % 100, i % 7, i % 1000),
             };
             Pattern::new(text.as_str()).expect("generated patterns are valid")
         })

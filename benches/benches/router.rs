@@ -1,13 +1,16 @@
 //! Criterion: routing one topic against 10,000 subscriptions, wildcards included.
 //!
-//! Run with `cargo bench -p tidings-bench --bench router`. Measures the broker's
-//! subscription trie (`tidings_broker::router::Trie`), the path a publish takes on a
-//! route-cache miss; a hit is one hash lookup on top of it.
+//! Run with `cargo bench -p tidings-bench --bench router`. Two groups: the broker's
+//! subscription trie alone (`tidings_broker::router::Trie`), and `Router::route`, the
+//! call a publish makes, with its topic -> route cache hit and missed.
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use tidings_broker::router::Trie;
+use tidings_broker::Stats;
+use tidings_broker::connection::{ConnId, Outbox, OutboxReceiver};
+use tidings_broker::router::{CACHE_CAPACITY, Router, Trie};
 use tidings_protocol::Pattern;
 
 /// 10,000 patterns shaped like a service mesh over 100 services: 70 % exact topics,
@@ -33,8 +36,8 @@ fn route_10k(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("route_10k_subscriptions");
     group.throughput(Throughput::Elements(1));
-    // A topic matched by an exact pattern, a `*` pattern and a `>` pattern;
-    // one matched by `>` only; one matched by nothing.
+    // A topic matched by exact, `*` and `>` subscriptions (21 of them); one matched
+    // by `>` subscriptions only; one matched by nothing. The bench id says how many.
     for topic in [
         "svc13.region3.event13",
         "svc20.region9.nothing",
@@ -57,10 +60,49 @@ fn route_10k(c: &mut Criterion) {
     group.finish();
 }
 
+/// The router with 10,000 subscriptions spread over 100 connections.
+fn router_10k() -> (Router, Vec<OutboxReceiver>) {
+    let stats = Arc::new(Stats::default());
+    let router = Router::new(stats.clone());
+    let (outboxes, receivers): (Vec<Outbox>, Vec<OutboxReceiver>) = (0..100)
+        .map(|conn| Outbox::channel(ConnId(conn), 1 << 20, stats.clone()))
+        .unzip();
+    for (sid, pattern) in (0u32..).zip(patterns(10_000)) {
+        let outbox = &outboxes[sid as usize % outboxes.len()];
+        router
+            .subscribe(outbox, sid, pattern, None)
+            .expect("every sid is unique");
+    }
+    (router, receivers)
+}
+
+fn route_cached_and_not(c: &mut Criterion) {
+    let (router, _receivers) = router_10k();
+    let mut group = c.benchmark_group("router_route_10k_subscriptions");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("cache_hit", |b| {
+        b.iter(|| router.route(black_box("svc13.region3.event13")).fan_out());
+    });
+    // Twice as many distinct topics as the cache holds, visited in a cycle: every
+    // lookup walks the trie and fills the cache.
+    let topics: Vec<String> = (0..2 * CACHE_CAPACITY)
+        .map(|k| format!("svc{}.region{}.event{}", k % 100, k % 7, k % 1000))
+        .collect();
+    let mut next = topics.iter().cycle();
+    group.bench_function("cache_miss", |b| {
+        b.iter(|| {
+            let topic = next.next().expect("cycle never ends");
+            router.route(black_box(topic)).fan_out()
+        });
+    });
+    group.finish();
+}
+
 // What `criterion_group!`/`criterion_main!` expand to, minus the undocumented public
 // function the macro would add.
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     route_10k(&mut criterion);
+    route_cached_and_not(&mut criterion);
     criterion.final_summary();
 }

@@ -168,6 +168,13 @@ struct State {
     /// Messages at or below this seq were stored before the last restart and may have
     /// been delivered then: they come back counted as delivered once.
     restart_mark: u64,
+    /// Every seq below this that went through `pending` has committed. Pages keep
+    /// only such seqs: the store may already hold later rounds that are applied but
+    /// not yet durable.
+    committed_below: u64,
+    /// Seqs dropped (drop-head) while waiting for their commit, whose removal may not
+    /// have reached the store when a page read runs: pages skip them.
+    dropped: BTreeSet<u64>,
     timer_at: u64,
     dedup: Dedup,
     stats: Stats,
@@ -324,6 +331,8 @@ impl Queue {
                 mark_durable: 0,
                 mark_pending: None,
                 restart_mark: 0,
+                committed_below: c.next_seq,
+                dropped: BTreeSet::new(),
                 timer_at: u64::MAX,
                 dedup: Dedup::default(),
                 stats: Stats::default(),
@@ -490,10 +499,13 @@ impl Queue {
                     // dropped later).
                     None => match st.pending.iter().position(|p| p.due.is_none()) {
                         Some(i) => match st.pending.remove(i) {
-                            Some(p) => Entry {
-                                slot: p.slot,
-                                msg: p.msg,
-                            },
+                            Some(p) => {
+                                st.dropped.insert(p.slot.seq);
+                                Entry {
+                                    slot: p.slot,
+                                    msg: p.msg,
+                                }
+                            }
                             None => return false,
                         },
                         // Nothing ready to drop (all delayed): refuse rather than
@@ -553,6 +565,7 @@ impl Queue {
             st.window_bytes += msg.payload.len();
             st.window.push_back(Entry { slot, msg });
             st.paged_upto = slot.seq + 1;
+            forget_dropped_below(st);
         } else {
             // It stays in the store only; a page read brings it in when its turn comes.
             st.unloaded += 1;
@@ -575,10 +588,20 @@ impl Queue {
         }
     }
 
-    fn take_page(&self, st: &mut State, page: Vec<Loaded>) {
+    /// Adds a page of stored ready messages to the window, stopping at the first one
+    /// not yet committed here. Returns how many it took.
+    fn take_page(&self, st: &mut State, page: Vec<Loaded>) -> usize {
+        let mut taken = 0;
         for loaded in page {
             let slot = loaded.slot();
+            if slot.seq >= st.committed_below {
+                break;
+            }
             if slot.seq < st.paged_upto {
+                continue;
+            }
+            st.paged_upto = slot.seq + 1;
+            if st.dropped.remove(&slot.seq) {
                 continue;
             }
             let mut msg = loaded.message;
@@ -587,16 +610,19 @@ impl Queue {
             }
             st.window_bytes += msg.payload.len();
             st.window.push_back(Entry { slot, msg });
-            st.paged_upto = slot.seq + 1;
             st.unloaded = st.unloaded.saturating_sub(1);
+            taken += 1;
         }
+        forget_dropped_below(st);
+        taken
     }
 
     fn take_delayed_page(&self, st: &mut State, from: (u64, u64), page: Vec<Loaded>) {
         let full = page.len() >= self.limits.delayed_window;
         let mut last = None;
         for loaded in page {
-            if loaded.key < from {
+            // Not yet committed here: its commit callback will place it.
+            if loaded.key < from || loaded.key.1 >= st.committed_below {
                 continue;
             }
             last = Some(loaded.key);
@@ -625,11 +651,10 @@ impl Queue {
             .store
             .read_now(range, count, self.limits.ready_window_bytes)
         {
-            Ok(page) if !page.is_empty() => {
-                self.take_page(st, page);
-                true
-            }
-            Ok(_) => {
+            Ok(page) => {
+                if self.take_page(st, page) > 0 {
+                    return true;
+                }
                 tracing::warn!(queue = %self.name, unloaded = st.unloaded, "store holds fewer ready messages than counted");
                 st.unloaded = 0;
                 false
@@ -672,11 +697,10 @@ impl Queue {
         st.paging = false;
         match result {
             Ok(page) if st.paged_upto == from && !st.deleted => {
-                if page.is_empty() && st.unloaded > 0 {
+                if self.take_page(&mut st, page) == 0 && st.unloaded > 0 {
                     tracing::warn!(queue = %self.name, unloaded = st.unloaded, "store holds fewer ready messages than counted");
                     st.unloaded = 0;
                 }
-                self.take_page(&mut st, page);
                 self.dispatch(&mut st, now_ms());
             }
             // Overtaken (a drop-head paged in meanwhile): ask again from where it is.
@@ -1288,6 +1312,7 @@ impl CommitListener for Queue {
             let Some(p) = st.pending.pop_front() else {
                 break;
             };
+            st.committed_below = st.committed_below.max(p.slot.seq + 1);
             match p.due {
                 Some(due) => self.add_delayed(&mut st, due, p.slot.seq, p.msg),
                 None => self.add_ready(&mut st, p.slot, p.msg),
@@ -1300,6 +1325,13 @@ impl CommitListener for Queue {
             }
         }
         self.dispatch(&mut st, now_ms());
+    }
+}
+
+/// Dropped seqs the window has passed can no longer turn up in a page.
+fn forget_dropped_below(st: &mut State) {
+    while st.dropped.first().is_some_and(|s| *s < st.paged_upto) {
+        st.dropped.pop_first();
     }
 }
 

@@ -52,12 +52,24 @@
 //!
 //! # Threads
 //!
-//! Every sled call is blocking, so none runs on the async workers: the writer thread
-//! takes everything queued since its last round (writes and reads together, in the
-//! order they were queued), applies the writes as one batch, makes them durable per
-//! the policy, tells the batch's listeners, and then serves the reads. Because reads
-//! are served after the callbacks of every write queued before them, a queue paging
-//! messages in never races with its own commits.
+//! Every sled call is blocking, so none runs on the async workers. Two threads form a
+//! pipeline:
+//!
+//! - the writer (`tidings-store`) takes everything queued since its last round
+//!   (writes and reads together, in the order they were queued), applies the writes
+//!   as one sled batch, and hands the round to the syncer; then it takes the next
+//!   round at once, without waiting for the disk;
+//! - the syncer (`tidings-sync`) takes every round handed over since its last sync,
+//!   makes them durable with one `Db::flush` and one round of `fdatasync` (per the
+//!   policy), and then, round by round, resolves the tickets, tells the listeners,
+//!   and serves the round's reads.
+//!
+//! So while one sync runs, the next group commit is already being applied, and each
+//! sync covers everything that arrived meanwhile. A read is served after the
+//! callbacks of every write queued before it. It may also see writes of later rounds
+//! that are applied but not yet durable: readers keep only what their own commit
+//! callbacks have already made visible (queue.rs filters pages by committed seq), so
+//! nothing is delivered before it is durable.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -702,15 +714,26 @@ impl Store {
             wake: Condvar::new(),
         });
         let reader = data.clone();
-        let writer = Writer {
-            shared: shared.clone(),
+        let handoff = Arc::new(Handoff::default());
+        let syncer = Syncer {
+            handoff: handoff.clone(),
             db,
-            data,
-            defs,
+            data: data.clone(),
             files,
             policy: config.fsync,
+        };
+        let syncer = std::thread::Builder::new()
+            .name("tidings-sync".into())
+            .spawn(move || syncer.run())
+            .map_err(|e| StoreError::io("spawning the sync thread", e))?;
+        let writer = Writer {
+            shared: shared.clone(),
+            data,
+            defs,
             next_qid,
             chunks: HashMap::new(),
+            handoff,
+            syncer: Some(syncer),
         };
         let thread = std::thread::Builder::new()
             .name("tidings-store".into())
@@ -1091,14 +1114,125 @@ impl FileSyncer {
 
 struct Writer {
     shared: Arc<Shared>,
-    db: sled::Db,
     data: sled::Tree,
     defs: sled::Tree,
-    files: FileSyncer,
-    policy: FsyncPolicy,
     next_qid: u32,
     /// Removal state of recently written or touched chunks, so an ack costs no read.
     chunks: HashMap<(u32, u64), ChunkState>,
+    handoff: Arc<Handoff>,
+    syncer: Option<JoinHandle<()>>,
+}
+
+/// A round the writer has applied, waiting for the syncer.
+struct Applied {
+    epoch: u64,
+    wrote: bool,
+    result: Result<(), StoreError>,
+    listeners: Vec<Arc<dyn CommitListener>>,
+    ticket: Option<TicketSender>,
+    reads: Vec<ReadRequest>,
+    shutdown: bool,
+}
+
+/// Rounds passed from the writer to the syncer.
+#[derive(Default)]
+struct Handoff {
+    rounds: Mutex<Vec<Applied>>,
+    wake: Condvar,
+}
+
+impl Handoff {
+    fn lock(&self) -> MutexGuard<'_, Vec<Applied>> {
+        self.rounds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Makes applied rounds durable and releases their confirms and reads.
+struct Syncer {
+    handoff: Arc<Handoff>,
+    db: sled::Db,
+    data: sled::Tree,
+    files: FileSyncer,
+    policy: FsyncPolicy,
+}
+
+impl Syncer {
+    fn run(mut self) {
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        loop {
+            let rounds = self.take(dirty, last_sync);
+            let wrote = rounds.iter().any(|r| r.wrote && r.result.is_ok());
+            let shutdown = rounds.iter().any(|r| r.shutdown);
+            dirty |= wrote;
+            let sync_now = match self.policy {
+                FsyncPolicy::Always => wrote,
+                FsyncPolicy::Interval(every) => dirty && last_sync.elapsed() >= every,
+                FsyncPolicy::Never => false,
+            } || (shutdown && dirty);
+            let mut synced = Ok(());
+            if sync_now {
+                synced = self.make_durable();
+                last_sync = Instant::now();
+                dirty = synced.is_err();
+            }
+            for round in rounds {
+                let result = round.result.and_then(|()| synced.clone());
+                if let Some(ticket) = round.ticket {
+                    ticket.send_replace(Some(result.clone()));
+                }
+                for listener in &round.listeners {
+                    listener.committed(round.epoch, &result);
+                }
+                for read in round.reads {
+                    let loaded = scan(&self.data, read.range, read.max_count, read.max_bytes);
+                    (read.then)(loaded);
+                }
+            }
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    /// Every round handed over so far; with nothing handed, waits (under the interval
+    /// policy only until the next sync is due, if anything is unsynced).
+    fn take(&self, dirty: bool, last_sync: Instant) -> Vec<Applied> {
+        let mut rounds = self.handoff.lock();
+        loop {
+            if !rounds.is_empty() {
+                return std::mem::take(&mut *rounds);
+            }
+            match (self.policy, dirty) {
+                (FsyncPolicy::Interval(every), true) => {
+                    let left = every.saturating_sub(last_sync.elapsed());
+                    if left.is_zero() {
+                        return Vec::new();
+                    }
+                    rounds = self
+                        .handoff
+                        .wake
+                        .wait_timeout(rounds, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                _ => {
+                    rounds = self
+                        .handoff
+                        .wake
+                        .wait(rounds)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    fn make_durable(&mut self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| StoreError::io("flush", e))?;
+        self.files
+            .sync()
+            .map_err(|e| StoreError::io("fdatasync", e))
+    }
 }
 
 /// One round's work, taken from `Pending` in one go so reads stay ordered after the
@@ -1117,43 +1251,29 @@ struct Round {
 
 impl Writer {
     fn run(mut self) {
-        let mut last_sync = Instant::now();
-        let mut dirty = false;
         loop {
-            let round = self.take(dirty, last_sync);
+            let round = self.take();
             let wrote = !round.ops.is_empty()
                 || !round.counters.is_empty()
                 || !round.chunks.is_empty()
                 || !round.removals.is_empty();
-            let mut result = if wrote {
+            let result = if wrote {
                 self.apply(round.ops, round.chunks, round.removals, &round.counters)
             } else {
                 Ok(())
             };
-            if wrote {
-                dirty = true;
-            }
-            let sync_now = match self.policy {
-                FsyncPolicy::Always => wrote,
-                FsyncPolicy::Interval(every) => dirty && last_sync.elapsed() >= every,
-                FsyncPolicy::Never => false,
-            } || (round.shutdown && dirty);
-            if sync_now && result.is_ok() {
-                result = self.make_durable();
-                last_sync = Instant::now();
-                dirty = result.is_err();
-            }
-            if let Some(ticket) = round.ticket {
-                ticket.send_replace(Some(result.clone()));
-            }
-            for listener in &round.listeners {
-                listener.committed(round.epoch, &result);
-            }
-            for read in round.reads {
-                let loaded = scan(&self.data, read.range, read.max_count, read.max_bytes);
-                (read.then)(loaded);
-            }
-            if round.shutdown {
+            let shutdown = round.shutdown;
+            self.handoff.lock().push(Applied {
+                epoch: round.epoch,
+                wrote,
+                result,
+                listeners: round.listeners,
+                ticket: round.ticket,
+                reads: round.reads,
+                shutdown,
+            });
+            self.handoff.wake.notify_one();
+            if shutdown {
                 break;
             }
         }
@@ -1168,10 +1288,16 @@ impl Writer {
         for read in reads {
             (read.then)(Err(StoreError("the store is shut down".into())));
         }
+        // The last round makes everything durable; shutdown waits for it.
+        if let Some(syncer) = self.syncer.take() {
+            if syncer.join().is_err() {
+                tracing::error!("the sync thread panicked");
+            }
+        }
         tracing::info!("queue store closed");
     }
 
-    fn take(&self, dirty: bool, last_sync: Instant) -> Round {
+    fn take(&self) -> Round {
         let mut p = self.shared.lock();
         loop {
             let has_work = !p.ops.is_empty()
@@ -1185,27 +1311,11 @@ impl Writer {
             if has_work {
                 break;
             }
-            match (self.policy, dirty) {
-                (FsyncPolicy::Interval(every), true) => {
-                    let left = every.saturating_sub(last_sync.elapsed());
-                    if left.is_zero() {
-                        break;
-                    }
-                    p = self
-                        .shared
-                        .wake
-                        .wait_timeout(p, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-                _ => {
-                    p = self
-                        .shared
-                        .wake
-                        .wait(p)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
-            }
+            p = self
+                .shared
+                .wake
+                .wait(p)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         let round = Round {
             epoch: p.epoch,
@@ -1360,11 +1470,57 @@ impl Writer {
                 .map_err(|e| StoreError::io("deleting a queue", e))?;
         }
     }
+}
 
-    fn make_durable(&mut self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| StoreError::io("flush", e))?;
-        self.files
-            .sync()
-            .map_err(|e| StoreError::io("fdatasync", e))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_state_marks_gaps_and_round_trips() {
+        // Seqs 10, 11 and 14: 12 and 13 were delayed messages, never in the chunk.
+        let mut state = ChunkState::new(10, [10, 11, 14].into_iter()).unwrap();
+        assert_eq!((state.span, state.live), (5, 3));
+        assert!(state.is_removed(2) && state.is_removed(3) && !state.is_removed(4));
+        assert!(state.remove(4));
+        assert!(
+            !state.remove(4),
+            "a second removal of the same seq changes nothing"
+        );
+        assert!(!state.remove(99), "outside the chunk");
+        assert_eq!(ChunkState::decode(&state.encode()), Some(state.clone()));
+        assert!(state.remove(0) && state.remove(1));
+        assert_eq!(state.live, 0);
+        assert_eq!(
+            ChunkState::decode(&[0, 0, 0, 70, 1, 2]),
+            None,
+            "wrong length"
+        );
+    }
+
+    #[test]
+    fn chunk_entries_parse_and_reject_truncation() {
+        let mut chunk = ChunkBuf {
+            qid: 1,
+            first: 5,
+            last: 5,
+            count: 0,
+            buf: vec![0, 0],
+        };
+        for (seq, body) in [(5u64, &b"ab"[..]), (7, &b"cde"[..])] {
+            chunk.buf.extend_from_slice(&seq.to_be_bytes());
+            chunk
+                .buf
+                .extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+            chunk.buf.extend_from_slice(body);
+            chunk.count += 1;
+        }
+        chunk.buf[..2].copy_from_slice(&chunk.count.to_be_bytes());
+        let entries = chunk_entries(&chunk.buf).unwrap();
+        assert_eq!(entries, vec![(5, &b"ab"[..]), (7, &b"cde"[..])]);
+        assert_eq!(chunk.seqs().collect::<Vec<_>>(), [5, 7]);
+        for cut in 0..chunk.buf.len() {
+            assert_eq!(chunk_entries(&chunk.buf[..cut]), None, "cut at {cut}");
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The tidings broker: publish/subscribe, request/reply and (soon) durable queues
-//! for microservices, over one TCP protocol ([`tidings_protocol`]).
+//! The tidings broker: publish/subscribe, request/reply and durable queues for
+//! microservices, over one TCP protocol ([`tidings_protocol`]).
 //!
 //! ```no_run
 //! use tidings_broker::{Broker, Config};
@@ -38,6 +38,13 @@
 //!   route, answers `NoResponders` for a request nobody listens to, then hands the
 //!   message to the durable-queue side (`connection/queue_ops.rs`), which answers
 //!   confirms.
+//! - **Durable queues** ([`queue`]): the engine behind QUEUE_*, CONSUME, ACK and
+//!   NACK. Each queue keeps a bounded window of messages in memory and everything
+//!   in sled under `<data-dir>/queues`; writes from all connections meet in one
+//!   group commit, and confirms go out only after a real `fdatasync` (by default,
+//!   see `--fsync`). Consumers get deliveries within their credit; unacked
+//!   deliveries come back on nack, ack timeout or disconnect, with backoff, and
+//!   move to a dead-letter queue after `max_deliveries`.
 //! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 

@@ -11,6 +11,8 @@
 //!   after its subscribers were served; [`stats`] adds queue figures to STATS;
 //!   [`connection_closed`] releases a departed connection's deliveries.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use tidings_protocol::{
     Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
     QueueListReply, RedriveReply, Text,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 
 use super::dispatch::Session;
 use super::writer::Outbox;
@@ -68,12 +70,21 @@ impl DeliverySink for OutboxSink {
     }
 }
 
-/// Per-connection queue state (consumers, outstanding deliveries). Empty until the
-/// handshake completes.
+/// A publish waiting for durability, in the connection's confirm queue.
+struct PendingConfirm {
+    stored: Pin<Box<dyn Future<Output = Result<PublishOutcome, QueueError>> + Send>>,
+    request_id: u32,
+    confirm: bool,
+}
+
+/// Per-connection queue state (consumers, outstanding deliveries, publishes waiting
+/// for their confirm). Empty until the handshake completes.
 #[derive(Default)]
 pub(crate) struct QueueSession {
     inner: Option<crate::queue::QueueSession>,
-    in_flight: Option<Arc<Semaphore>>,
+    /// Feeds the connection's confirm task, started by the first publish that has to
+    /// wait for storage.
+    confirms: Option<mpsc::Sender<PendingConfirm>>,
 }
 
 impl std::fmt::Debug for QueueSession {
@@ -89,7 +100,7 @@ impl QueueSession {
     pub(crate) fn new(queues: &BrokerQueues, outbox: &Outbox) -> QueueSession {
         QueueSession {
             inner: Some(queues.engine.session(Arc::new(OutboxSink(outbox.clone())))),
-            in_flight: Some(Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT))),
+            confirms: None,
         }
     }
 }
@@ -172,12 +183,18 @@ fn ok(request_id: u32) -> Frame {
 /// queue that took it has made it durable.
 ///
 /// The read loop never waits for storage: when the engine cannot answer at once
-/// (the message went to a queue), a task awaits durability and sends the CONFIRM
-/// through the outbox, so one connection can have many publishes in flight.
+/// (the message went to a queue), the publish joins the connection's confirm queue,
+/// so one connection can have many publishes in flight. One task per connection
+/// awaits them in order and queues their CONFIRMs: the publishes of one group commit
+/// become durable together, so their confirms reach the outbox back to back and
+/// leave in one write, without a task or a wake-up per publish. Group commits
+/// complete in order, so waiting in publish order delays no confirm. Past
+/// `MAX_PUBLISHES_IN_FLIGHT` the read loop waits, so a fast publisher feels the
+/// store's pace.
 pub(crate) async fn publish(session: &mut Session, publish: Publish) {
-    let Some(in_flight) = session.queues.in_flight.clone() else {
+    if session.queues.inner.is_none() {
         return;
-    };
+    }
     let stored = session.shared.queues.engine.publish(&publish);
     let request_id = publish.request_id.unwrap_or(0);
     let confirm = publish.confirm;
@@ -187,18 +204,42 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
         send_answer(session, request_id, confirm, result);
         return;
     }
-    let Ok(permit) = in_flight.acquire_owned().await else {
-        return;
+    let confirms = match &session.queues.confirms {
+        Some(tx) => tx,
+        None => {
+            let (tx, rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
+            tokio::spawn(send_confirms(
+                rx,
+                session.outbox.clone(),
+                session.shared.stats.clone(),
+            ));
+            session.queues.confirms.insert(tx)
+        }
     };
-    let outbox = session.outbox.clone();
-    let stats = session.shared.stats.clone();
-    tokio::spawn(async move {
-        let result = stored.await;
-        if let Some(frame) = answer_frame(&stats, request_id, confirm, result) {
+    // Fails only if the confirm task is gone, which happens only with the runtime.
+    let _ = confirms
+        .send(PendingConfirm {
+            stored,
+            request_id,
+            confirm,
+        })
+        .await;
+}
+
+/// The confirm task of one connection: answers its publishes in order as they
+/// become durable. Ends when the connection's queue session is dropped and every
+/// publish queued before has been answered (or has failed).
+async fn send_confirms(
+    mut rx: mpsc::Receiver<PendingConfirm>,
+    outbox: Outbox,
+    stats: Arc<crate::stats::Stats>,
+) {
+    while let Some(p) = rx.recv().await {
+        let result = p.stored.await;
+        if let Some(frame) = answer_frame(&stats, p.request_id, p.confirm, result) {
             let _ = outbox.send(frame);
         }
-        drop(permit);
-    });
+    }
 }
 
 fn send_answer(

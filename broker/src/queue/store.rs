@@ -791,9 +791,9 @@ impl Store {
     }
 
     /// Reads at once on the calling thread (blocking), without waiting for the writer.
-    /// It sees what the writer has applied, not what is still queued: callers read
-    /// only ranges whose messages are committed and have no removal queued (a queue's
-    /// stored ready messages above what it paged in), so nothing queued concerns them.
+    /// Like every read it may see rounds that are applied but not yet durable, and
+    /// not removals still queued: the caller keeps only seqs it has seen committed
+    /// and not removed (queue.rs `take_page`).
     pub fn read_now(
         &self,
         range: Range,

@@ -1,13 +1,17 @@
 //! `tidings-bench compare`: every workload on every reachable system, one table.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::broker_process;
+use crate::driver::tidings::Launch;
 use crate::driver::{System, Workload};
-use crate::job::{self, Job};
+use crate::job::{self, Job, Target};
 use crate::report::{RunReport, thousands};
+use crate::rss;
 
 /// The `compare` subcommand's options.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,9 +31,20 @@ pub struct CompareArgs {
     /// Same as --scale 0.1: a quick look in well under a minute per system.
     #[arg(long)]
     pub quick: bool,
-    /// A running tidings broker (default: one started in this process).
+    /// A running tidings broker. Default: a tidings-broker process per run, found
+    /// beside this executable (or --broker-bin); in-process when there is none.
     #[arg(long)]
     pub tidings: Option<String>,
+    /// The tidings-broker binary to spawn for each tidings run.
+    #[arg(long, value_name = "PATH", conflicts_with = "tidings")]
+    pub broker_bin: Option<PathBuf>,
+    /// Run tidings inside the bench's process (sharing its runtime) even when a
+    /// tidings-broker binary is at hand.
+    #[arg(long, conflicts_with_all = ["tidings", "broker_bin"])]
+    pub in_process: bool,
+    /// Where benches/peers/peers.sh keeps its pid files (to measure the peers' memory).
+    #[arg(long, env = "TIDINGS_PEERS_DIR", default_value = rss::DEFAULT_PEERS_DIR)]
+    pub peers_dir: PathBuf,
     /// NATS server (core and JetStream).
     #[arg(long, default_value = "127.0.0.1:4222")]
     pub nats: String,
@@ -65,6 +80,54 @@ impl CompareArgs {
     }
 }
 
+impl CompareArgs {
+    /// How tidings runs, and a line saying so: a process when a binary is at hand,
+    /// else in-process (said loudly, since then it shares the clients' runtime).
+    fn launch(&self) -> Result<(Launch, String)> {
+        if let Some(addr) = &self.tidings {
+            return Ok((
+                Launch::External(addr.clone()),
+                format!("tidings: the running broker at {addr}"),
+            ));
+        }
+        if self.in_process {
+            return Ok((
+                Launch::InProcess,
+                "tidings: in-process (--in-process), sharing the bench's runtime".into(),
+            ));
+        }
+        Ok(match broker_process::locate(self.broker_bin.as_deref())? {
+            Some(bin) => {
+                let mut note = format!(
+                    "tidings: a separate tidings-broker process per run, from {}",
+                    bin.display()
+                );
+                if let Some(warning) = broker_process::staleness_warning(&bin) {
+                    note = format!("{note}\n{warning}");
+                }
+                (Launch::Process(bin), note)
+            }
+            None => (
+                Launch::InProcess,
+                "tidings: NO tidings-broker binary beside this executable, so the broker runs \
+                 IN-PROCESS, sharing the bench's runtime and cores; for a fair comparison \
+                 build it (`cargo build --release -p tidings-broker`) or pass --broker-bin"
+                    .into(),
+            ),
+        })
+    }
+
+    /// The pid of a peer started by benches/peers/peers.sh, when `system` is
+    /// targeted at that peer's default address.
+    fn peer_pid(&self, system: System) -> Option<u32> {
+        let addr = self.server(system)?;
+        let default = system.default_server()?;
+        (host_port(addr) == host_port(default))
+            .then(|| rss::peer_pid(system, &self.peers_dir))
+            .flatten()
+    }
+}
+
 /// `host:port` out of an address or URL (`amqp://user:pw@host:port/vhost` → `host:port`).
 pub fn host_port(addr: &str) -> String {
     let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
@@ -88,6 +151,8 @@ pub struct Cell {
     pub msgs_per_sec: f64,
     /// Median p99 over the runs, µs.
     pub p99_us: Option<f64>,
+    /// Median peak RSS of the broker process over the runs that measured it, KiB.
+    pub rss_kb: Option<f64>,
     /// True when any run lost messages or failed.
     pub lost: bool,
 }
@@ -110,9 +175,14 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
 pub fn cell(reports: &[RunReport], errors: usize) -> Cell {
     let mut rates: Vec<f64> = reports.iter().map(|r| r.msgs_per_sec).collect();
     let mut p99s: Vec<f64> = reports.iter().filter_map(|r| r.p99_us).collect();
+    let mut rss: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r.rss_peak_kb().map(|kb| kb as f64))
+        .collect();
     Cell {
         msgs_per_sec: median(&mut rates).unwrap_or(0.0),
         p99_us: median(&mut p99s),
+        rss_kb: median(&mut rss),
         lost: errors > 0 || reports.iter().any(RunReport::failed),
     }
 }
@@ -143,6 +213,15 @@ pub fn ratio(workload: Workload, tidings: Option<&Cell>, peers: &[(System, &Cell
     }
 }
 
+/// The memory column: tidings' peak RSS against nats-server's (core NATS, or
+/// JetStream for `queue`), the comparison issue 7 sets a target for.
+pub fn rss_ratio(tidings: Option<&Cell>, nats: Option<&Cell>) -> String {
+    match (tidings.and_then(|c| c.rss_kb), nats.and_then(|c| c.rss_kb)) {
+        (Some(t), Some(n)) if n > 0.0 => format!("{:.2}x", t / n),
+        _ => "-".into(),
+    }
+}
+
 /// The markdown table: one row per workload, one column per system.
 pub fn table(
     systems: &[System],
@@ -151,13 +230,13 @@ pub fn table(
 ) -> String {
     let mut out = String::from("| workload |");
     for s in systems {
-        out.push_str(&format!(" {s} msgs/s · p99 µs |"));
+        out.push_str(&format!(" {s} msgs/s · p99 µs · RSS MiB |"));
     }
-    out.push_str(" tidings / best peer |\n|---|");
+    out.push_str(" tidings / best peer | RSS tidings / nats-server |\n|---|");
     for _ in systems {
         out.push_str("---:|");
     }
-    out.push_str("---:|\n");
+    out.push_str("---:|---:|\n");
     for (i, w) in workloads.iter().enumerate() {
         out.push_str(&format!("| {w} |"));
         let mut peers = Vec::new();
@@ -165,8 +244,14 @@ pub fn table(
             match rows.get(&(i, *s)) {
                 Some(c) => {
                     let p99 = c.p99_us.map_or("-".into(), |p| format!("{p:.0}"));
+                    let rss = c
+                        .rss_kb
+                        .map_or("-".into(), |kb| format!("{:.1}", kb / 1024.0));
                     let mark = if c.lost { " !" } else { "" };
-                    out.push_str(&format!(" {} · {p99}{mark} |", thousands(c.msgs_per_sec)));
+                    out.push_str(&format!(
+                        " {} · {p99} · {rss}{mark} |",
+                        thousands(c.msgs_per_sec)
+                    ));
                     if *s != System::Tidings {
                         peers.push((*s, c));
                     }
@@ -174,8 +259,12 @@ pub fn table(
                 None => out.push_str(" n/a |"),
             }
         }
-        let ratio = ratio(*w, rows.get(&(i, System::Tidings)), &peers);
-        out.push_str(&format!(" {ratio} |\n"));
+        let tidings = rows.get(&(i, System::Tidings));
+        let ratio = ratio(*w, tidings, &peers);
+        let nats = rows
+            .get(&(i, System::Nats))
+            .or_else(|| rows.get(&(i, System::Jetstream)));
+        out.push_str(&format!(" {ratio} | {} |\n", rss_ratio(tidings, nats)));
     }
     out
 }
@@ -198,6 +287,7 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
     let drain = Duration::from_millis(args.drain_ms);
 
     let mut systems = Vec::new();
+    let mut launch = Launch::InProcess;
     for s in wanted {
         if s != System::Tidings && !cfg!(feature = "peers") {
             eprintln!("skipping {s}: built without the `peers` feature");
@@ -210,6 +300,32 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
             _ => systems.push(s),
         }
     }
+    if systems.contains(&System::Tidings) {
+        let (how, note) = args.launch()?;
+        eprintln!("{note}");
+        launch = how;
+    }
+    let targets: BTreeMap<System, Target> = systems
+        .iter()
+        .map(|s| {
+            let target = Target {
+                system: *s,
+                server: args.server(*s).map(str::to_owned),
+                launch: launch.clone(),
+                broker_pid: args.peer_pid(*s),
+            };
+            if *s != System::Tidings {
+                match target.broker_pid {
+                    Some(pid) => eprintln!("{s}: measuring the memory of pid {pid}"),
+                    None => eprintln!(
+                        "{s}: memory not measured (no live pid file in {})",
+                        args.peers_dir.display()
+                    ),
+                }
+            }
+            (*s, target)
+        })
+        .collect();
 
     let mut rows = BTreeMap::new();
     let mut clean = true;
@@ -223,7 +339,10 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
             let mut errors = 0;
             for run in 1..=runs {
                 eprintln!("{w} on {s}, run {run}/{runs}");
-                match job::run(*s, args.server(*s), &job, deadline, drain).await {
+                let Some(target) = targets.get(s) else {
+                    continue;
+                };
+                match job::run(target, &job, deadline, drain).await {
                     Ok(report) => {
                         eprint!("{}", report.human());
                         if args.json {
@@ -244,7 +363,13 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
     }
     println!(
         "\nmedians of {runs} run(s), scale {scale}; ! = messages lost or a run failed; \
-         the ratio is msgs/s (latency: p99, lower is better) against the best peer\n"
+         the ratio is msgs/s (latency: p99, lower is better) against the best peer; \
+         RSS = the broker process's peak resident memory during the run; tidings ran {}\n",
+        match launch {
+            Launch::Process(_) => "as a separate tidings-broker process",
+            Launch::InProcess => "IN-PROCESS (its RSS is not measured)",
+            Launch::External(_) => "as an external broker (its RSS is not measured)",
+        }
     );
     println!("{}", table(&systems, &rows, &workloads));
     Ok(clean)
@@ -275,6 +400,7 @@ mod tests {
         Cell {
             msgs_per_sec: rate,
             p99_us: Some(p99),
+            rss_kb: None,
             lost: false,
         }
     }
@@ -310,10 +436,94 @@ mod tests {
             &[Workload::Fanin, Workload::Queue],
         );
         assert!(
-            t.contains("| fanin | 1,200,000 · 900 | 1,000,000 · 800 ! | 1.20x nats |"),
+            t.contains("| fanin | 1,200,000 · 900 · - | 1,000,000 · 800 · - ! | 1.20x nats | - |"),
             "{t}"
         );
-        assert!(t.contains("| queue | n/a | n/a | - |"), "{t}");
+        assert!(t.contains("| queue | n/a | n/a | - | - |"), "{t}");
+        assert!(
+            t.contains("| tidings / best peer | RSS tidings / nats-server |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn memory_is_shown_in_mib_and_compared_with_nats_server() {
+        let mut rows = BTreeMap::new();
+        let with_rss = |rate, kb| Cell {
+            rss_kb: Some(kb),
+            ..c(rate, 100.0)
+        };
+        rows.insert((0, System::Tidings), with_rss(1000.0, 30_720.0));
+        rows.insert((0, System::Nats), with_rss(900.0, 20_480.0));
+        rows.insert((1, System::Tidings), with_rss(500.0, 40_960.0));
+        rows.insert((1, System::Jetstream), with_rss(400.0, 81_920.0));
+        let t = table(
+            &[System::Tidings, System::Nats, System::Jetstream],
+            &rows,
+            &[Workload::Fanin, Workload::Queue],
+        );
+        assert!(
+            t.contains(
+                "| fanin | 1,000 · 100 · 30.0 | 900 · 100 · 20.0 | n/a | 1.11x nats | 1.50x |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| queue | 500 · 100 · 40.0 | n/a | 400 · 100 · 80.0 | 1.25x jetstream | 0.50x |"
+            ),
+            "{t}"
+        );
+        assert_eq!(rss_ratio(rows.get(&(0, System::Tidings)), None), "-");
+        assert_eq!(
+            rss_ratio(Some(&c(1.0, 1.0)), rows.get(&(0, System::Nats))),
+            "-"
+        );
+    }
+
+    #[test]
+    fn compare_picks_how_tidings_runs() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let parse =
+            |extra: &[&str]| Cli::try_parse_from(["compare"].iter().chain(extra)).map(|c| c.args);
+        let (launch, note) = parse(&["--tidings", "127.0.0.1:7878"])
+            .expect("parses")
+            .launch()
+            .expect("resolves");
+        assert_eq!(launch, Launch::External("127.0.0.1:7878".into()));
+        assert!(note.contains("127.0.0.1:7878"));
+        let (launch, note) = parse(&["--in-process"])
+            .expect("parses")
+            .launch()
+            .expect("resolves");
+        assert_eq!(launch, Launch::InProcess);
+        assert!(note.contains("in-process"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin = dir.path().join("tidings-broker");
+        std::fs::write(&bin, b"").expect("file written");
+        let bin_arg = bin.to_str().expect("utf-8 path");
+        let (launch, _) = parse(&["--broker-bin", bin_arg])
+            .expect("parses")
+            .launch()
+            .expect("resolves");
+        assert_eq!(launch, Launch::Process(bin.clone()));
+        assert!(
+            parse(&["--broker-bin", "/nonexistent/x"])
+                .expect("parses")
+                .launch()
+                .is_err()
+        );
+        assert!(parse(&["--in-process", "--broker-bin", bin_arg]).is_err());
+        assert!(parse(&["--in-process", "--tidings", "127.0.0.1:1"]).is_err());
+        // A peer's pid file counts only for the peer's default address.
+        let args = parse(&["--nats", "127.0.0.1:14222"]).expect("parses");
+        assert_eq!(args.peer_pid(System::Nats), None);
+        assert_eq!(args.peer_pid(System::Tidings), None);
     }
 
     #[test]

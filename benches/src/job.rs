@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
-use crate::driver::tidings::TidingsDriver;
+use crate::driver::tidings::{Launch, TidingsDriver};
 use crate::driver::{Driver, System, Workload};
 use crate::report::{RunReport, whole};
+use crate::rss::{Peak, Sampler};
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
 use crate::workload::latency::LatencyParams;
@@ -100,58 +101,126 @@ pub async fn run_with<D: Driver>(driver: &D, job: &Job, common: &Common) -> Resu
     }
 }
 
-/// Runs `job` on `system` at `server` (the system's default address when `None`;
-/// for tidings, a broker started in this process).
+/// Where a run goes, and which process's memory it measures.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The system driven.
+    pub system: System,
+    /// A peer's address (its default when `None`); ignored for tidings, see `launch`.
+    pub server: Option<String>,
+    /// For tidings: the broker to use, start or spawn.
+    pub launch: Launch,
+    /// The broker process to measure, when it is not one spawned for the run (a peer's
+    /// server from its pid file, or `--broker-pid`).
+    pub broker_pid: Option<u32>,
+}
+
+impl Target {
+    /// `system` at its default address (tidings: in-process), measuring nothing.
+    #[cfg(test)]
+    pub fn plain(system: System, server: Option<&str>) -> Target {
+        Target {
+            system,
+            server: server.map(str::to_owned),
+            launch: server.map_or(Launch::InProcess, |s| Launch::External(s.to_owned())),
+            broker_pid: None,
+        }
+    }
+}
+
+/// Runs `job` on `target`, measuring the broker's peak RSS when its process is known.
 pub async fn run(
-    system: System,
-    server: Option<&str>,
+    target: &Target,
     job: &Job,
     deadline: Duration,
     drain: Duration,
 ) -> Result<RunReport> {
     job.validate()?;
+    let system = target.system;
     let workload = job.workload();
     system
         .supports(workload)
         .map_err(|reason| anyhow!("{system} cannot run {workload}: {reason}"))?;
     let common = Common::new(deadline, drain);
+    if system == System::Tidings {
+        let driver = TidingsDriver::new(&target.launch).await?;
+        let spawned = driver.broker_pid();
+        let sampler = spawned.or(target.broker_pid).map(Sampler::start);
+        let report = run_with(&driver, job, &common).await;
+        let peak = match sampler {
+            Some(s) => s.finish(spawned.is_some()).await,
+            None => None,
+        };
+        let stopped = driver.shutdown().await;
+        let mut report = report?;
+        describe(&mut report, target.launch.mode(), peak);
+        if let Err(e) = stopped {
+            report.add_error(format!("{e:#}"));
+        }
+        return Ok(report);
+    }
+    let sampler = target.broker_pid.map(Sampler::start);
+    let report = run_peer(system, target.server.as_deref(), job, &common).await;
+    let peak = match sampler {
+        Some(s) => s.finish(false).await,
+        None => None,
+    };
+    let mut report = report?;
+    describe(&mut report, "external", peak);
+    Ok(report)
+}
+
+/// Adds how the broker ran and its peak memory to `details`.
+fn describe(report: &mut RunReport, mode: &str, peak: Option<Peak>) {
+    report.details.insert("broker_mode".into(), mode.into());
+    if let Some(peak) = peak {
+        report.details.insert("rss_peak_kb".into(), peak.kb.into());
+        report.details.insert("rss_pid".into(), peak.pid.into());
+        report
+            .details
+            .insert("rss_method".into(), peak.method.name().into());
+    }
+}
+
+/// Runs `job` on a peer at `server` (its default address when `None`).
+async fn run_peer(
+    system: System,
+    server: Option<&str>,
+    job: &Job,
+    common: &Common,
+) -> Result<RunReport> {
     #[cfg(feature = "peers")]
     let addr = server.or(system.default_server()).unwrap_or_default();
     match system {
-        System::Tidings => {
-            let driver = TidingsDriver::new(server).await?;
-            let report = run_with(&driver, job, &common).await;
-            driver.shutdown().await;
-            report
-        }
+        System::Tidings => Err(anyhow!("tidings is not a peer")),
         #[cfg(feature = "peers")]
         System::Nats => {
             let driver = crate::driver::nats::NatsDriver::new(addr).await?;
-            run_with(&driver, job, &common).await
+            run_with(&driver, job, common).await
         }
         #[cfg(feature = "peers")]
         System::Jetstream => {
             let driver = crate::driver::jetstream::JetstreamDriver::new(addr).await?;
-            run_with(&driver, job, &common).await
+            run_with(&driver, job, common).await
         }
         #[cfg(feature = "peers")]
         System::Rabbitmq => {
             let driver = crate::driver::rabbitmq::RabbitDriver::new(addr).await?;
-            run_with(&driver, job, &common).await
+            run_with(&driver, job, common).await
         }
         #[cfg(feature = "peers")]
         System::Redis => {
             let driver = crate::driver::redis::RedisDriver::new(addr).await?;
-            run_with(&driver, job, &common).await
+            run_with(&driver, job, common).await
         }
         #[cfg(feature = "peers")]
         System::Mqtt => {
             let driver = crate::driver::mqtt::MqttDriver::new(addr)?;
-            run_with(&driver, job, &common).await
+            run_with(&driver, job, common).await
         }
         #[cfg(not(feature = "peers"))]
         other => {
-            let _ = server;
+            let _ = (server, job, common);
             Err(anyhow!(
                 "{other} needs the peer drivers, built with the `peers` feature: \
                  cargo run --release -p tidings-bench --features peers -- ..."
@@ -188,8 +257,7 @@ mod tests {
     async fn refused_combinations_fail_before_connecting() {
         let job = Job::scaled(Workload::Reqrep, 0.01);
         let err = run(
-            System::Redis,
-            Some("127.0.0.1:1"),
+            &Target::plain(System::Redis, Some("127.0.0.1:1")),
             &job,
             Duration::from_secs(1),
             Duration::from_secs(1),

@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! cargo run --release -p tidings-bench -- fanin                 # in-process broker
+//! cargo run --release -p tidings-bench -- fanin --spawn-broker  # a tidings-broker process
 //! cargo run --release -p tidings-bench -- fanin --server 127.0.0.1:7878 --json
 //! cargo run --release -p tidings-bench --features peers -- fanin --system nats
 //! cargo run --release -p tidings-bench --features peers -- compare --quick
 //! ```
 
+mod broker_process;
 mod compare;
 mod control;
 mod driver;
@@ -14,16 +16,20 @@ mod job;
 mod latency;
 mod payload;
 mod report;
+mod rss;
 mod tracker;
 mod workload;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 use crate::compare::CompareArgs;
 use crate::driver::System;
+use crate::driver::tidings::Launch;
 use crate::job::Job;
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
@@ -87,9 +93,25 @@ struct Target {
     #[arg(long, value_enum, default_value_t = System::Tidings)]
     system: System,
     /// Its address: host:port, or a URL for rabbitmq and redis. Default: the peer's
-    /// usual local port; for tidings, a broker started in this process.
+    /// usual local port; for tidings, a broker started in this process (or, with
+    /// --spawn-broker, a tidings-broker process).
     #[arg(long)]
     server: Option<String>,
+    /// tidings: run the broker as a separate tidings-broker process, as the peers run,
+    /// instead of inside the bench; the binary is the one beside this executable
+    /// (target/<profile>/tidings-broker) unless --broker-bin names one.
+    #[arg(long, conflicts_with = "server")]
+    spawn_broker: bool,
+    /// The tidings-broker binary to spawn; implies --spawn-broker.
+    #[arg(long, value_name = "PATH", conflicts_with = "server")]
+    broker_bin: Option<PathBuf>,
+    /// Measure the peak RSS of this process during the run. Default: the spawned
+    /// tidings broker, or a peer started by benches/peers/peers.sh (its pid file).
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
+    /// Where benches/peers/peers.sh keeps its pid files.
+    #[arg(long, env = "TIDINGS_PEERS_DIR", default_value = rss::DEFAULT_PEERS_DIR)]
+    peers_dir: PathBuf,
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -99,6 +121,42 @@ struct Target {
     /// How long receivers wait for stragglers once senders are done, milliseconds.
     #[arg(long, default_value_t = 2000)]
     drain_ms: u64,
+}
+
+impl Target {
+    /// Where the run goes: the broker to use or start, and the process to measure.
+    fn resolve(&self) -> anyhow::Result<job::Target> {
+        let spawn = self.spawn_broker || self.broker_bin.is_some();
+        if spawn && self.system != System::Tidings {
+            bail!(
+                "--spawn-broker and --broker-bin start a tidings broker: they need --system tidings"
+            );
+        }
+        let launch = match &self.server {
+            Some(addr) => Launch::External(addr.clone()),
+            None if spawn => match broker_process::locate(self.broker_bin.as_deref())? {
+                Some(bin) => Launch::Process(bin),
+                None => bail!(
+                    "--spawn-broker: no tidings-broker beside this executable; build it with \
+                     `cargo build --release -p tidings-broker` or pass --broker-bin PATH"
+                ),
+            },
+            None => Launch::InProcess,
+        };
+        // A peer's pid file describes the server on its default port only.
+        let broker_pid = self.broker_pid.or_else(|| {
+            self.server
+                .is_none()
+                .then(|| rss::peer_pid(self.system, &self.peers_dir))
+                .flatten()
+        });
+        Ok(job::Target {
+            system: self.system,
+            server: self.server.clone(),
+            launch,
+            broker_pid,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -133,9 +191,15 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     if !(target.deadline > 0.0 && target.deadline.is_finite()) {
         anyhow::bail!("--deadline must be a positive number of seconds");
     }
+    let resolved = target.resolve()?;
+    if let Launch::Process(bin) = &resolved.launch {
+        eprintln!("tidings: a tidings-broker process from {}", bin.display());
+        if let Some(warning) = broker_process::staleness_warning(bin) {
+            eprintln!("{warning}");
+        }
+    }
     let report = job::run(
-        target.system,
-        target.server.as_deref(),
+        &resolved,
         &job,
         Duration::from_secs_f64(target.deadline),
         Duration::from_millis(target.drain_ms),
@@ -195,6 +259,59 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    fn target(args: &[&str]) -> Target {
+        let cli =
+            Cli::try_parse_from(["tidings-bench", "fanin"].iter().chain(args)).expect("parses");
+        match cli.command {
+            Command::Fanin { target, .. } => target,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn how_the_tidings_broker_runs() {
+        let plain = target(&[]).resolve().expect("resolves");
+        assert_eq!(plain.launch, Launch::InProcess, "in-process by default");
+        let external = target(&["--server", "127.0.0.1:7878"])
+            .resolve()
+            .expect("resolves");
+        assert_eq!(external.launch, Launch::External("127.0.0.1:7878".into()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin = dir.path().join("tidings-broker");
+        std::fs::write(&bin, b"").expect("file written");
+        let bin_arg = bin.to_str().expect("utf-8 path");
+        let spawned = target(&["--broker-bin", bin_arg])
+            .resolve()
+            .expect("resolves");
+        assert_eq!(spawned.launch, Launch::Process(bin.clone()));
+        let err = target(&["--spawn-broker", "--broker-bin", "/nonexistent/b"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("no such file"), "{err}");
+        let err = target(&["--system", "nats", "--spawn-broker"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("--system tidings"), "{err}");
+        assert!(
+            Cli::try_parse_from([
+                "tidings-bench",
+                "fanin",
+                "--spawn-broker",
+                "--server",
+                "x:1"
+            ])
+            .is_err()
+        );
+        let measured = target(&["--broker-pid", "4242"])
+            .resolve()
+            .expect("resolves");
+        assert_eq!(measured.broker_pid, Some(4242));
+        let peer = target(&["--system", "redis", "--peers-dir", "/nonexistent"])
+            .resolve()
+            .expect("resolves");
+        assert_eq!(peer.broker_pid, None, "no pid file, nothing measured");
     }
 
     #[test]

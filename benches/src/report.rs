@@ -112,6 +112,33 @@ impl RunReport {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
+    /// Peak RSS of the broker process during the run, KiB, when it was measured.
+    pub fn rss_peak_kb(&self) -> Option<u64> {
+        self.details.get("rss_peak_kb").and_then(Value::as_u64)
+    }
+
+    /// How the broker ran and, when measured, its peak memory.
+    fn broker_line(&self) -> Option<String> {
+        let mode = self.details.get("broker_mode").and_then(Value::as_str)?;
+        let mut line = match mode {
+            "process" => "a tidings-broker process started for this run".to_owned(),
+            "in-process" => "in the bench's process, sharing its runtime".to_owned(),
+            other => other.to_owned(),
+        };
+        if let Some(kb) = self.rss_peak_kb() {
+            let pid = self.details.get("rss_pid").and_then(Value::as_u64);
+            let method = self.details.get("rss_method").and_then(Value::as_str);
+            let _ = write!(
+                line,
+                "; peak RSS {} (pid {}, {})",
+                mib(kb),
+                pid.unwrap_or(0),
+                method.unwrap_or("?")
+            );
+        }
+        Some(line)
+    }
+
     /// The human summary.
     pub fn human(&self) -> String {
         let mut out = String::new();
@@ -162,6 +189,9 @@ impl RunReport {
                 p90.map_or("-".to_owned(), |v| format!("{v:.1}"))
             );
         }
+        if let Some(line) = self.broker_line() {
+            let _ = writeln!(out, "  broker      {line}");
+        }
         for error in self.errors() {
             let _ = writeln!(out, "  error       {error}");
         }
@@ -184,6 +214,11 @@ impl RunReport {
         }
         out
     }
+}
+
+/// KiB as MiB with one decimal: `19016` -> `18.6 MiB`.
+pub fn mib(kb: u64) -> String {
+    format!("{:.1} MiB", kb as f64 / 1024.0)
 }
 
 /// `x` rounded to a whole count. Float-to-int `as` saturates (NaN gives 0), which is
@@ -273,6 +308,27 @@ mod tests {
         assert_eq!(obj["system"], "tidings");
         assert_eq!(obj["p99_us"], 30.0);
         assert_eq!(obj["details"]["p90_us"], 20.0);
+    }
+
+    #[test]
+    fn the_broker_line_names_the_mode_and_the_peak() {
+        let mut r = sample(0);
+        assert!(!r.human().contains("broker "), "no mode, no line");
+        r.details.insert("broker_mode".into(), "in-process".into());
+        assert!(r.human().contains("sharing its runtime"), "{}", r.human());
+        r.details.insert("broker_mode".into(), "process".into());
+        r.details.insert("rss_peak_kb".into(), 19_016.into());
+        r.details.insert("rss_pid".into(), 42.into());
+        r.details.insert("rss_method".into(), "VmHWM".into());
+        assert_eq!(r.rss_peak_kb(), Some(19_016));
+        let text = r.human();
+        assert!(
+            text.contains(
+                "tidings-broker process started for this run; peak RSS 18.6 MiB (pid 42, VmHWM)"
+            ),
+            "{text}"
+        );
+        assert_eq!(mib(1024), "1.0 MiB");
     }
 
     #[test]

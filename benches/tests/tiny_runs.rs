@@ -1,7 +1,8 @@
 //! End to end: the `tidings-bench` binary runs tiny `fanin`, `reqrep` and `queue` workloads
-//! against a tidings broker it starts in-process on 127.0.0.1:0, and its JSON says
-//! nothing was lost.
+//! against a tidings broker it starts in-process on 127.0.0.1:0, and a tiny `fanin`
+//! against a `tidings-broker` process it spawns; its JSON says nothing was lost.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -96,4 +97,54 @@ async fn refused_combinations_exit_non_zero_with_the_reason() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("redis cannot run reqrep"), "{stderr}");
+}
+
+/// The broker binary cargo built beside the bench (`target/<profile>/tidings-broker`).
+/// `cargo test --workspace` (what CI runs) builds every workspace binary before any
+/// test runs; `cargo test -p tidings-bench` alone does not build it.
+fn broker_binary() -> Option<PathBuf> {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_tidings-bench"));
+    let bin = bench
+        .parent()?
+        .join(format!("tidings-broker{}", std::env::consts::EXE_SUFFIX));
+    bin.is_file().then_some(bin)
+}
+
+#[tokio::test]
+async fn tiny_fanin_against_a_spawned_broker_process_measures_its_memory() {
+    let Some(bin) = broker_binary() else {
+        eprintln!(
+            "SKIPPED: no tidings-broker beside {}; build it first \
+             (`cargo build -p tidings-broker`, or run `cargo test --workspace`)",
+            env!("CARGO_BIN_EXE_tidings-bench")
+        );
+        return;
+    };
+    let bin = bin.to_str().expect("a UTF-8 path");
+    let report = run_bench(&["fanin", "--messages", "3000", "--broker-bin", bin]).await;
+    assert_clean(&report, "fanin");
+    let details = &report["details"];
+    assert_eq!(details["broker_mode"], "process", "{report}");
+    assert_eq!(details["rss_method"], "VmHWM", "{report}");
+    let kb = details["rss_peak_kb"].as_u64().unwrap_or(0);
+    // A live broker holds at least a few hundred KiB, and far less than 4 GiB here.
+    assert!((256..4 * 1024 * 1024).contains(&kb), "{report}");
+    assert!(details["rss_pid"].as_u64().is_some(), "{report}");
+    assert!(
+        details.get("errors").is_none(),
+        "the broker stops cleanly on SIGTERM: {report}"
+    );
+
+    // Found without --broker-bin too: it sits beside the bench executable.
+    let report = run_bench(&["fanin", "--messages", "500", "--spawn-broker"]).await;
+    assert_clean(&report, "fanin");
+    assert_eq!(report["details"]["broker_mode"], "process", "{report}");
+}
+
+#[tokio::test]
+async fn in_process_runs_say_so() {
+    let report = run_bench(&["fanin", "--messages", "200"]).await;
+    assert_clean(&report, "fanin");
+    assert_eq!(report["details"]["broker_mode"], "in-process", "{report}");
+    assert!(report["details"].get("rss_peak_kb").is_none(), "{report}");
 }

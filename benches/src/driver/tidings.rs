@@ -1,53 +1,107 @@
-//! The tidings driver: the real tidings client over TCP, to a given broker or to one
-//! started in this process on 127.0.0.1:0 with a temporary data dir.
+//! The tidings driver: the real tidings client over TCP, to a given broker, to a
+//! `tidings-broker` process started for the run, or to a broker started in this
+//! process; the last two on 127.0.0.1 with a free port and a temporary data dir.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use tidings_broker::{Broker, BrokerHandle, Config};
+use tidings_broker::{BrokerHandle, Config};
 use tidings_client::{Client, Consumer, Event, Events, Message, QueueConfig, Subscription};
 use tokio_util::sync::CancellationToken;
+
+use crate::broker_process::BrokerProcess;
 
 use super::{ConfirmWindow, Driver, Producer, Publisher, Requester, Responder, Source, System};
 
 /// How long one request may wait for its reply before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to `addr`, or owns the in-process broker it started.
+/// Where the tidings broker of a run comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launch {
+    /// A broker already running at this address.
+    External(String),
+    /// A `tidings-broker` process started from this binary for the run, like the peers
+    /// run in processes of their own.
+    Process(PathBuf),
+    /// A broker started inside the bench's process, sharing its tokio runtime (and
+    /// its cores) with the clients: the fallback when no broker binary is at hand.
+    InProcess,
+}
+
+impl Launch {
+    /// The name used in the JSON `details.broker_mode`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Launch::External(_) => "external",
+            Launch::Process(_) => "process",
+            Launch::InProcess => "in-process",
+        }
+    }
+}
+
+/// The broker a driver talks to, and what it must stop at the end.
+enum Broker {
+    External,
+    // Field order matters: the broker stops before its data dir is removed.
+    Embedded(BrokerHandle, tempfile::TempDir),
+    Process(BrokerProcess),
+}
+
+/// Connects to a broker, owning it when it started one for the run.
 pub struct TidingsDriver {
     addr: String,
-    // Field order matters: the broker stops before its data dir is removed.
-    embedded: Option<BrokerHandle>,
-    _data: Option<tempfile::TempDir>,
+    broker: Broker,
 }
 
 impl TidingsDriver {
-    /// Targets the broker at `server`, or starts one in this process when `None`.
-    pub async fn new(server: Option<&str>) -> Result<TidingsDriver> {
-        if let Some(addr) = server {
-            return Ok(TidingsDriver {
-                addr: addr.to_owned(),
-                embedded: None,
-                _data: None,
-            });
+    /// Targets, starts or spawns the broker as `launch` says.
+    pub async fn new(launch: &Launch) -> Result<TidingsDriver> {
+        match launch {
+            Launch::External(addr) => Ok(TidingsDriver {
+                addr: addr.clone(),
+                broker: Broker::External,
+            }),
+            Launch::Process(bin) => {
+                let process = BrokerProcess::start(bin).await?;
+                Ok(TidingsDriver {
+                    addr: process.addr().to_string(),
+                    broker: Broker::Process(process),
+                })
+            }
+            Launch::InProcess => {
+                let data = tempfile::tempdir().context("creating a temporary data dir")?;
+                let broker = tidings_broker::Broker::start(Config::for_test(data.path()))
+                    .await
+                    .context("starting the in-process broker")?;
+                Ok(TidingsDriver {
+                    addr: broker.local_addr().to_string(),
+                    broker: Broker::Embedded(broker, data),
+                })
+            }
         }
-        let data = tempfile::tempdir().context("creating a temporary data dir")?;
-        let broker = Broker::start(Config::for_test(data.path()))
-            .await
-            .context("starting the in-process broker")?;
-        Ok(TidingsDriver {
-            addr: broker.local_addr().to_string(),
-            embedded: Some(broker),
-            _data: Some(data),
-        })
     }
 
-    /// Stops the in-process broker, if this driver started one.
-    pub async fn shutdown(self) {
-        if let Some(broker) = self.embedded {
-            broker.shutdown().await;
+    /// The broker process's id, when this driver spawned one.
+    pub fn broker_pid(&self) -> Option<u32> {
+        match &self.broker {
+            Broker::Process(process) => Some(process.pid()),
+            _ => None,
+        }
+    }
+
+    /// Stops the broker this driver started, if any; an unclean exit is an error.
+    pub async fn shutdown(self) -> Result<()> {
+        match self.broker {
+            Broker::External => Ok(()),
+            Broker::Embedded(broker, _data) => {
+                broker.shutdown().await;
+                Ok(())
+            }
+            Broker::Process(process) => process.stop().await,
         }
     }
 

@@ -99,7 +99,7 @@ struct Target {
     server: Option<String>,
     /// tidings: run the broker as a separate tidings-broker process, as the peers run,
     /// instead of inside the bench; the binary is the one beside this executable
-    /// (target/<profile>/tidings-broker) unless --broker-bin names one.
+    /// (target/PROFILE/tidings-broker) unless --broker-bin names one.
     #[arg(long, conflicts_with = "server")]
     spawn_broker: bool,
     /// The tidings-broker binary to spawn; implies --spawn-broker.

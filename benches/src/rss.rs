@@ -62,7 +62,12 @@ pub fn peer_pid_file(system: System) -> Option<(&'static str, &'static str)> {
 /// that process is alive and is the expected program.
 pub fn peer_pid(system: System, dir: &Path) -> Option<u32> {
     let (file, program) = peer_pid_file(system)?;
-    let pid = parse_pid(&std::fs::read_to_string(dir.join(file)).ok()?)?;
+    live_pid(&dir.join(file), program)
+}
+
+/// The pid in `file` if that process is alive and runs `program`.
+fn live_pid(file: &Path, program: &str) -> Option<u32> {
+    let pid = parse_pid(&std::fs::read_to_string(file).ok()?)?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     (comm.trim() == program).then_some(pid)
 }
@@ -210,6 +215,29 @@ mod tests {
             .expect("pid file written");
         assert_eq!(peer_pid(System::Nats, dir.path()), None);
         assert_eq!(peer_pid(System::Redis, dir.path()), None, "no redis.pid");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_live_pid_file_is_read() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("x.pid");
+        std::fs::write(&file, format!("{}\n", child.id())).expect("pid file written");
+        let found = live_pid(&file, "sleep");
+        let other = live_pid(&file, "nats-server");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found, Some(child.id()));
+        assert_eq!(other, None);
+        assert_eq!(
+            live_pid(&file, "sleep"),
+            None,
+            "a dead process is not measured"
+        );
     }
 
     #[cfg(target_os = "linux")]

@@ -11,6 +11,19 @@
 //! sled. Writes from all queues and connections meet in one group commit on the
 //! store thread; confirms resolve when it is durable per the [`FsyncPolicy`].
 //!
+//! # What the limits count
+//!
+//! `max_length` and `max_bytes` count the messages a queue holds that no consumer
+//! holds right now: ready ones (in memory or paged out), delayed ones, and ones
+//! still waiting for their group commit; `max_bytes` counts their payload bytes
+//! only (not topic or headers). Delivered, unacked messages do not count, as in
+//! RabbitMQ, so a consumer's prefetch cannot make a queue refuse publishes; they do
+//! count in [`QueueInfo`]'s `depth` and `bytes`, which can therefore exceed the
+//! limits by what is in flight. A nacked or timed-out message coming back is never
+//! refused. With drop-head a publish always fits by dropping the oldest ready
+//! message (paged in from the store if needed; counted in the `dropped` stat) and is
+//! refused only when everything counted is delayed.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use tidings_broker::queue::{EngineConfig, QueueEngine};

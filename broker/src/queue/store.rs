@@ -105,6 +105,8 @@ pub(crate) const CHUNK_MAX_ENTRIES: usize = 64;
 pub(crate) const CHUNK_MAX_BYTES: usize = 8 << 10;
 /// Most seqs one chunk spans (gaps included), bounding its bitmap.
 const CHUNK_MAX_SPAN: u64 = 1024;
+/// How long opening waits for another store in this process to release the files.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Chunk states the writer keeps between rounds; past this it forgets them all and
 /// reads bitmaps back from sled as needed.
 const CHUNK_CACHE_MAX: usize = 65_536;
@@ -686,12 +688,12 @@ impl Store {
             // sync_file_range calls that promise nothing.
             FsyncPolicy::Always | FsyncPolicy::Interval(_) => None,
         };
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&dir)
             .cache_capacity(config.cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(flush_every)
-            .open()
+            .flush_every_ms(flush_every);
+        let db = open_sled(&sled_config)
             .map_err(|e| StoreError::io(&format!("opening sled at {}", dir.display()), e))?;
         let data = db
             .open_tree("messages")
@@ -841,6 +843,25 @@ impl Drop for Store {
         let mut p = self.shared.lock();
         p.shutdown = true;
         self.shared.wake.notify_one();
+    }
+}
+
+/// Opens sled, waiting up to [`LOCK_WAIT`] for the lock on its files. sled's I/O
+/// threads finish a write and report it stable a moment before they let go of the
+/// file, so a store reopened right after another one in this process shut down
+/// (a restart in tests, a queue engine rebuilt) can find the lock still held.
+fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(err))
+                if err.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Waker;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -28,6 +29,7 @@ use crate::error::{CallError, ConnectError, ServerError};
 use crate::events::Event;
 use crate::message::Message;
 use crate::options::ClientBuilder;
+use crate::sub_buffer::{Push, SubBuffer};
 
 /// The subscription id of the client's private request inbox.
 pub(crate) const INBOX_SID: u32 = 0;
@@ -62,8 +64,8 @@ pub(crate) enum Command {
         sid: u32,
         pattern: Text,
         group: Option<Text>,
-        tx: mpsc::Sender<Message>,
-        dropped: Arc<AtomicU64>,
+        buffer: Arc<SubBuffer>,
+        stalls: Arc<AtomicU64>,
         reply: Reply,
     },
     Unsubscribe {
@@ -238,8 +240,16 @@ enum Pending {
 struct Sub {
     pattern: Text,
     group: Option<Text>,
-    tx: mpsc::Sender<Message>,
-    dropped: Arc<AtomicU64>,
+    buffer: Arc<SubBuffer>,
+    /// Times this subscription's full buffer held the connection back.
+    stalls: Arc<AtomicU64>,
+}
+
+impl Drop for Sub {
+    /// The subscription's stream ends once it has taken what is buffered.
+    fn drop(&mut self) {
+        self.buffer.end();
+    }
 }
 
 struct ConsumerEntry {
@@ -267,6 +277,11 @@ pub(crate) struct Task {
     held: Vec<OwnedSemaphorePermit>,
     flushes: Vec<oneshot::Sender<bool>>,
     epoch: u64,
+    /// A message whose subscription's buffer was full: reading stops until it
+    /// is buffered (backpressure, never a drop).
+    stalled: Option<(u32, Message)>,
+    /// Subscriptions to wake once the current read is handled.
+    wakers: Vec<Waker>,
 }
 
 impl Task {
@@ -295,6 +310,8 @@ impl Task {
             held: Vec::new(),
             flushes: Vec::new(),
             epoch,
+            stalled: None,
+            wakers: Vec::new(),
         }
     }
 
@@ -472,6 +489,7 @@ impl Task {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        self.stalled = None;
         if let Err(end) = self.decode_all(&mut rbuf) {
             return end;
         }
@@ -489,8 +507,29 @@ impl Task {
                 rbuf.reserve(64 * 1024);
             }
             let take_commands = self.wbuf.len() < HIGH_WATER;
+            let was_stalled = self.stalled.is_some();
+            let stalled = self.stalled_buffer();
+            if was_stalled && self.stalled.is_none() {
+                // A held message was for a subscription that ended: go on with
+                // the frames behind it.
+                if let Err(end) = self.decode_all(&mut rbuf) {
+                    return end;
+                }
+            }
+            let reading = self.stalled.is_none();
             tokio::select! {
-                read = reader.read_buf(&mut rbuf) => match read {
+                _ = async {
+                    match &stalled {
+                        Some(buffer) => buffer.space().await,
+                        None => std::future::pending().await,
+                    }
+                }, if stalled.is_some() => {
+                    self.retry_stalled();
+                    if let Err(end) = self.decode_all(&mut rbuf) {
+                        return end;
+                    }
+                },
+                read = reader.read_buf(&mut rbuf), if reading => match read {
                     Ok(0) => return SessionEnd::Lost("the broker closed the connection".into()),
                     Ok(_) => {
                         last_read = Instant::now();
@@ -523,6 +562,15 @@ impl Task {
                 _ = tick.tick() => {
                     self.sweep();
                     if let Some(hb) = heartbeat {
+                        if !reading {
+                            // Not reading is our choice (a full subscription), not
+                            // a silent broker; keep the broker sure we are alive.
+                            last_read = Instant::now();
+                            if last_write.elapsed() > hb / 2 {
+                                self.encode(&Frame::Ping(Ping));
+                                last_write = Instant::now();
+                            }
+                        }
                         if last_read.elapsed() > hb * 3 {
                             return SessionEnd::Lost(format!(
                                 "no data from the broker for {:?} (heartbeat {hb:?})",
@@ -580,8 +628,16 @@ impl Task {
         }
     }
 
+    /// Handles every whole frame in `rbuf`, unless a full subscription stops it;
+    /// then wakes the subscriptions that got messages.
     fn decode_all(&mut self, rbuf: &mut BytesMut) -> Result<(), SessionEnd> {
-        loop {
+        let result = self.decode_frames(rbuf);
+        self.wake_subscriptions();
+        result
+    }
+
+    fn decode_frames(&mut self, rbuf: &mut BytesMut) -> Result<(), SessionEnd> {
+        while self.stalled.is_none() {
             match self.codec.decode(rbuf) {
                 Ok(Some(frame)) => self.frame(frame)?,
                 Ok(None) => return Ok(()),
@@ -593,6 +649,7 @@ impl Task {
                 Err(e) => warn!(error = %e, "skipped a frame from the broker"),
             }
         }
+        Ok(())
     }
 
     /// Appends a frame to the write buffer. Only frames with fields too long for
@@ -660,8 +717,8 @@ impl Task {
                 sid,
                 pattern,
                 group,
-                tx,
-                dropped,
+                buffer,
+                stalls,
                 reply,
             } => {
                 let frame = Frame::Subscribe(Subscribe {
@@ -675,8 +732,8 @@ impl Task {
                     Sub {
                         pattern,
                         group,
-                        tx,
-                        dropped,
+                        buffer,
+                        stalls,
                     },
                 );
                 self.send_tracked(
@@ -927,38 +984,63 @@ impl Task {
             return;
         };
         self.pending.remove(&id);
-        let _ = reply.send(Ok(Message::from_frame(m, Some(self.handle.clone()))));
+        let _ = reply.send(Ok(Message::from_frame(m, &self.handle)));
     }
 
     fn sub_message(&mut self, m: tidings_protocol::Message) {
         let sid = m.sid;
-        let Some(sub) = self.subs.get(&sid) else {
+        if !self.subs.contains_key(&sid) {
             // Raced with an unsubscribe; the broker stops soon.
             return;
+        }
+        self.push_to(sid, Message::from_frame(m, &self.handle));
+    }
+
+    /// Buffers a message for subscription `sid`; when its buffer is full, the
+    /// message is held and reading stops until the subscription makes room.
+    fn push_to(&mut self, sid: u32, m: Message) {
+        let Some(sub) = self.subs.get(&sid) else {
+            return;
         };
-        match sub
-            .tx
-            .try_send(Message::from_frame(m, Some(self.handle.clone())))
-        {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let dropped = sub.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                // Report at powers of two: visible, but never a flood.
-                if dropped.is_power_of_two() {
-                    warn!(
-                        sid,
-                        dropped, "subscription not polled fast enough; dropping messages"
-                    );
-                    let _ = self
-                        .handle
-                        .shared
-                        .events
-                        .send(Event::SlowSubscription { sid, dropped });
-                }
+        match sub.buffer.push(m) {
+            Push::Queued(Some(waker)) => self.wakers.push(waker),
+            Push::Queued(None) => {}
+            Push::Full(m) => {
+                sub.stalls.fetch_add(1, Ordering::Relaxed);
+                self.stalled = Some((sid, m));
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Push::Gone => {
                 self.subs.remove(&sid);
                 self.send_unsubscribe(sid, None);
+            }
+        }
+    }
+
+    /// Retries the held message once its subscription made room.
+    fn retry_stalled(&mut self) {
+        if let Some((sid, m)) = self.stalled.take() {
+            self.push_to(sid, m);
+        }
+        self.wake_subscriptions();
+    }
+
+    /// Wakes each subscription that got messages since the last call: once per
+    /// read, not once per message.
+    fn wake_subscriptions(&mut self) {
+        for waker in self.wakers.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// The buffer of the subscription the held message waits for.
+    fn stalled_buffer(&mut self) -> Option<Arc<SubBuffer>> {
+        let sid = self.stalled.as_ref()?.0;
+        match self.subs.get(&sid) {
+            Some(sub) => Some(sub.buffer.clone()),
+            None => {
+                // Unsubscribed meanwhile: its message goes nowhere.
+                self.stalled = None;
+                None
             }
         }
     }

@@ -24,6 +24,8 @@ pub enum Event {
         reason: String,
     },
     /// A subscription was not polled fast enough and a message for it was dropped.
+    /// No longer sent: a full subscription holds its connection back instead of
+    /// dropping (see [`crate::Subscription`]); kept so that matches still compile.
     SlowSubscription {
         /// The subscription's id.
         sid: u32,

@@ -74,6 +74,7 @@ mod message;
 mod options;
 mod queue;
 mod request;
+mod sub_buffer;
 mod subscriber;
 
 pub use client::{Client, Confirmation, Stats};

@@ -151,12 +151,10 @@ impl Message {
         }
     }
 
-    pub(crate) fn from_frame(frame: tidings_protocol::Message, handle: Option<Handle>) -> Self {
-        let responder = if frame.reply_to.is_some() {
-            handle
-        } else {
-            None
-        };
+    /// A received message; `handle` is cloned only when the message carries a
+    /// reply topic, so plain messages cost no reference-count traffic.
+    pub(crate) fn from_frame(frame: tidings_protocol::Message, handle: &Handle) -> Self {
+        let responder = frame.reply_to.is_some().then(|| handle.clone());
         Self {
             topic: frame.topic,
             payload: frame.payload,

@@ -103,6 +103,7 @@ pub struct ClientBuilder {
     pub(crate) reconnect: ReconnectPolicy,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) subscription_capacity: usize,
+    pub(crate) subscription_max_bytes: usize,
     pub(crate) offline_wait: Duration,
 }
 
@@ -122,6 +123,7 @@ impl ClientBuilder {
             reconnect: ReconnectPolicy::default(),
             max_buffered_bytes: 8 * 1024 * 1024,
             subscription_capacity: 4096,
+            subscription_max_bytes: 4 * 1024 * 1024,
             offline_wait: Duration::from_secs(5),
         }
     }
@@ -196,8 +198,9 @@ impl ClientBuilder {
         self
     }
 
-    /// How many messages each [`crate::Subscription`] holds before new ones are
-    /// dropped (and counted) because it is not being polled. Default: 4096.
+    /// How many messages each [`crate::Subscription`] holds before its connection
+    /// stops reading until the subscription makes room (backpressure; nothing is
+    /// dropped). Default: 4096.
     ///
     /// ```
     /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
@@ -205,6 +208,19 @@ impl ClientBuilder {
     /// ```
     pub fn subscription_capacity(mut self, messages: usize) -> Self {
         self.subscription_capacity = messages.max(1);
+        self
+    }
+
+    /// How many bytes (payloads, topics and headers) each [`crate::Subscription`]
+    /// holds before its connection stops reading until the subscription makes
+    /// room. A single larger message still gets through. Default: 4 MiB.
+    ///
+    /// ```
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .subscription_max_bytes(16 << 20);
+    /// ```
+    pub fn subscription_max_bytes(mut self, bytes: usize) -> Self {
+        self.subscription_max_bytes = bytes.max(1);
         self
     }
 

@@ -7,12 +7,12 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use tidings_protocol::{Pattern, Text};
-use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::connection::Command;
 use crate::error::SubscribeError;
 use crate::message::Message;
+use crate::sub_buffer::{SubBuffer, Taker};
 
 impl Client {
     /// Subscribes to every topic matching `pattern` (`*` matches one token, `>` one
@@ -56,25 +56,29 @@ impl Client {
         })?;
         let handle = self.handle();
         let sid = handle.shared.next_sid();
-        let (tx, rx) = mpsc::channel(handle.shared.opts.subscription_capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let counter = dropped.clone();
+        let opts = &handle.shared.opts;
+        let buffer = Arc::new(SubBuffer::new(
+            opts.subscription_capacity,
+            opts.subscription_max_bytes,
+        ));
+        let stalls = Arc::new(AtomicU64::new(0));
         handle
             .call_with(|id, reply| Command::Subscribe {
                 id,
                 sid,
                 pattern: pattern.clone(),
                 group,
-                tx,
-                dropped: counter,
+                buffer: buffer.clone(),
+                stalls: stalls.clone(),
                 reply,
             })
             .await?;
         Ok(Subscription {
             sid,
             pattern,
-            rx,
-            dropped,
+            buffer,
+            taker: Taker::new(),
+            stalls,
             client: self.clone(),
             active: true,
         })
@@ -85,13 +89,23 @@ impl Client {
 ///
 /// # Buffering and slow subscribers
 ///
-/// Each subscription buffers up to `subscription_capacity` messages (see
-/// [`crate::ClientBuilder::subscription_capacity`]). When it is full because the
-/// stream is not polled, new messages for it are **dropped** and counted
-/// ([`Subscription::dropped`], plus an [`crate::Event::SlowSubscription`]); the
-/// connection keeps reading, so other subscriptions, requests and consumers are
-/// never held up by one slow reader, and memory stays bounded. Subscriptions are
-/// at-most-once; use a durable queue when every message matters.
+/// Each subscription buffers up to `subscription_capacity` messages and
+/// `subscription_max_bytes` bytes (see [`crate::ClientBuilder::subscription_capacity`]
+/// and [`crate::ClientBuilder::subscription_max_bytes`]). Messages are never
+/// dropped in the client: when the buffer is full because the stream is not polled
+/// fast enough, the connection **stops reading** from the socket until the
+/// subscription makes room (backpressure; counted in [`Subscription::stalls`]).
+/// TCP then pushes back on the broker, so memory stays bounded on both sides.
+///
+/// The price: one slow subscription slows its whole connection — the other
+/// subscriptions, request replies and queue deliveries on the same client wait
+/// with it. Give a subscriber that may fall behind a client of its own. If it
+/// stays behind long enough for the broker's outbound bound
+/// (`--max-pending-bytes`) to fill, the broker's slow-consumer policy applies
+/// (by default it disconnects the client), which protects the broker and the
+/// other clients. Subscriptions are at-most-once (messages published while the
+/// connection is down are not seen); use a durable queue when every message
+/// matters.
 ///
 /// After a reconnect the subscription is restored with the same id; messages
 /// published while the connection was down are not seen.
@@ -106,8 +120,9 @@ impl Client {
 pub struct Subscription {
     sid: u32,
     pattern: Text,
-    rx: mpsc::Receiver<Message>,
-    dropped: Arc<AtomicU64>,
+    buffer: Arc<SubBuffer>,
+    taker: Taker,
+    stalls: Arc<AtomicU64>,
     client: Client,
     active: bool,
 }
@@ -132,14 +147,22 @@ impl Subscription {
         &self.pattern
     }
 
-    /// Messages dropped because this subscription's buffer was full.
+    /// Messages dropped because this subscription's buffer was full: always 0,
+    /// since a full buffer now holds the connection back instead (see
+    /// [`Subscription::stalls`]). Kept so that code checking it goes on working.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        0
+    }
+
+    /// How many times this subscription's full buffer made its connection stop
+    /// reading until it made room.
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
     }
 
     /// The next message, or `None` once the subscription has ended. Cancel safe.
     pub async fn next_message(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.taker.poll_next(&self.buffer, cx)).await
     }
 
     /// Ends the subscription and waits for the broker to confirm.
@@ -161,12 +184,14 @@ impl Stream for Subscription {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
+        let this = &mut *self;
+        this.taker.poll_next(&this.buffer, cx)
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.buffer.drop_receiver();
         if self.active {
             let _ = self.client.handle().send(Command::Unsubscribe {
                 sid: self.sid,

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use bytes::BytesMut;
+
 use tidings_protocol::{
     Direction, ErrorCode, ErrorReply, Frame, Message, OkReply, Pattern, Pong, Publish, StatsReply,
     Subscribe, Topic, Unsubscribe,
@@ -11,7 +13,7 @@ use tracing::debug;
 
 use super::queue_ops::{self, QueueSession};
 use super::writer::{ConnId, Outbox};
-use crate::router::RouterError;
+use crate::router::{RouteMemo, RouterError};
 use crate::server::Shared;
 
 /// One established connection: who it is, where its replies go, and its queue
@@ -21,6 +23,11 @@ pub(crate) struct Session {
     pub(crate) outbox: Outbox,
     pub(crate) shared: Arc<Shared>,
     pub(crate) queues: QueueSession,
+    /// This connection's last published topic and its route.
+    pub(crate) memo: RouteMemo,
+    /// Where a published message is encoded once before it is copied to each
+    /// subscriber.
+    pub(crate) scratch: BytesMut,
 }
 
 impl Session {
@@ -87,7 +94,11 @@ impl Session {
         let stats = &self.shared.stats;
         stats.message_in();
         let request_id = p.request_id.unwrap_or(0);
-        if let Err(err) = Topic::validate(&p.topic) {
+        // The memo holds only a topic that was valid: the same topic again (the
+        // common case) needs no second check.
+        if !self.memo.is_last(&p.topic)
+            && let Err(err) = Topic::validate(&p.topic)
+        {
             return self.reply_error(
                 request_id,
                 ErrorCode::InvalidTopic,
@@ -114,7 +125,7 @@ impl Session {
                 ),
             );
         }
-        let route = self.shared.router.route(&p.topic);
+        let route = self.shared.router.route_memo(&p.topic, &mut self.memo);
         if p.check_responders && route.is_empty() {
             return self.reply_error(
                 request_id,
@@ -130,7 +141,7 @@ impl Session {
                 headers: p.headers.clone(),
                 payload: p.payload.clone(),
             };
-            let sent = route.deliver(&message);
+            let sent = route.deliver_with(&message, &mut self.scratch);
             self.shared.stats.messages_out(sent);
         }
         queue_ops::publish(self, p).await;

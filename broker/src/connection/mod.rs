@@ -32,7 +32,7 @@ use crate::server::Shared;
 use dispatch::Session;
 
 /// Read-buffer space made available before each read.
-const READ_CHUNK: usize = 32 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 /// After the last frame is written, how long to keep reading (and discarding) so
 /// the peer sees our final frame before a reset caused by its unread data.
 const LINGER: Duration = Duration::from_millis(500);
@@ -82,6 +82,8 @@ pub(crate) async fn serve(
         outbox: outbox.clone(),
         shared: shared.clone(),
         queues: queue_ops::QueueSession::default(),
+        memo: Default::default(),
+        scratch: BytesMut::new(),
     };
 
     let ending = reader.run(&mut session, &signals).await;
@@ -233,11 +235,22 @@ impl Reader {
                 }
                 read = self.next(stats) => read,
             };
-            match read {
-                Ok(Read::Frame(frame)) => session.dispatch(frame).await,
-                Ok(Read::Skipped(err)) => session.reply_error(0, err.code(), err.to_string()),
-                Ok(Read::Closed) => return Ending::Quiet,
-                Err(err) => return close(err.code(), err.to_string()),
+            let mut read = read;
+            // Every frame already in the buffer is handled before the next select:
+            // one pass of the select per read, not per frame.
+            loop {
+                match read {
+                    Ok(Read::Frame(frame)) => session.dispatch(frame).await,
+                    Ok(Read::Skipped(err)) => session.reply_error(0, err.code(), err.to_string()),
+                    Ok(Read::Closed) => return Ending::Quiet,
+                    Err(err) => return close(err.code(), err.to_string()),
+                }
+                read = match self.codec.decode(&mut self.buf) {
+                    Ok(Some(frame)) => Ok(Read::Frame(frame)),
+                    Ok(None) => break,
+                    Err(err) if !err.is_fatal() => Ok(Read::Skipped(err)),
+                    Err(err) => Err(err),
+                };
             }
         }
     }

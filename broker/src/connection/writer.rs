@@ -1,15 +1,16 @@
 //! `Outbox`, the outbound handle of one connection, and the writer task that drains
-//! it: a queue bounded in bytes, coalesced into one buffer per write syscall.
+//! it: frames encoded as they are queued into one buffer bounded in bytes, which
+//! the writer takes whole for each write.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use thiserror::Error;
 use tidings_protocol::{ErrorCode, ErrorReply, Frame};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -30,29 +31,41 @@ impl std::fmt::Display for ConnId {
 #[error("connection closed")]
 pub struct Closed;
 
-/// Stop encoding more frames into one write buffer past this size, so a burst is
-/// written in pieces rather than staged whole.
-const WRITE_SOFT_LIMIT: usize = 256 * 1024;
-/// Frames taken off the queue per wake-up.
-const BATCH: usize = 256;
+/// A drained write buffer larger than this is not kept for reuse, so one burst does
+/// not pin its peak in memory for the life of the connection.
+const KEEP_CAPACITY: usize = 1024 * 1024;
+/// What a fresh write buffer starts with.
+const INITIAL_CAPACITY: usize = 16 * 1024;
 /// After a slow consumer is cut off, how long the writer keeps trying to finish the
 /// frame in progress and the ERROR frame before it closes regardless.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_millis(250);
+/// Where the subscription id sits in an encoded MESSAGE frame: after the length
+/// (4 bytes), kind and flags (1 byte each); see PROTOCOL.md.
+const MESSAGE_SID_OFFSET: usize = 6;
 
-// Frames are moved, not boxed: a box would cost an allocation per frame sent, and
-// the data-less `Close` is sent once per connection.
-#[allow(clippy::large_enum_variant)]
-enum Item {
-    Frame(Frame, usize),
-    /// Write everything queued before this, then close the socket.
-    Close,
+/// What senders append to and the writer takes whole.
+struct Queue {
+    /// Encoded frames, in order, not yet taken by the writer.
+    buf: BytesMut,
+    /// Bytes the writer took and has not finished writing; they still count
+    /// against the bound.
+    in_flight: usize,
+    /// Write everything queued, then shut the socket down.
+    closing: bool,
+    /// The most this connection has had pending, as last reported to the stats.
+    reported_peak: usize,
 }
 
 struct Shared {
     conn: ConnId,
     max_pending: usize,
-    pending: AtomicUsize,
+    queue: Mutex<Queue>,
+    /// Wakes the writer; senders notify only when the queue goes from empty to
+    /// non-empty, so a burst costs one wake-up, not one per frame.
+    wake: Notify,
     closed: AtomicBool,
+    /// Set when every [`Outbox`] is gone: nothing more can be queued.
+    orphaned: AtomicBool,
     /// Set when the connection must stop at once (slow consumer, write error, or a
     /// graceful close that ran out of time). The reader watches it too.
     abort: CancellationToken,
@@ -60,20 +73,43 @@ struct Shared {
     stats: Arc<Stats>,
 }
 
+impl Shared {
+    // A panic while the lock is held cannot leave the buffer other than as a
+    // sequence of whole frames plus, at worst, a truncated tail that `send`
+    // removes itself; poisoning is ignored rather than spread.
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Marks the outbox orphaned when its last clone is dropped.
+struct Senders(Arc<Shared>);
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.0.orphaned.store(true, Ordering::Release);
+        self.0.wake.notify_one();
+    }
+}
+
 /// The outbound side of one connection: a cheap, cloneable handle through which any
 /// part of the broker (the router, the durable-queue engine, the connection's own
 /// replies) queues frames for that client.
 ///
-/// The queue is bounded in bytes (`--max-pending-bytes`): frames count from the
-/// moment they are queued until the write that carries them completes. A send that
-/// would exceed the bound applies the slow-consumer policy: the connection is sent
-/// ERROR `SlowConsumer` (best effort), closed, and counted in the stats; the send
-/// and every later one return [`Closed`]. Sends never wait, so a publisher never
-/// stalls on a slow subscriber.
+/// Frames are encoded as they are queued, straight into the buffer the writer
+/// takes whole for its next write: no per-frame channel operation or allocation,
+/// and one wake-up of the writer per batch.
+///
+/// The queue is bounded in bytes (`--max-pending-bytes`): encoded frames count from
+/// the moment they are queued until the write that carries them completes. A send
+/// that would exceed the bound applies the slow-consumer policy: the connection is
+/// sent ERROR `SlowConsumer` (best effort), closed, and counted in the stats; the
+/// send and every later one return [`Closed`]. Sends never wait, so a publisher
+/// never stalls on a slow subscriber.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Item>,
     shared: Arc<Shared>,
+    _senders: Arc<Senders>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -90,7 +126,6 @@ impl std::fmt::Debug for Outbox {
 /// (the connection's writer task; tests and benches may drive it over any
 /// `AsyncWrite`).
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Item>,
     shared: Arc<Shared>,
 }
 
@@ -102,22 +137,28 @@ impl Outbox {
         max_pending: usize,
         stats: Arc<Stats>,
     ) -> (Outbox, OutboxReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             conn,
             max_pending,
-            pending: AtomicUsize::new(0),
+            queue: Mutex::new(Queue {
+                buf: BytesMut::with_capacity(INITIAL_CAPACITY),
+                in_flight: 0,
+                closing: false,
+                reported_peak: 0,
+            }),
+            wake: Notify::new(),
             closed: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             abort: CancellationToken::new(),
             slow: AtomicBool::new(false),
             stats,
         });
         (
             Outbox {
-                tx,
                 shared: shared.clone(),
+                _senders: Arc::new(Senders(shared.clone())),
             },
-            OutboxReceiver { rx, shared },
+            OutboxReceiver { shared },
         )
     }
 
@@ -129,28 +170,59 @@ impl Outbox {
     /// Queues a frame. Never waits. Fails when the connection is closed or closing,
     /// and applies the slow-consumer policy when the byte bound would be exceeded.
     pub fn send(&self, frame: Frame) -> Result<(), Closed> {
+        self.append(|buf| {
+            if let Err(err) = frame.encode(buf) {
+                // Frames are built from decoded input within limits, so this is a
+                // broker bug: report it; `encode` left the buffer as it was.
+                tracing::error!(error = %err, frame = frame.name(), "cannot encode outbound frame");
+            }
+        })
+    }
+
+    /// Queues an already encoded MESSAGE frame (`encoded`, as written by
+    /// [`Frame::encode`]) with its subscription id replaced by `sid`: fan-out encodes
+    /// a message once and copies it to each subscriber.
+    pub fn send_message(&self, encoded: &[u8], sid: u32) -> Result<(), Closed> {
+        self.append(|buf| {
+            let start = buf.len();
+            buf.extend_from_slice(encoded);
+            if let Some(field) =
+                buf.get_mut(start + MESSAGE_SID_OFFSET..start + MESSAGE_SID_OFFSET + 4)
+            {
+                field.copy_from_slice(&sid.to_be_bytes());
+            }
+        })
+    }
+
+    fn append(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Closed> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(Closed);
         }
-        let cost = frame_cost(&frame);
-        let before = self.shared.pending.fetch_add(cost, Ordering::AcqRel);
-        let total = before + cost;
+        let mut queue = self.shared.queue();
+        let start = queue.buf.len();
+        encode(&mut queue.buf);
+        let total = queue.buf.len() + queue.in_flight;
         if total > self.shared.max_pending {
-            self.shared.pending.fetch_sub(cost, Ordering::AcqRel);
+            queue.buf.truncate(start);
+            drop(queue);
             self.slow_consumer();
             return Err(Closed);
         }
-        self.shared.stats.pending(total);
-        if self.tx.send(Item::Frame(frame, cost)).is_err() {
-            self.shared.pending.fetch_sub(cost, Ordering::AcqRel);
-            return Err(Closed);
+        if total > queue.reported_peak {
+            queue.reported_peak = total;
+            self.shared.stats.pending(total);
+        }
+        drop(queue);
+        if start == 0 {
+            self.shared.wake.notify_one();
         }
         Ok(())
     }
 
     /// Bytes queued and not yet written.
     pub fn pending_bytes(&self) -> usize {
-        self.shared.pending.load(Ordering::Acquire)
+        let queue = self.shared.queue();
+        queue.buf.len() + queue.in_flight
     }
 
     /// True once the connection is closing: sends fail from then on.
@@ -171,14 +243,16 @@ impl Outbox {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Some(frame) = last {
-            let cost = frame_cost(&frame);
-            self.shared.pending.fetch_add(cost, Ordering::AcqRel);
-            if self.tx.send(Item::Frame(frame, cost)).is_err() {
-                self.shared.pending.fetch_sub(cost, Ordering::AcqRel);
+        {
+            let mut queue = self.shared.queue();
+            if let Some(frame) = last {
+                if let Err(err) = frame.encode(&mut queue.buf) {
+                    tracing::error!(error = %err, frame = frame.name(), "cannot encode outbound frame");
+                }
             }
+            queue.closing = true;
         }
-        let _ = self.tx.send(Item::Close);
+        self.shared.wake.notify_one();
     }
 
     /// Stops the connection at once, without flushing.
@@ -203,39 +277,6 @@ impl Outbox {
     }
 }
 
-/// How many bytes a frame is charged against the pending bound: its payload and
-/// strings plus a fixed allowance for lengths and fields. Close to the encoded size
-/// for MESSAGE and DELIVERY, which is where the bytes are.
-pub(crate) fn frame_cost(frame: &Frame) -> usize {
-    // What a queued frame occupies besides its variable parts: the frame itself
-    // (its size in the queue) and room for its wire lengths, so that a flood of tiny
-    // messages is bounded in memory too, not only in wire bytes.
-    const FIXED: usize = std::mem::size_of::<Frame>() + 32;
-    let headers =
-        |h: &tidings_protocol::Headers| h.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>();
-    FIXED
-        + match frame {
-            Frame::Message(m) => {
-                m.topic.len()
-                    + m.reply_to.as_ref().map_or(0, |r| r.len())
-                    + headers(&m.headers)
-                    + m.payload.len()
-            }
-            Frame::Delivery(d) => {
-                d.queue.len() + d.topic.len() + headers(&d.headers) + d.payload.len()
-            }
-            Frame::Error(e) => e.message.len(),
-            Frame::StatsReply(s) => s.entries.iter().map(|(n, _)| n.len() + 10).sum(),
-            Frame::DeadLettersReply(d) => d
-                .letters
-                .iter()
-                .map(|l| 64 + l.topic.len() + headers(&l.headers) + l.payload.len())
-                .sum(),
-            Frame::QueueListReply(q) => q.queues.len() * 256,
-            _ => 64,
-        }
-}
-
 /// How a writer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriterEnd {
@@ -247,57 +288,44 @@ pub enum WriterEnd {
 
 impl OutboxReceiver {
     /// Drains the queue into `out` until the outbox is closed or aborted: each
-    /// wake-up takes everything queued (up to a soft limit), encodes it into one
-    /// buffer and writes it with as few syscalls as the socket allows.
-    pub async fn write_to<W: AsyncWrite + Unpin>(mut self, mut out: W) -> WriterEnd {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
-        let mut batch = Vec::with_capacity(BATCH);
+    /// wake-up takes everything queued (already encoded, in one buffer) and writes
+    /// it with as few syscalls as the socket allows.
+    pub async fn write_to<W: AsyncWrite + Unpin>(self, mut out: W) -> WriterEnd {
+        let mut buf = BytesMut::with_capacity(INITIAL_CAPACITY);
         let end = loop {
-            let n = tokio::select! {
-                biased;
-                _ = self.shared.abort.cancelled() => break WriterEnd::Aborted,
-                n = self.rx.recv_many(&mut batch, BATCH) => n,
+            let closing = {
+                let mut queue = self.shared.queue();
+                if queue.buf.is_empty() && !queue.closing {
+                    None
+                } else {
+                    // The drained buffer (cleared) goes back for senders to fill.
+                    buf.clear();
+                    if buf.capacity() > KEEP_CAPACITY {
+                        buf = BytesMut::with_capacity(INITIAL_CAPACITY);
+                    }
+                    std::mem::swap(&mut buf, &mut queue.buf);
+                    queue.in_flight = buf.len();
+                    Some(queue.closing)
+                }
             };
-            if n == 0 {
-                // Every Outbox is gone, so nothing more can be queued.
-                break WriterEnd::Flushed;
-            }
-            let mut charged = 0;
-            let mut closing = false;
-            loop {
-                for item in batch.drain(..) {
-                    match item {
-                        Item::Frame(frame, cost) => {
-                            charged += cost;
-                            if let Err(err) = frame.encode(&mut buf) {
-                                // Frames are built from decoded input within limits, so
-                                // this is a broker bug: report it, keep the stream sane.
-                                tracing::error!(error = %err, frame = frame.name(), "cannot encode outbound frame");
-                            }
-                        }
-                        Item::Close => closing = true,
-                    }
+            let Some(closing) = closing else {
+                if self.shared.orphaned.load(Ordering::Acquire) && self.is_drained() {
+                    // Every Outbox is gone, so nothing more can be queued.
+                    break WriterEnd::Flushed;
                 }
-                if closing || buf.len() >= WRITE_SOFT_LIMIT {
-                    break;
+                tokio::select! {
+                    biased;
+                    _ = self.shared.abort.cancelled() => break WriterEnd::Aborted,
+                    _ = self.shared.wake.notified() => {}
                 }
-                // Take whatever else is already queued, without waiting.
-                while batch.len() < BATCH {
-                    match self.rx.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
-                    }
-                }
-                if batch.is_empty() {
-                    break;
-                }
-            }
+                continue;
+            };
             let ok = self.write_buf(&mut out, &mut buf).await;
-            self.release(charged);
+            self.shared.queue().in_flight = 0;
             if !ok {
                 break WriterEnd::Aborted;
             }
-            if closing {
+            if closing && self.is_drained() {
                 let _ = out.shutdown().await;
                 break WriterEnd::Flushed;
             }
@@ -307,17 +335,18 @@ impl OutboxReceiver {
         }
         self.shared.closed.store(true, Ordering::Release);
         // Whatever is still queued will never be written; free it and its charge.
-        self.rx.close();
-        let mut rest = 0;
-        while let Ok(item) = self.rx.try_recv() {
-            if let Item::Frame(_, cost) = item {
-                rest += cost;
-            }
+        {
+            let mut queue = self.shared.queue();
+            queue.buf = BytesMut::new();
+            queue.in_flight = 0;
         }
-        self.release(rest);
         // Wake the reader, whatever the reason the writer stopped.
         self.shared.abort.cancel();
         end
+    }
+
+    fn is_drained(&self) -> bool {
+        self.shared.queue().buf.is_empty()
     }
 
     /// Writes `buf` whole, unless the connection is aborted first; on abort the
@@ -367,12 +396,6 @@ impl OutboxReceiver {
         .await;
         buf.clear();
     }
-
-    fn release(&self, bytes: usize) {
-        if bytes > 0 {
-            self.shared.pending.fetch_sub(bytes, Ordering::AcqRel);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -412,6 +435,33 @@ mod tests {
             assert_eq!(codec.decode(&mut buf).unwrap(), Some(message(i)));
         }
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(Ping)));
+        assert!(buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_message_encoded_once_is_sent_with_each_sid() {
+        let stats = Arc::new(Stats::default());
+        let (outbox, rx) = Outbox::channel(ConnId(3), 1 << 20, stats);
+        let mut encoded = BytesMut::new();
+        message(5).encode(&mut encoded).unwrap();
+        for sid in [9, 0x0102_0304] {
+            outbox.send_message(&encoded, sid).unwrap();
+        }
+        outbox.close(None);
+        let (client, server) = tokio::io::duplex(1 << 20);
+        assert_eq!(rx.write_to(server).await, WriterEnd::Flushed);
+        let mut client = client;
+        let mut raw = Vec::new();
+        client.read_to_end(&mut raw).await.unwrap();
+        let mut buf = BytesMut::from(&raw[..]);
+        let mut codec = FrameCodec::default();
+        for sid in [9, 0x0102_0304] {
+            let Some(Frame::Message(m)) = codec.decode(&mut buf).unwrap() else {
+                panic!("expected a MESSAGE");
+            };
+            assert_eq!(m.sid, sid);
+            assert_eq!(m.payload.len(), 5);
+        }
         assert!(buf.is_empty());
     }
 

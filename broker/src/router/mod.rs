@@ -10,11 +10,12 @@ mod trie;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use bytes::BytesMut;
 use thiserror::Error;
-use tidings_protocol::{Frame, Message, Pattern};
+use tidings_protocol::{Frame, Message, Pattern, Text};
 
 pub use cache::CACHE_CAPACITY;
 pub use trie::Trie;
@@ -50,10 +51,9 @@ pub struct Target {
 }
 
 impl Target {
-    fn send(&self, message: &Message) -> bool {
-        let mut m = message.clone();
-        m.sid = self.sid;
-        self.outbox.send(Frame::Message(m)).is_ok()
+    /// Queues the encoded MESSAGE with this subscription's id.
+    fn send(&self, encoded: &[u8]) -> bool {
+        self.outbox.send_message(encoded, self.sid).is_ok()
     }
 }
 
@@ -89,6 +89,28 @@ impl Route {
     /// turns; a member whose connection is closing is skipped for the next one.
     /// Never waits: a slow subscriber is cut off by its outbox, not waited for.
     pub fn deliver(&self, message: &Message) -> usize {
+        self.deliver_with(message, &mut BytesMut::new())
+    }
+
+    /// [`Route::deliver`], encoding the message once into `scratch` (cleared
+    /// first; reuse it across calls to avoid an allocation per message) and
+    /// copying those bytes to each destination.
+    pub fn deliver_with(&self, message: &Message, scratch: &mut BytesMut) -> usize {
+        scratch.clear();
+        let frame = Frame::Message(Message {
+            sid: 0,
+            topic: message.topic.clone(),
+            reply_to: message.reply_to.clone(),
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+        });
+        if let Err(err) = frame.encode(scratch) {
+            // Messages are built from decoded PUBLISH frames within limits, so
+            // this is a broker bug.
+            tracing::error!(error = %err, "cannot encode MESSAGE");
+            return 0;
+        }
+        let message: &[u8] = scratch;
         let mut sent = 0;
         for target in &self.subscribers {
             sent += usize::from(target.send(message));
@@ -135,7 +157,28 @@ struct Inner {
     // Lock order: `state` before `cache`, always.
     state: RwLock<State>,
     cache: RwLock<RouteCache>,
+    /// Bumped (after the cache is invalidated) by every subscription change, so a
+    /// [`RouteMemo`] knows when its route may be stale without taking a lock.
+    generation: AtomicU64,
     stats: Arc<Stats>,
+}
+
+/// One publisher's last topic and its route, reused without a lock or a hash while
+/// no subscription changed: a connection publishing to one topic over and over
+/// (the common case) routes each message with one atomic load and one compare.
+#[derive(Debug, Default)]
+pub struct RouteMemo {
+    last: Option<(Text, u64, Arc<Route>)>,
+}
+
+impl RouteMemo {
+    /// True when `topic` is the last topic routed through this memo, which
+    /// [`Router::route_memo`] is only given once it is valid.
+    pub fn is_last(&self, topic: &str) -> bool {
+        self.last
+            .as_ref()
+            .is_some_and(|(t, _, _)| t.as_str() == topic)
+    }
 }
 
 /// The subscription table: a cloneable handle shared by every connection.
@@ -174,6 +217,7 @@ impl Router {
             inner: Arc::new(Inner {
                 state: RwLock::new(State::default()),
                 cache: RwLock::new(RouteCache::default()),
+                generation: AtomicU64::new(0),
                 stats,
             }),
         }
@@ -247,6 +291,7 @@ impl Router {
             }
         }
         self.cache_mut().invalidate(&pattern);
+        self.inner.generation.fetch_add(1, Ordering::Release);
         slot.insert(SubKey {
             pattern,
             group: group.map(Into::into),
@@ -310,8 +355,26 @@ impl Router {
             }
         }
         self.cache_mut().invalidate(&key.pattern);
+        self.inner.generation.fetch_add(1, Ordering::Release);
         state.count -= 1;
         self.inner.stats.subscriptions_changed(-1);
+    }
+
+    /// [`Router::route`] through a publisher's memo: the memo's route when `topic`
+    /// is its last one and no subscription changed since, else a fresh lookup that
+    /// the memo keeps. `topic` must be valid.
+    pub fn route_memo(&self, topic: &Text, memo: &mut RouteMemo) -> Arc<Route> {
+        // Loaded before the lookup: a change that lands during it bumps past this
+        // value, so the memo is never trusted beyond what it saw.
+        let generation = self.inner.generation.load(Ordering::Acquire);
+        if let Some((t, g, route)) = &memo.last {
+            if *g == generation && t.as_str() == topic.as_str() {
+                return route.clone();
+            }
+        }
+        let route = self.route(topic);
+        memo.last = Some((topic.clone(), generation, route.clone()));
+        route
     }
 
     /// The destinations of a message published to `topic` (a valid topic).
@@ -410,6 +473,23 @@ mod tests {
         assert_eq!(router.route("a.b").fan_out(), 2);
         router.unsubscribe(ConnId(1), 1).unwrap();
         assert_eq!(router.route("a.b").fan_out(), 1);
+    }
+
+    #[test]
+    fn memo_sees_subscription_changes() {
+        let router = Router::default();
+        let (a, _ra) = outbox(1);
+        let mut memo = RouteMemo::default();
+        let topic = Text::from("m.x");
+        assert!(router.route_memo(&topic, &mut memo).is_empty());
+        assert!(memo.is_last("m.x") && !memo.is_last("m.y"));
+        router
+            .subscribe(&a, 1, Pattern::new("m.>").unwrap(), None)
+            .unwrap();
+        assert_eq!(router.route_memo(&topic, &mut memo).fan_out(), 1);
+        assert_eq!(router.route_memo(&topic, &mut memo).fan_out(), 1);
+        router.unsubscribe(ConnId(1), 1).unwrap();
+        assert!(router.route_memo(&topic, &mut memo).is_empty());
     }
 
     #[test]

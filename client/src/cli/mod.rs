@@ -18,7 +18,11 @@ use output::{display_payload, print_info, print_queue_table, print_stats};
 
 /// Command-line client for the tidings event broker.
 #[derive(Debug, Parser)]
-#[command(name = "tidings", version, about)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Poke a tidings broker from the shell: publish, subscribe, request, manage durable queues, show stats"
+)]
 pub struct Cli {
     /// Broker address (host:port).
     #[arg(
@@ -142,31 +146,32 @@ struct DeclareArgs {
     /// Binding patterns (repeatable, or several after one --bind).
     #[arg(long, num_args = 1.., value_name = "PATTERN")]
     bind: Vec<String>,
-    /// Deliveries before a message is dead-lettered.
+    /// Deliveries before a message is dead-lettered [default: 5].
     #[arg(long)]
     max_deliveries: Option<u32>,
-    /// Redeliver deliveries unacked for this long.
+    /// Redeliver deliveries unacked for this long, e.g. 30s [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     ack_timeout: Option<Duration>,
-    /// Redelivery delays, comma-separated (e.g. 1s,5s,30s).
+    /// Redelivery delays after the 1st, 2nd, … failed attempt, comma-separated, the
+    /// last repeating, e.g. 1s,5s,30s [default: none, redeliver at once].
     #[arg(long, value_parser = parse_duration, value_delimiter = ',')]
     backoff: Option<Vec<Duration>>,
-    /// Most messages the queue holds.
+    /// Most messages the queue holds [default: unlimited].
     #[arg(long)]
     max_length: Option<u64>,
-    /// Most payload bytes the queue holds.
+    /// Most payload bytes the queue holds [default: unlimited].
     #[arg(long)]
     max_bytes: Option<u64>,
-    /// What to do when full: reject-publish or drop-head.
+    /// What to do when full: reject-publish or drop-head [default: reject-publish].
     #[arg(long)]
     overflow: Option<Overflow>,
-    /// Expire messages older than this.
+    /// Expire messages older than this, e.g. 10m [default: never].
     #[arg(long, value_parser = parse_duration)]
     ttl: Option<Duration>,
-    /// Remember message ids this long to drop duplicates.
+    /// Remember message ids this long to drop duplicates [default: 2m].
     #[arg(long, value_parser = parse_duration)]
     dedup_window: Option<Duration>,
-    /// Dead-letter queue name.
+    /// Dead-letter queue name [default: <NAME>.dlq].
     #[arg(long)]
     dead_letter: Option<String>,
 }

@@ -146,6 +146,11 @@ impl Handle {
 
     /// Queues a fire-and-forget publish.
     pub(crate) async fn publish_message(&self, msg: Message) -> Result<(), PublishError> {
+        // A publish that finds room completes without ever returning Pending, so a
+        // tight publish loop would hold its worker thread and starve every other
+        // task on it (the connection task, subscriptions). Spending tokio's
+        // cooperative budget makes it yield now and then, like any channel send.
+        tokio::task::consume_budget().await;
         let publish = msg.to_publish();
         self.check_publish(&publish)?;
         let deadline = self.offline_deadline();

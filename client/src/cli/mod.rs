@@ -171,7 +171,7 @@ struct DeclareArgs {
     /// Remember message ids this long to drop duplicates [default: 2m].
     #[arg(long, value_parser = parse_duration)]
     dedup_window: Option<Duration>,
-    /// Dead-letter queue name [default: <NAME>.dlq].
+    /// Dead-letter queue name [default: the queue's name followed by .dlq].
     #[arg(long)]
     dead_letter: Option<String>,
 }

@@ -220,21 +220,31 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_live_pid_file_is_read() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        use std::io::BufRead;
+        // The child says "ready" only once it runs as `sh`: right after spawn it may
+        // still be between fork and exec, under the test binary's name.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo ready; read line"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("sleep starts");
+            .expect("sh starts");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut ready)
+            .expect("the child says ready");
+        assert_eq!(ready.trim(), "ready");
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("x.pid");
         std::fs::write(&file, format!("{}\n", child.id())).expect("pid file written");
-        let found = live_pid(&file, "sleep");
+        let found = live_pid(&file, "sh");
         let other = live_pid(&file, "nats-server");
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(found, Some(child.id()));
         assert_eq!(other, None);
         assert_eq!(
-            live_pid(&file, "sleep"),
+            live_pid(&file, "sh"),
             None,
             "a dead process is not measured"
         );

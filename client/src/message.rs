@@ -1,7 +1,7 @@
 //! `Message`: what is published and what a subscription receives.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tidings_protocol::{Headers, Publish, Text};
@@ -15,7 +15,7 @@ use crate::error::PublishError;
 /// from a [`crate::Subscription`] or as the answer of [`crate::Client::request`].
 ///
 /// ```
-/// use std::time::Duration;
+/// use std::time::{Duration, SystemTime};
 /// use tidings_client::Message;
 ///
 /// let msg = Message::new("orders.created", r#"{"id":7}"#)
@@ -75,6 +75,22 @@ impl Message {
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
         self
+    }
+
+    /// Asks queues to deliver the message no sooner than `at` (wall-clock time). The
+    /// wire carries a delay, computed from this machine's clock now; a time in the
+    /// past means at once. The broker stores the due time, so it survives restarts.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tidings_client::Message;
+    /// let at = SystemTime::now() + Duration::from_secs(3600);
+    /// let message = Message::new("reports.daily", "run").deliver_at(at);
+    /// # let _ = message;
+    /// ```
+    pub fn deliver_at(self, at: SystemTime) -> Self {
+        let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
+        self.delay(delay)
     }
 
     /// The topic.

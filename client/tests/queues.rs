@@ -298,3 +298,28 @@ async fn cli_queue_declare_pub_confirm_consume() {
         .unwrap();
     assert!(out.status.success());
 }
+
+#[tokio::test]
+async fn deliver_at_holds_the_message_until_its_time() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("later").bind("later.>")))
+        .await
+        .unwrap();
+    let hold = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let at = std::time::SystemTime::now() + hold;
+    within(client.publish_confirmed(Message::new("later.job", "due").deliver_at(at)))
+        .await
+        .unwrap();
+    let mut consumer = within(client.consume("later", 1)).await.unwrap();
+    let d = within(consumer.next()).await.unwrap();
+    assert_eq!(&d.payload()[..], b"due");
+    // The wire carries whole milliseconds, so allow for one lost to truncation.
+    assert!(
+        started.elapsed() + Duration::from_millis(2) >= hold,
+        "delivered after {:?}, before its time",
+        started.elapsed()
+    );
+    d.ack().await.unwrap();
+}

@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use tidings_protocol::{
     Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
     QueueListReply, RedriveReply, Text,
@@ -25,7 +24,9 @@ use tokio::sync::mpsc;
 
 use super::dispatch::Session;
 use super::writer::Outbox;
-use crate::queue::{DeliverySink, EngineConfig, PublishOutcome, QueueEngine, QueueError};
+use crate::queue::{
+    DeliverySink, EngineConfig, PublishOutcome, Published, QueueEngine, QueueError,
+};
 use crate::{BrokerError, Config};
 
 /// Publishes of one connection whose storage is still in progress. Past this the
@@ -195,15 +196,16 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     if session.queues.inner.is_none() {
         return;
     }
-    let stored = session.shared.queues.engine.publish(&publish);
     let request_id = publish.request_id.unwrap_or(0);
     let confirm = publish.confirm;
-    let mut stored = Box::pin(stored);
-    // The common pub/sub case: no binding matched and the future is ready.
-    if let Some(result) = (&mut stored).now_or_never() {
-        send_answer(session, request_id, confirm, result);
-        return;
-    }
+    let stored = match session.shared.queues.engine.publish_now(&publish) {
+        // The common pub/sub case: no binding matched; answered without allocating.
+        Published::Done(result) => {
+            send_answer(session, request_id, confirm, result);
+            return;
+        }
+        Published::Pending(stored) => stored,
+    };
     let confirms = match &session.queues.confirms {
         Some(tx) => tx,
         None => {

@@ -52,6 +52,7 @@ mod store;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
@@ -72,6 +73,23 @@ use store::{Range, Store, Ticket};
 
 /// Most dead letters one `dead_letters` call returns, whatever the limit.
 pub const MAX_DEAD_LETTERS_LISTED: u32 = 10_000;
+
+/// What [`QueueEngine::publish_now`] knows at once about a publish.
+pub enum Published {
+    /// No queue took it, or it was refused: the answer is known now.
+    Done(Result<PublishOutcome, QueueError>),
+    /// At least one queue took it; resolves once it is durable in all of them.
+    Pending(Pin<Box<dyn Future<Output = Result<PublishOutcome, QueueError>> + Send>>),
+}
+
+impl std::fmt::Debug for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Published::Done(result) => f.debug_tuple("Done").field(result).finish(),
+            Published::Pending(_) => f.write_str("Pending"),
+        }
+    }
+}
 
 /// What a publish did to the queues.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -346,18 +364,31 @@ impl QueueEngine {
         &self,
         msg: &Publish,
     ) -> impl Future<Output = Result<PublishOutcome, QueueError>> + Send + use<> {
-        let routed = self.inner.route(msg);
+        let published = self.publish_now(msg);
         async move {
-            let (outcome, tickets) = match routed {
-                Ok(None) => return Ok(PublishOutcome::default()),
-                Ok(Some(r)) => r,
-                Err(err) => return Err(err),
-            };
+            match published {
+                Published::Done(result) => result,
+                Published::Pending(durable) => durable.await,
+            }
+        }
+    }
+
+    /// Like [`QueueEngine::publish`], but says at once whether the answer is already
+    /// known. The connection layer uses it so that the common pub/sub publish (no
+    /// binding matched) costs no allocation; only a publish that reached a queue
+    /// boxes the future that waits for durability.
+    pub fn publish_now(&self, msg: &Publish) -> Published {
+        let (outcome, tickets) = match self.inner.route(msg) {
+            Ok(None) => return Published::Done(Ok(PublishOutcome::default())),
+            Ok(Some(r)) => r,
+            Err(err) => return Published::Done(Err(err)),
+        };
+        Published::Pending(Box::pin(async move {
             for ticket in tickets {
                 ticket.wait().await?;
             }
             Ok(outcome)
-        }
+        }))
     }
 
     /// A session for one connection; `sink` receives its deliveries.

@@ -47,6 +47,7 @@ mod options;
 mod queue;
 mod record;
 mod routing;
+mod segments;
 mod session;
 mod store;
 

@@ -160,11 +160,12 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     /// When a publisher confirm may go out [default: always]. `always`: only after
-    /// the message is written and fdatasync'ed (survives kill -9 and power loss).
-    /// `interval:MS`: confirm once written to the store's memory, fdatasync every
-    /// MS milliseconds (a crash loses up to MS of confirmed messages). `never`:
-    /// confirm once in memory, never fdatasync (a crash loses what the store had not
-    /// written back; power loss more).
+    /// the message is written to the queue log and fdatasync'ed (survives kill -9 and
+    /// power loss). `interval:MS`: confirm once written to the log (the operating
+    /// system holds it: survives kill -9 of the broker), fdatasync every MS
+    /// milliseconds (a machine crash or power loss loses up to MS of confirmed
+    /// messages). `never`: the same, but never fdatasync (a machine crash loses what
+    /// the operating system had not written back).
     #[arg(
         long,
         env = "TIDINGS_FSYNC",

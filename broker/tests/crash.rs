@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Kill/restart cycles.
@@ -38,7 +39,10 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
 }
 
 /// Starts the binary on port 0 and reads the address it bound from its log.
-async fn spawn_broker(data: &Path) -> (Child, SocketAddr) {
+/// Starts the broker on `data`. The task returned reads its log to the end (until the
+/// broker dies) and says whether it replayed its queue log, as it does after every
+/// kill that came before a checkpoint.
+async fn spawn_broker(data: &Path) -> (Child, SocketAddr, JoinHandle<bool>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidings-broker"))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
@@ -50,7 +54,7 @@ async fn spawn_broker(data: &Path) -> (Child, SocketAddr) {
         .spawn()
         .expect("the broker binary starts");
     let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
-    let addr = within("the listening line", async {
+    let (addr, replayed) = within("the listening line", async {
         let mut log = String::new();
         loop {
             let mut line = String::new();
@@ -59,18 +63,22 @@ async fn spawn_broker(data: &Path) -> (Child, SocketAddr) {
             log.push_str(&line);
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr = rest.split_whitespace().next().expect("an address");
-                return addr.parse::<SocketAddr>().expect("a socket address");
+                let addr = addr.parse::<SocketAddr>().expect("a socket address");
+                return (addr, log.contains(REPLAYED));
             }
         }
     })
     .await;
     // Keep draining the log so the broker never blocks on a full pipe.
-    tokio::spawn(async move {
-        let mut sink = Vec::new();
-        let _ = stderr.read_to_end(&mut sink).await;
+    let log = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        let _ = stderr.read_to_end(&mut rest).await;
+        replayed || String::from_utf8_lossy(&rest).contains(REPLAYED)
     });
-    (child, addr)
+    (child, addr, log)
 }
+
+const REPLAYED: &str = "replayed the queue log";
 
 /// A raw protocol connection that tolerates the server vanishing mid-frame.
 struct Conn {
@@ -241,8 +249,9 @@ async fn confirmed_messages_survive_repeated_sigkill() {
     let confirmed = Arc::new(Mutex::new(HashSet::new()));
     let delivered = Arc::new(Mutex::new(HashSet::new()));
 
+    let mut replays = 0;
     for cycle in 0..CYCLES {
-        let (mut child, addr) = spawn_broker(&data).await;
+        let (mut child, addr, log) = spawn_broker(&data).await;
         if cycle == 0 {
             declare(addr).await;
         }
@@ -262,16 +271,21 @@ async fn confirmed_messages_survive_repeated_sigkill() {
             tasks.push(tokio::spawn(hold_deliveries(addr, delivered.clone())));
         }
         // Let a confirm arrive (so every cycle tests something), then kill at a
-        // random moment 0–40 ms later.
+        // random moment 0–40 ms later; every fifth cycle 1.0–1.5 s later, past the
+        // broker's first checkpoint (1 s), so that a replay starts mid-log.
         within("the first confirm of the cycle", progress.acquire())
             .await
             .expect("semaphore open")
             .forget();
-        tokio::time::sleep(Duration::from_millis(rng.next() % 40)).await;
+        let after = if cycle % 5 == 4 { 1000 } else { 0 };
+        let window = if cycle % 5 == 4 { 500 } else { 40 };
+        tokio::time::sleep(Duration::from_millis(after + rng.next() % window)).await;
         child.start_kill().expect("SIGKILL the broker");
         within("the killed broker to exit", child.wait())
             .await
             .expect("wait for the broker");
+        let replayed = within("the end of its log", log).await.expect("log task");
+        replays += u64::from(replayed);
         for task in tasks {
             within("clients to notice the crash", task)
                 .await
@@ -280,7 +294,11 @@ async fn confirmed_messages_survive_repeated_sigkill() {
     }
 
     // Drain everything with acks and compare.
-    let (mut child, addr) = spawn_broker(&data).await;
+    let (mut child, addr, _log) = spawn_broker(&data).await;
+    assert!(
+        replays > 0,
+        "no restart replayed the queue log: the test did not crash where it matters"
+    );
     let mut c = within("connect", Conn::open(addr)).await.expect("connect");
     let depth = queue_depth(&mut c).await;
     let confirmed = confirmed.lock().unwrap().clone();
@@ -330,7 +348,7 @@ async fn confirmed_messages_survive_repeated_sigkill() {
         }
     }
     println!(
-        "{CYCLES} kills: {} confirmed, {} held unacked across a crash, {depth} drained",
+        "{CYCLES} kills ({replays} restarts replayed the log): {} confirmed, {} held unacked across a crash, {depth} drained",
         confirmed.len(),
         delivered.len()
     );

@@ -635,6 +635,56 @@ async fn a_backlog_larger_than_the_window_pages_in_order() {
     engine.shutdown().await;
 }
 
+/// The queue log does not grow without bound: once messages are acked, the segments
+/// that held them are deleted (after a checkpoint), and a restart afterwards finds
+/// nothing to replay and nothing left over.
+#[tokio::test]
+async fn drained_segments_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new(dir.path());
+    config.segment_bytes = 64 << 10;
+    config.checkpoint_interval = Duration::from_millis(20);
+    let segments = dir.path().join("segments");
+    let count = || std::fs::read_dir(&segments).unwrap().count();
+    let engine = QueueEngine::open(config.clone()).unwrap();
+    engine.declare("q", &options("t")).await.unwrap();
+    let payload = Bytes::from(vec![b'x'; 1024]);
+    let mut c = Consumer::new(&engine);
+    c.session.consume(1, "q", 64).await.unwrap();
+    let mut most = 0;
+    for round in 0..20 {
+        let futures: Vec<_> = (0..50)
+            .map(|_| engine.publish(&Publish::new("t", payload.clone())))
+            .collect();
+        for f in futures {
+            f.await.unwrap();
+        }
+        for _ in 0..50 {
+            let d = c.next().await;
+            c.session.ack(&[d.delivery_id]).await.unwrap();
+        }
+        most = most.max(count());
+        assert!(round < 19 || most > 3, "the test rolled segments");
+    }
+    // 1 MB went through 64 KiB segments; all but the last few must go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() > 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} segments left after draining",
+            count()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(engine.info("q").await.unwrap().depth, 0);
+    drop(c);
+    engine.shutdown().await;
+    let engine = QueueEngine::open(config).unwrap();
+    assert_eq!(engine.info("q").await.unwrap().depth, 0);
+    assert!(count() <= 1, "only empty segments were left: they are gone");
+    engine.shutdown().await;
+}
+
 /// Drop-head drops the oldest ready message even when it is paged out to the store,
 /// before and after a restart; delivered, unacked messages do not count against
 /// max_length, and depth includes them.

@@ -9,19 +9,19 @@ use std::time::Duration;
 /// When a write counts as durable, and so when a publisher confirm may go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FsyncPolicy {
-    /// Default. Every group-commit batch is written, flushed and `fdatasync`ed before
-    /// any of its confirms go out. A confirmed message survives `kill -9`, a kernel
-    /// crash and power loss (as far as the disk honours its flush command).
+    /// Default. Every group commit is written to the queue log and `fdatasync`ed
+    /// before any of its confirms go out. A confirmed message survives `kill -9`, a
+    /// kernel crash and power loss (as far as the disk honours its flush command).
     #[default]
     Always,
-    /// Confirm as soon as the batch is in the store's memory; flush and `fdatasync`
-    /// every interval. Risk: a crash of the broker or of the machine loses the
+    /// Confirm once the group commit is written to the queue log, which the operating
+    /// system then holds, and `fdatasync` every interval. A confirmed message
+    /// survives `kill -9` of the broker; a kernel crash or power loss loses the
     /// messages confirmed during the last interval.
     Interval(Duration),
-    /// Confirm as soon as the batch is in the store's memory and never `fdatasync`;
-    /// sled writes its buffers out on its own schedule (about every 500 ms). Risk: a
-    /// broker crash loses up to that much confirmed work, and power loss loses
-    /// whatever the operating system had not written back yet.
+    /// Confirm once written to the queue log, and never `fdatasync` (the index is
+    /// still flushed at checkpoints). Survives `kill -9` of the broker; a kernel crash
+    /// or power loss loses whatever the operating system had not written back.
     Never,
 }
 
@@ -102,6 +102,13 @@ pub struct EngineConfig {
     pub max_pending_bytes: usize,
     /// sled's page cache in bytes (64 MiB).
     pub cache_bytes: u64,
+    /// Size at which a segment of the queue log is closed and the next one started
+    /// (32 MiB). A segment is deleted only when every message in it is gone, so this
+    /// is also how much disk one old unacked message can keep.
+    pub segment_bytes: u64,
+    /// How often the index (sled) is flushed, after which the log before the flush is
+    /// needed no more (1 s). Bounds how much log a restart after a crash replays.
+    pub checkpoint_interval: Duration,
     /// Defaults for queue options.
     pub defaults: QueueDefaults,
 }
@@ -118,6 +125,8 @@ impl EngineConfig {
             dedup_capacity: 100_000,
             max_pending_bytes: 256 << 20,
             cache_bytes: 64 << 20,
+            segment_bytes: 32 << 20,
+            checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
         }
     }

@@ -1,12 +1,13 @@
 //! The storage layer: the only file that touches sled. One writer thread owns the
-//! database; queues hand it writes and reads, and it turns them into group commits.
+//! database and the queue log (segments.rs); queues hand it writes and reads, and it
+//! turns them into group commits.
 //!
 //! # Layout
 //!
 //! Two sled trees. `queues` maps a queue name to its JSON definition (id, resolved
 //! options, bindings), plus the key `"\0next_qid"` so queue ids are never reused.
 //! `messages` holds every queue's data under big-endian keys that start with the
-//! queue id, so one sled batch covers all queues and a queue is a key range:
+//! queue id, so a queue is a key range:
 //!
 //! | key | value |
 //! | --- | --- |
@@ -19,9 +20,10 @@
 //! | `0:u32 'g' segment:u64` | live chunks in that segment file: `count:u64` (queue ids start at 1) |
 //!
 //! The chunk bodies themselves, `count:u16` then `count` × (`seq:u64 len:u32`
-//! record.rs layout) with `seq` ascending, are written once to an append-only segment
-//! file (segments.rs), since sled rewrites values every time it rewrites their tree
-//! node. The `queues` tree also holds `"\0layout"`, the version of this layout.
+//! record.rs layout) with `seq` ascending, are written once to the queue log
+//! (segments.rs), since sled rewrites values every time it rewrites their tree node.
+//! The `queues` tree also holds `"\0layout"`, the version of this layout, and
+//! `"\0checkpoint"`, the log position sled is known to hold.
 //!
 //! Ready messages are stored in chunks: every message a queue receives within one
 //! group commit goes into the same chunks (each up to [`CHUNK_MAX_ENTRIES`] messages
@@ -34,42 +36,48 @@
 //! costs a fraction of a sled operation instead of an insert and a remove, which is
 //! what bounded throughput with one key per message (see DESIGN.md, Storage).
 //!
-//! The layout changed twice before 1.0 (one `'m'` key per message, then chunk bodies
-//! inside sled); there is no released data, so no migration: opening a data dir
-//! written by another layout fails with an error that says so.
+//! The layout changed three times before 1.0 (one `'m'` key per message, chunk
+//! bodies inside sled, sled made durable every round); there is no released data, so
+//! no migration: opening a data dir written by another layout fails with an error
+//! that says so.
 //!
-//! The counters travel in the same batch as the data they count, so after any crash
-//! they agree with the keys, and a restart needs no scan of a 10-million-message
-//! queue. `mark` is the highest `seq` that may have been delivered: a message at or
+//! The counters travel in the same round as the data they count, so after any crash
+//! (and replay) they agree with the keys, and a restart needs no scan of a
+//! 10-million-message queue. `mark` is the highest `seq` that may have been delivered: a message at or
 //! below it comes back after a restart as a redelivery.
 //!
-//! # Durability: sled's flush is not an fsync
+//! # Durability: the log, not sled's flush
 //!
-//! sled 0.34's `Db::flush` writes its buffers and then calls only
-//! `sync_file_range(2)` on Linux (sled issues #1351 and #1452). That survives
-//! `kill -9` of the broker, but not a kernel crash or power loss: it neither flushes
-//! the disk's cache nor covers file metadata. sled also never fsyncs the files it
-//! writes under `blobs/` (values of about 16 KiB and up) or its `snap.*` snapshots.
-//! So under [`FsyncPolicy::Always`] each group commit is: write the round's chunks to
-//! their segment, apply one `sled::Batch`, `fdatasync` the segments written, then
-//! `Db::flush` and a real `fdatasync` (`File::sync_data`) of the `db` file, of
-//! `conf`, of every `snap.*` and every file under `blobs/` not yet synced, and an
-//! `fsync` of the directories when new files appeared. Only then are the batch's
-//! confirms released.
+//! Each round's index writes are logged as one batch record after its chunks, and
+//! the records are written out before the round is applied to sled (segments.rs has
+//! the format and the recovery rules). Under [`FsyncPolicy::Always`] a round's
+//! confirms go out once the segments it wrote are `fdatasync`ed (and their directory
+//! `fsync`ed when a segment was created): one sync, of data written once.
 //!
+//! sled is flushed only at checkpoints (`EngineConfig::checkpoint_interval`), and a
+//! restart replays the log from the last durable checkpoint. That is also the only
+//! way sled could be made durable: 0.34's `Db::flush` calls just `sync_file_range(2)`
+//! on Linux (sled issues #1351 and #1452), which neither flushes the disk's cache nor
+//! covers file metadata, and sled never fsyncs its `blobs/` files (values of about 16
+//! KiB and up) or `snap.*` snapshots. So a checkpoint is `Db::flush`, then a real
+//! `fdatasync` of the `db` file, of `conf`, of every `snap.*` and every blob not yet
+//! synced, and an `fsync` of the directories when new files appeared; only then is
+//! the checkpoint's log position written (and it is known durable at the next one).
+
 //! # Threads
 //!
 //! Every sled call is blocking, so none runs on the async workers. Two threads form a
 //! pipeline:
 //!
 //! - the writer (`tidings-store`) takes everything queued since its last round
-//!   (writes and reads together, in the order they were queued), applies the writes
-//!   as one sled batch, and hands the round to the syncer; then it takes the next
-//!   round at once, without waiting for the disk;
+//!   (writes and reads together, in the order they were queued), logs and writes out
+//!   the round, applies it to sled, and hands it to the syncer; then it takes the
+//!   next round at once, without waiting for the disk;
 //! - the syncer (`tidings-sync`) takes every round handed over since its last sync,
-//!   makes them durable with one `Db::flush` and one round of `fdatasync` (per the
-//!   policy), and then, round by round, resolves the tickets, tells the listeners,
-//!   and serves the round's reads.
+//!   makes them durable with one `fdatasync` per segment written (per the policy),
+//!   and then, round by round, resolves the tickets, tells the listeners, and serves
+//!   the round's reads. Between rounds it runs the checkpoints and deletes the
+//!   segments they free.
 //!
 //! So while one sync runs, the next group commit is already being applied, and each
 //! sync covers everything that arrived meanwhile. A read is served after the
@@ -94,7 +102,7 @@ use crate::queue::config::{EngineConfig, FsyncPolicy};
 use crate::queue::error::QueueError;
 use crate::queue::options::StoredDefinition;
 use crate::queue::record::Message;
-use crate::queue::segments::{Files, Location, Segments, Unsynced};
+use crate::queue::segments::{self, Files, Location, Position, Segments, Unsynced};
 
 const TAG_ATTEMPTS: u8 = b'a';
 const TAG_CHUNK: u8 = b'b';
@@ -107,7 +115,7 @@ const TAG_SEGMENT: u8 = b'g';
 const SEGMENT_QID: u32 = 0;
 const LAYOUT_KEY: &[u8] = b"\0layout";
 /// Bumped whenever stored data would be misread by an older or newer broker.
-const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_VERSION: u32 = 3;
 /// Most messages in one chunk: its removal bitmap stays one or two words.
 pub(crate) const CHUNK_MAX_ENTRIES: usize = 64;
 /// Most bytes in one chunk, unless a single message is larger. Bodies live in
@@ -122,6 +130,12 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// reads bitmaps back from sled as needed.
 const CHUNK_CACHE_MAX: usize = 65_536;
 const NEXT_QID_KEY: &[u8] = b"\0next_qid";
+/// In `queues`: the log position sled held at its last checkpoint.
+const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
+const TREE_DATA: u8 = 0;
+const TREE_DEFS: u8 = 1;
+const OP_PUT: u8 = 0;
+const OP_REMOVE: u8 = 1;
 /// Keys removed per sled batch when a queue is deleted, so that deleting a huge queue
 /// does not build one huge batch in memory.
 const DROP_CHUNK: usize = 10_000;
@@ -226,6 +240,94 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
 
 fn decode_message(value: &[u8]) -> Option<Message> {
     Message::decode(Bytes::copy_from_slice(value))
+}
+
+/// Index writes of one round (or part of one), logged first as one batch record so
+/// that a replay can apply them again (segments.rs), then applied to sled.
+///
+/// They are applied as single inserts and removes, not as a `sled::Batch`: sled seals
+/// and writes out its log buffer after every batch, which cost a disk write and a
+/// wake-up of its I/O threads per round, while crash atomicity now comes from the
+/// log (a replay re-applies every write since the last checkpoint). Readers may see a
+/// round half applied; each key is then either old or new, which they already allow
+/// for (queue.rs keeps only seqs its commit callbacks have made visible).
+///
+/// Log layout, per write: `tree:u8 op:u8 key_len:u32 key`, then for a put
+/// `value_len:u32 value`.
+#[derive(Default)]
+struct IndexBatch {
+    log: Vec<u8>,
+}
+
+impl IndexBatch {
+    fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.record(TREE_DATA, key, Some(value));
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.record(TREE_DATA, key, None);
+    }
+
+    fn insert_def(&mut self, key: &[u8], value: &[u8]) {
+        self.record(TREE_DEFS, key, Some(value));
+    }
+
+    fn remove_def(&mut self, key: &[u8]) {
+        self.record(TREE_DEFS, key, None);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+
+    fn record(&mut self, tree: u8, key: &[u8], value: Option<&[u8]>) {
+        // Keys and values are far below 4 GiB: frames are capped well under that.
+        let len = |b: &[u8]| u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes();
+        self.log.push(tree);
+        self.log
+            .push(if value.is_some() { OP_PUT } else { OP_REMOVE });
+        self.log.extend_from_slice(&len(key));
+        self.log.extend_from_slice(key);
+        if let Some(value) = value {
+            self.log.extend_from_slice(&len(value));
+            self.log.extend_from_slice(value);
+        }
+    }
+
+    /// Applies the writes of a logged batch to sled, in order.
+    fn apply(log: &[u8], data: &sled::Tree, defs: &sled::Tree) -> Result<(), StoreError> {
+        let malformed = || StoreError("malformed batch record".into());
+        let field = |at: &mut usize| -> Option<&[u8]> {
+            let len = u32::from_be_bytes(log.get(*at..*at + 4)?.try_into().ok()?);
+            let start = *at + 4;
+            let end = start.checked_add(usize::try_from(len).ok()?)?;
+            *at = end;
+            log.get(start..end)
+        };
+        let write = |e| StoreError::io("writing", e);
+        let mut at = 0usize;
+        while at < log.len() {
+            let (tree, op) = (log[at], *log.get(at + 1).ok_or_else(malformed)?);
+            at += 2;
+            let key = field(&mut at).ok_or_else(malformed)?;
+            let tree = match tree {
+                TREE_DATA => data,
+                TREE_DEFS => defs,
+                _ => return Err(malformed()),
+            };
+            match op {
+                OP_PUT => {
+                    let value = field(&mut at).ok_or_else(malformed)?;
+                    tree.insert(key, value).map_err(write)?;
+                }
+                OP_REMOVE => {
+                    tree.remove(key).map_err(write)?;
+                }
+                _ => return Err(malformed()),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A `'b'` value: where the chunk's body is, and its removal state when written.
@@ -728,17 +830,13 @@ impl Store {
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(&format!("creating {}", dir.display()), e))?;
-        let flush_every = match config.fsync {
-            FsyncPolicy::Never => Some(500),
-            // We flush (and fdatasync) ourselves; sled's own timer would only add
-            // sync_file_range calls that promise nothing.
-            FsyncPolicy::Always | FsyncPolicy::Interval(_) => None,
-        };
+        // Checkpoints flush sled (and fdatasync it); its own timer would only add
+        // writes and sync_file_range calls that promise nothing.
         let sled_config = sled::Config::new()
             .path(&dir)
             .cache_capacity(config.cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(flush_every);
+            .flush_every_ms(None);
         let db = open_sled(&sled_config)
             .map_err(|e| StoreError::io(&format!("opening sled at {}", dir.display()), e))?;
         let data = db
@@ -749,18 +847,43 @@ impl Store {
             .map_err(|e| StoreError::io("opening tree", e))?;
         check_layout(&data, &defs)?;
         let segments_dir = dir.join("segments");
-        let segments = Segments::open(&segments_dir, stored_segments(&data)?).map_err(|e| {
-            StoreError::io(
-                &format!("opening segments in {}", segments_dir.display()),
-                e,
-            )
-        })?;
-        let (queues, next_qid) = load(&data, &defs, &segments.files(), config)?;
+        let from = defs
+            .get(CHECKPOINT_KEY)
+            .map_err(|e| StoreError::io("reading the checkpoint", e))?
+            .and_then(|v| Position::decode(&v))
+            .unwrap_or_default();
+        let replayed = segments::replay(&segments_dir, from, |log| {
+            IndexBatch::apply(log, &data, &defs).map_err(|e| e.to_string())
+        })
+        .map_err(|e| StoreError::io(&format!("replaying {}", segments_dir.display()), e))?;
+        if replayed.batches > 0 {
+            tracing::info!(
+                batches = replayed.batches,
+                "replayed the queue log written since the last checkpoint"
+            );
+        }
         let mut files = FileSyncer::new(&dir).map_err(|e| StoreError::io("opening db file", e))?;
-        // Whatever sled wrote while opening (a new database, recovery) is made durable
-        // before anything is built on it.
-        db.flush().map_err(|e| StoreError::io("flush", e))?;
-        files.sync().map_err(|e| StoreError::io("fdatasync", e))?;
+        // What sled wrote while opening (a new database, recovery, the replay) is made
+        // durable before anything is built on it, and before the segments that only
+        // held replayed records are deleted as orphans.
+        let sync = |files: &mut FileSyncer| -> Result<(), StoreError> {
+            db.flush().map_err(|e| StoreError::io("flush", e))?;
+            files.sync().map_err(|e| StoreError::io("fdatasync", e))
+        };
+        sync(&mut files)?;
+        let segments = Segments::open(&segments_dir, stored_segments(&data)?, config.segment_bytes)
+            .map_err(|e| {
+                StoreError::io(
+                    &format!("opening segments in {}", segments_dir.display()),
+                    e,
+                )
+            })?;
+        // Nothing is appended to old segments: the next replay starts at the new one.
+        let start = segments.end();
+        defs.insert(CHECKPOINT_KEY, &start.encode()[..])
+            .map_err(|e| StoreError::io("writing the checkpoint", e))?;
+        sync(&mut files)?;
+        let (queues, next_qid) = load(&data, &defs, &segments.files(), config)?;
 
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
@@ -775,11 +898,17 @@ impl Store {
             handoff: handoff.clone(),
             db,
             data: data.clone(),
+            defs: defs.clone(),
             files,
             segments: segments.files(),
             unsynced: Unsynced::default(),
             retired: Vec::new(),
             policy: config.fsync,
+            log_end: start,
+            checkpoint: start,
+            durable: start,
+            last_checkpoint: Instant::now(),
+            checkpoint_every: config.checkpoint_interval,
         };
         let syncer = std::thread::Builder::new()
             .name("tidings-sync".into())
@@ -967,7 +1096,7 @@ fn load(
     let mut queues = Vec::new();
     for item in defs.iter() {
         let (key, value) = item.map_err(|e| StoreError::io("reading definitions", e))?;
-        if key.as_ref() == NEXT_QID_KEY || key.as_ref() == LAYOUT_KEY {
+        if [NEXT_QID_KEY, LAYOUT_KEY, CHECKPOINT_KEY].contains(&key.as_ref()) {
             continue;
         }
         let name = String::from_utf8_lossy(&key).into_owned();
@@ -1266,10 +1395,12 @@ struct Applied {
     ticket: Option<TicketSender>,
     reads: Vec<ReadRequest>,
     shutdown: bool,
-    /// Segments written by this round (and any before it that failed to hand them).
+    /// Segments written by this round.
     unsynced: Unsynced,
-    /// Segments to delete once this round is durable.
+    /// Segments this round retired.
     retired: Vec<u64>,
+    /// The log's end after this round.
+    log_end: Position,
 }
 
 /// Rounds passed from the writer to the syncer.
@@ -1285,18 +1416,27 @@ impl Handoff {
     }
 }
 
-/// Makes applied rounds durable and releases their confirms and reads.
+/// Makes applied rounds durable and releases their confirms and reads; checkpoints
+/// sled and deletes segments no longer needed.
 struct Syncer {
     handoff: Arc<Handoff>,
     db: sled::Db,
     data: sled::Tree,
+    defs: sled::Tree,
     files: FileSyncer,
     segments: Arc<Files>,
     /// Segments written since the last sync.
     unsynced: Unsynced,
-    /// Segments to delete after the next sync.
-    retired: Vec<u64>,
+    /// Retired segments, each with the log end of the round that retired it.
+    retired: Vec<(u64, Position)>,
     policy: FsyncPolicy,
+    /// The log end of the last round handed over (applied to sled).
+    log_end: Position,
+    /// The checkpoint last written to sled, and the last one known durable.
+    checkpoint: Position,
+    durable: Position,
+    last_checkpoint: Instant,
+    checkpoint_every: std::time::Duration,
 }
 
 impl Syncer {
@@ -1304,10 +1444,13 @@ impl Syncer {
         let mut last_sync = Instant::now();
         let mut dirty = false;
         loop {
-            let mut rounds = self.take(dirty, last_sync);
+            let mut rounds = self.take(self.wake_at(dirty, last_sync));
             for round in &mut rounds {
                 self.unsynced.absorb(std::mem::take(&mut round.unsynced));
-                self.retired.append(&mut round.retired);
+                let end = round.log_end;
+                self.retired
+                    .extend(round.retired.drain(..).map(|id| (id, end)));
+                self.log_end = self.log_end.max(end);
             }
             let wrote = rounds.iter().any(|r| r.wrote && r.result.is_ok());
             let shutdown = rounds.iter().any(|r| r.shutdown);
@@ -1319,17 +1462,12 @@ impl Syncer {
             } || (shutdown && dirty);
             let mut synced = Ok(());
             if sync_now {
-                synced = self.make_durable();
+                synced = self
+                    .unsynced
+                    .sync(&self.segments)
+                    .map_err(|e| StoreError::io("fdatasync of the queue log", e));
                 last_sync = Instant::now();
                 dirty = synced.is_err();
-            }
-            // A segment goes only once the removal of its last chunk is durable, so a
-            // crash cannot bring back an index entry whose body is gone. Under `never`
-            // nothing is ever known durable: they go at once (documented risk).
-            if synced.is_ok() && (sync_now || self.policy == FsyncPolicy::Never) {
-                let retired = std::mem::take(&mut self.retired);
-                self.segments.delete(&retired);
-                self.unsynced.forget(&retired);
             }
             for round in rounds {
                 let result = round.result.and_then(|()| synced.clone());
@@ -1350,23 +1488,50 @@ impl Syncer {
                     (read.then)(loaded);
                 }
             }
+            // After the confirms above, so that a checkpoint delays none of them.
+            if shutdown || self.checkpoint_due() {
+                if let Err(err) = self.checkpoint(shutdown) {
+                    tracing::error!(error = %err, "checkpoint failed; the log is kept");
+                }
+            }
             if shutdown {
                 return;
             }
         }
     }
 
-    /// Every round handed over so far; with nothing handed, waits (under the interval
-    /// policy only until the next sync is due, if anything is unsynced).
-    fn take(&self, dirty: bool, last_sync: Instant) -> Vec<Applied> {
+    /// Whether sled holds log records (or a checkpoint) not yet known durable, and
+    /// the last checkpoint is old enough.
+    fn checkpoint_due(&self) -> bool {
+        self.checkpoint_pending() && self.last_checkpoint.elapsed() >= self.checkpoint_every
+    }
+
+    fn checkpoint_pending(&self) -> bool {
+        self.log_end > self.checkpoint || self.durable < self.checkpoint
+    }
+
+    /// When to stop waiting for rounds: the next interval sync or checkpoint.
+    fn wake_at(&self, dirty: bool, last_sync: Instant) -> Option<Instant> {
+        let sync = match (self.policy, dirty) {
+            (FsyncPolicy::Interval(every), true) => Some(last_sync + every),
+            _ => None,
+        };
+        let checkpoint = self
+            .checkpoint_pending()
+            .then(|| self.last_checkpoint + self.checkpoint_every);
+        sync.into_iter().chain(checkpoint).min()
+    }
+
+    /// Every round handed over so far; with nothing handed, waits (until `wake_at`).
+    fn take(&self, wake_at: Option<Instant>) -> Vec<Applied> {
         let mut rounds = self.handoff.lock();
         loop {
             if !rounds.is_empty() {
                 return std::mem::take(&mut *rounds);
             }
-            match (self.policy, dirty) {
-                (FsyncPolicy::Interval(every), true) => {
-                    let left = every.saturating_sub(last_sync.elapsed());
+            match wake_at {
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Vec::new();
                     }
@@ -1377,7 +1542,7 @@ impl Syncer {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                _ => {
+                None => {
                     rounds = self
                         .handoff
                         .wake
@@ -1388,34 +1553,38 @@ impl Syncer {
         }
     }
 
-    /// Syncs the segments on a second thread while sled is flushed and synced on this
-    /// one: each takes about a millisecond here, and confirms wait for both. (sled's
-    /// index may reach the disk a moment before the bodies it points to; sled writes
-    /// when it likes anyway, which is why every chunk carries a checksum.)
-    fn make_durable(&mut self) -> Result<(), StoreError> {
-        let Self {
-            db,
-            files,
-            segments,
-            unsynced,
-            ..
-        } = self;
-        let (bodies, index) = std::thread::scope(|scope| {
-            let bodies = (!unsynced.files.is_empty() || unsynced.dir)
-                .then(|| scope.spawn(|| unsynced.sync(segments)));
-            let index = db
-                .flush()
-                .map_err(|e| StoreError::io("flush", e))
-                .and_then(|_| files.sync().map_err(|e| StoreError::io("fdatasync", e)));
-            let bodies = match bodies.map(|h| h.join()) {
-                None => Ok(()),
-                Some(Ok(result)) => result,
-                Some(Err(_)) => Err(std::io::Error::other("the segment sync panicked")),
-            };
-            (bodies, index)
-        });
-        bodies.map_err(|e| StoreError::io("fdatasync of a segment", e))?;
-        index
+    /// Flushes and syncs sled, so every log record before `log_end` is durable in it,
+    /// and so is the checkpoint written last time; then records `log_end` as the new
+    /// checkpoint (durable at the next one, or at once when `last`), and deletes the
+    /// retired segments no replay can need any more.
+    fn checkpoint(&mut self, last: bool) -> Result<(), StoreError> {
+        let reached = self.log_end;
+        self.make_sled_durable()?;
+        self.durable = self.checkpoint;
+        self.defs
+            .insert(CHECKPOINT_KEY, &reached.encode()[..])
+            .map_err(|e| StoreError::io("writing the checkpoint", e))?;
+        self.checkpoint = reached;
+        if last {
+            self.make_sled_durable()?;
+            self.durable = reached;
+        }
+        self.last_checkpoint = Instant::now();
+        let durable = self.durable;
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            self.retired.drain(..).partition(|(_, end)| *end <= durable);
+        self.retired = kept;
+        let gone: Vec<u64> = gone.into_iter().map(|(id, _)| id).collect();
+        self.segments.delete(&gone);
+        self.unsynced.forget(&gone);
+        Ok(())
+    }
+
+    fn make_sled_durable(&mut self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| StoreError::io("flush", e))?;
+        self.files
+            .sync()
+            .map_err(|e| StoreError::io("fdatasync", e))
     }
 }
 
@@ -1457,6 +1626,7 @@ impl Writer {
                 shutdown,
                 unsynced: self.segments.take_unsynced(),
                 retired: self.segments.take_retired(),
+                log_end: self.segments.end(),
             });
             self.handoff.wake.notify_one();
             if shutdown {
@@ -1549,32 +1719,29 @@ impl Writer {
         removals: Vec<(u32, u64, u64)>,
         counters: &HashMap<u32, Counters>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut defs = sled::Batch::default();
+        let mut batch = IndexBatch::default();
         let mut defs_touched = false;
         for op in ops {
             match op {
-                Op::Put(k, v) => batch.insert(k, v),
-                Op::Remove(k) => batch.remove(k),
+                Op::Put(k, v) => batch.insert(&k, &v),
+                Op::Remove(k) => batch.remove(&k),
                 Op::PutDef(name, json) => {
                     // Keep `next_qid` above every id ever used, so a deleted queue's id
                     // (whose keys might survive a crash mid-delete) is never reused.
                     if let Ok(d) = serde_json::from_slice::<StoredDefinition>(&json) {
                         self.next_qid = self.next_qid.max(d.qid.saturating_add(1));
                     }
-                    defs.insert(name.as_bytes(), json);
+                    batch.insert_def(name.as_bytes(), &json);
                     defs_touched = true;
                 }
                 Op::RemoveDef(name) => {
-                    defs.remove(name.as_bytes());
+                    batch.remove_def(name.as_bytes());
                     defs_touched = true;
                 }
                 Op::DropQueue(qid) => {
                     // Apply what came before, so the queue's last writes are deleted too.
                     let before = std::mem::take(&mut batch);
-                    self.data
-                        .apply_batch(before)
-                        .map_err(|e| StoreError::io("writing", e))?;
+                    self.commit(before)?;
                     self.drop_queue(qid)?;
                     self.chunks.retain(|(q, _), _| *q != qid);
                 }
@@ -1593,12 +1760,12 @@ impl Writer {
             };
             let loc = self
                 .segments
-                .append(&c.buf)
-                .map_err(|e| StoreError::io("writing a segment", e))?;
+                .append_chunk(&c.buf)
+                .map_err(|e| StoreError::io("writing the queue log", e))?;
             segments_touched.insert(loc.segment);
             batch.insert(
-                &seq_key(c.qid, TAG_CHUNK, c.first)[..],
-                chunk_index_value(&loc, &state),
+                &seq_key(c.qid, TAG_CHUNK, c.first),
+                &chunk_index_value(&loc, &state),
             );
             self.chunks.insert((c.qid, c.first), (state, loc.segment));
         }
@@ -1632,41 +1799,43 @@ impl Writer {
             };
             if state.live == 0 {
                 let segment = *segment;
-                batch.remove(&seq_key(qid, TAG_CHUNK, first)[..]);
-                batch.remove(&seq_key(qid, TAG_REMOVED, first)[..]);
+                batch.remove(&seq_key(qid, TAG_CHUNK, first));
+                batch.remove(&seq_key(qid, TAG_REMOVED, first));
                 self.chunks.remove(&(qid, first));
                 self.segments.release(segment);
                 segments_touched.insert(segment);
             } else {
-                batch.insert(&seq_key(qid, TAG_REMOVED, first)[..], state.encode());
+                batch.insert(&seq_key(qid, TAG_REMOVED, first), &state.encode());
             }
         }
         self.count_segments(&mut batch, segments_touched);
         for (qid, c) in counters {
-            batch.insert(&prefix(*qid, TAG_COUNTERS)[..], &c.encode()[..]);
+            batch.insert(&prefix(*qid, TAG_COUNTERS), &c.encode());
         }
-        // The bodies reach their file before any reader can find the index.
-        self.segments
-            .write_out()
-            .map_err(|e| StoreError::io("writing a segment", e))?;
-        self.data
-            .apply_batch(batch)
-            .map_err(|e| StoreError::io("writing", e))?;
         if defs_touched {
-            defs.insert(NEXT_QID_KEY, &self.next_qid.to_be_bytes()[..]);
-            self.defs
-                .apply_batch(defs)
-                .map_err(|e| StoreError::io("writing definitions", e))?;
+            batch.insert_def(NEXT_QID_KEY, &self.next_qid.to_be_bytes());
         }
-        Ok(())
+        self.commit(batch)
+    }
+
+    /// Logs `batch`, writes the round's records out, then applies `batch` to sled:
+    /// the bodies reach their file before any reader can find them in the index, and
+    /// sled never holds a write the log does not.
+    fn commit(&mut self, batch: IndexBatch) -> Result<(), StoreError> {
+        let log = |e| StoreError::io("writing the queue log", e);
+        if !batch.is_empty() {
+            self.segments.append_batch(&batch.log).map_err(log)?;
+        }
+        self.segments.write_out().map_err(log)?;
+        IndexBatch::apply(&batch.log, &self.data, &self.defs)
     }
 
     /// Writes the live chunk count of each segment in `touched` (removing it at 0).
-    fn count_segments(&self, batch: &mut sled::Batch, touched: HashSet<u64>) {
+    fn count_segments(&self, batch: &mut IndexBatch, touched: HashSet<u64>) {
         for segment in touched {
             match self.segments.live(segment) {
-                0 => batch.remove(&segment_key(segment)[..]),
-                n => batch.insert(&segment_key(segment)[..], &n.to_be_bytes()[..]),
+                0 => batch.remove(&segment_key(segment)),
+                n => batch.insert(&segment_key(segment), &n.to_be_bytes()),
             }
         }
     }
@@ -1674,7 +1843,7 @@ impl Writer {
     fn drop_queue(&mut self, qid: u32) -> Result<(), StoreError> {
         let (start, end) = (qid.to_be_bytes(), qid.saturating_add(1).to_be_bytes());
         loop {
-            let mut batch = sled::Batch::default();
+            let mut batch = IndexBatch::default();
             let mut n = 0;
             let mut touched = HashSet::new();
             for item in self.data.range(start..end).take(DROP_CHUNK) {
@@ -1685,16 +1854,14 @@ impl Writer {
                         touched.insert(loc.segment);
                     }
                 }
-                batch.remove(k);
+                batch.remove(&k);
                 n += 1;
             }
             if n == 0 {
                 return Ok(());
             }
             self.count_segments(&mut batch, touched);
-            self.data
-                .apply_batch(batch)
-                .map_err(|e| StoreError::io("deleting a queue", e))?;
+            self.commit(batch)?;
         }
     }
 }
@@ -1702,6 +1869,58 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_dir_of_another_layout_is_refused() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let (data, defs) = (db.open_tree("d").unwrap(), db.open_tree("q").unwrap());
+        // A new store is stamped with the current layout and opens again.
+        check_layout(&data, &defs).unwrap();
+        data.insert(b"k", b"v").unwrap();
+        check_layout(&data, &defs).unwrap();
+        // Data without a stamp, or with another one, is not guessed at.
+        defs.remove(LAYOUT_KEY).unwrap();
+        let err = check_layout(&data, &defs).unwrap_err();
+        assert!(err.0.contains("layout 1 (unversioned)"), "{err}");
+        defs.insert(LAYOUT_KEY, &2u32.to_be_bytes()[..]).unwrap();
+        let err = check_layout(&data, &defs).unwrap_err();
+        assert!(
+            err.0.contains("layout 2") && err.0.contains("move the data dir away"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_logged_batch_applies_its_writes_in_order() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let (data, defs) = (db.open_tree("d").unwrap(), db.open_tree("q").unwrap());
+        data.insert(b"gone", b"x").unwrap();
+        let mut batch = IndexBatch::default();
+        batch.insert(b"k", b"1");
+        batch.insert(b"k", b"2");
+        batch.remove(b"gone");
+        batch.insert_def(b"queue", b"{}");
+        batch.insert_def(b"old", b"{}");
+        batch.remove_def(b"old");
+        IndexBatch::apply(&batch.log, &data, &defs).unwrap();
+        assert_eq!(data.get(b"k").unwrap().unwrap(), &b"2"[..]);
+        assert!(data.get(b"gone").unwrap().is_none());
+        assert_eq!(defs.get(b"queue").unwrap().unwrap(), &b"{}"[..]);
+        assert!(defs.get(b"old").unwrap().is_none());
+        // Applying it again changes nothing: a replay may repeat a round sled has.
+        IndexBatch::apply(&batch.log, &data, &defs).unwrap();
+        assert_eq!(data.len(), 1);
+        for cut in 1..batch.log.len() {
+            // A cut-off record is refused or applied up to the cut, never a panic.
+            let _ = IndexBatch::apply(&batch.log[..cut], &data, &defs);
+        }
+        let mut bad = batch.log.clone();
+        bad[0] = 9;
+        assert!(
+            IndexBatch::apply(&bad, &data, &defs).is_err(),
+            "unknown tree"
+        );
+    }
 
     #[test]
     fn chunk_state_marks_gaps_and_round_trips() {

@@ -49,6 +49,7 @@ mod record;
 mod routing;
 mod segments;
 mod session;
+mod spares;
 mod store;
 
 use std::collections::BTreeMap;

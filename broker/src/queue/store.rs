@@ -36,10 +36,10 @@
 //! costs a fraction of a sled operation instead of an insert and a remove, which is
 //! what bounded throughput with one key per message (see DESIGN.md, Storage).
 //!
-//! The layout changed three times before 1.0 (one `'m'` key per message, chunk
-//! bodies inside sled, sled made durable every round); there is no released data, so
-//! no migration: opening a data dir written by another layout fails with an error
-//! that says so.
+//! The layout changed before 1.0 (one `'m'` key per message, chunk bodies inside
+//! sled, sled made durable every round, segments without end records); there is no
+//! released data, so no migration: opening a data dir written by another layout
+//! fails with an error that says so.
 //!
 //! The counters travel in the same round as the data they count, so after any crash
 //! (and replay) they agree with the keys, and a restart needs no scan of a
@@ -115,7 +115,7 @@ const TAG_SEGMENT: u8 = b'g';
 const SEGMENT_QID: u32 = 0;
 const LAYOUT_KEY: &[u8] = b"\0layout";
 /// Bumped whenever stored data would be misread by an older or newer broker.
-const LAYOUT_VERSION: u32 = 3;
+const LAYOUT_VERSION: u32 = 4;
 /// Most messages in one chunk: its removal bitmap stays one or two words.
 pub(crate) const CHUNK_MAX_ENTRIES: usize = 64;
 /// Most bytes in one chunk, unless a single message is larger. Bodies live in
@@ -861,6 +861,14 @@ impl Store {
                 batches = replayed.batches,
                 "replayed the queue log written since the last checkpoint"
             );
+        }
+        if let Some(end) = replayed.end {
+            segments::seal(&segments_dir, end).map_err(|e| {
+                StoreError::io(
+                    &format!("closing the queue log in {}", segments_dir.display()),
+                    e,
+                )
+            })?;
         }
         let mut files = FileSyncer::new(&dir).map_err(|e| StoreError::io("opening db file", e))?;
         // What sled wrote while opening (a new database, recovery, the replay) is made

@@ -510,6 +510,9 @@ impl Segments {
             }
             _ => (self.roll()?.id, 0),
         };
+        if used + record > self.max_bytes / 2 {
+            self.files.spares.start();
+        }
         let offset = used + HEADER as u64;
         let crc = record_crc(segment, kind, payload);
         self.buf.push(kind);

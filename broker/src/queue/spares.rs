@@ -9,8 +9,8 @@
 //! file never verify, since a record's checksum covers its segment id, and zeros are
 //! no record at all, so replay ends the log where the writes end (segments.rs).
 //!
-//! The thread starts with the first segment the log opens and keeps one spare
-//! ready; a broker whose queues see no traffic writes no spares.
+//! The thread starts when the log's first segment is half full and then keeps one
+//! spare ready; a broker whose queues see little traffic writes no spares.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -78,10 +78,16 @@ impl Spares {
     }
 
     /// A ready spare, if there is one, to be renamed into a segment; asks for the
-    /// next (the first call starts the thread that makes them).
+    /// next one.
     pub fn take(&self) -> Option<PathBuf> {
+        let spare = self.shared.lock().ready.pop_front();
+        self.shared.wake.notify_one();
+        spare
+    }
+
+    /// Starts making spares, if that has not started yet.
+    pub fn start(&self) {
         let mut state = self.shared.lock();
-        let spare = state.ready.pop_front();
         if !state.started && !state.stop {
             state.started = true;
             let (shared, dir, size) = (self.shared.clone(), self.dir.clone(), self.size);
@@ -96,8 +102,6 @@ impl Spares {
                 Err(err) => tracing::warn!(error = %err, "cannot start the spares thread"),
             }
         }
-        self.shared.wake.notify_one();
-        spare
     }
 
     /// Keeps the file of a retired segment as a spare if one is wanted; false if it
@@ -197,10 +201,8 @@ mod tests {
         std::fs::write(dir.path().join("spare-9.tmp"), b"left over").unwrap();
         let spares = Spares::new(dir.path(), 3 << 20).unwrap();
         assert!(!dir.path().join("spare-9.tmp").exists(), "leftovers go");
-        assert!(
-            spares.take().is_none(),
-            "nothing is ready before it is asked for"
-        );
+        assert!(spares.take().is_none(), "nothing is made before start");
+        spares.start();
         // The thread fills one; wait for it by taking until one comes.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let spare = loop {

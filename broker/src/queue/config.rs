@@ -83,7 +83,8 @@ impl Default for QueueDefaults {
 /// How the queue engine stores and caches messages.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Directory of the sled store (created if missing). Nothing else may use it.
+    /// Directory of the queue store: sled's files, and the queue log under `segments/`
+    /// (created if missing). Nothing else may use it.
     pub data_dir: PathBuf,
     /// When writes count as durable.
     pub fsync: FsyncPolicy,

@@ -58,6 +58,12 @@
 //! is deleted. Then [`seal`] writes an end record there, so that a later replay from
 //! an earlier checkpoint reads on into the segments of the next run. After a restart
 //! nothing is appended to an old segment.
+//!
+//! sled may write its index to disk at any time, and a checkpoint flushes rounds the
+//! writer applied after the last sync. So after a power loss (not after `kill -9`:
+//! the operating system still holds every write) the index can point at a chunk of a
+//! round that was never confirmed and whose bytes never reached the disk; its checksum
+//! fails on read and it is skipped with an error, never misread.
 
 use std::collections::HashMap;
 use std::fs::File;

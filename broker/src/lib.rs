@@ -50,6 +50,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod memory;
 pub mod queue;
 pub mod router;
 mod server;

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tidings_broker::memory::tune_allocator();
     let config = match Config::load() {
         Ok(config) => config,
         // --help, --version and usage errors print themselves with the right exit code.

@@ -208,9 +208,14 @@ impl Files {
         if segments.is_empty() {
             return;
         }
-        let mut open = self.open.write().unwrap_or_else(PoisonError::into_inner);
+        {
+            // Readers share this lock: no file I/O under it.
+            let mut open = self.open.write().unwrap_or_else(PoisonError::into_inner);
+            for segment in segments {
+                open.remove(segment);
+            }
+        }
         for segment in segments {
-            open.remove(segment);
             let path = self.path(*segment);
             if self.spares.recycle(&path) {
                 tracing::debug!(segment, "segment kept as a spare");

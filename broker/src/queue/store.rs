@@ -1203,14 +1203,14 @@ fn scan_delayed(
     Ok(out)
 }
 
-/// The removal state of chunk `first` as stored, and the segment holding its body.
-/// `index` is its `'b'` value when the caller has it.
+/// The removal state of chunk `first` as stored, and where its body is. `index` is
+/// its `'b'` value when the caller has it.
 fn stored_chunk_state(
     data: &sled::Tree,
     qid: u32,
     first: u64,
     index: Option<&[u8]>,
-) -> Result<Option<(ChunkState, u64)>, StoreError> {
+) -> Result<Option<(ChunkState, Location)>, StoreError> {
     let read = |e| StoreError::io("reading a chunk", e);
     let owned;
     let value = match index {
@@ -1228,8 +1228,8 @@ fn stored_chunk_state(
         return Ok(None);
     };
     match data.get(seq_key(qid, TAG_REMOVED, first)).map_err(read)? {
-        Some(v) => Ok(ChunkState::decode(&v).map(|state| (state, loc.segment))),
-        None => Ok(Some((written, loc.segment))),
+        Some(v) => Ok(ChunkState::decode(&v).map(|state| (state, loc))),
+        None => Ok(Some((written, loc))),
     }
 }
 
@@ -1259,15 +1259,12 @@ fn scan_ready(
         }
         let (k, v) = item.map_err(read)?;
         let first = be_u64(&k[5..]).unwrap_or(0);
-        let Some((state, _)) = stored_chunk_state(data, qid, first, Some(&v))? else {
+        let Some((state, loc)) = stored_chunk_state(data, qid, first, Some(&v))? else {
             continue;
         };
         if first + u64::from(state.span) <= from || state.live == 0 {
             continue;
         }
-        let Some((loc, _)) = decode_chunk_index(&v) else {
-            continue;
-        };
         let body = match files.read(&loc) {
             Ok(Some(body)) => body,
             // Its segment went with its last message: a removal this reader raced.
@@ -1784,7 +1781,7 @@ impl Writer {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     match stored_chunk_state(&self.data, qid, first, None)? {
-                        Some(entry) => e.insert(entry),
+                        Some((state, loc)) => e.insert((state, loc.segment)),
                         None => {
                             tracing::debug!(
                                 queue = qid,

@@ -183,6 +183,17 @@ pub struct Config {
         hide_default_value = true
     )]
     pub queue_window: usize,
+
+    /// Most credit (deliveries outstanding at once) one queue consumer may have; a
+    /// CONSUME or CREDIT asking for more is clamped to it. Announced to clients in
+    /// WELCOME [default: 1024].
+    #[arg(
+        long,
+        env = "TIDINGS_MAX_CREDIT",
+        default_value_t = crate::queue::DEFAULT_MAX_CREDIT,
+        hide_default_value = true
+    )]
+    pub max_credit: u32,
 }
 
 impl Default for Config {
@@ -202,6 +213,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             fsync: FsyncPolicy::Always,
             queue_window: 4096,
+            max_credit: crate::queue::DEFAULT_MAX_CREDIT,
         }
     }
 }
@@ -300,6 +312,7 @@ impl Config {
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
             "fsync" => self.fsync = raw.parse()?,
             "queue_window" => self.queue_window = num(raw)?,
+            "max_credit" => self.max_credit = num(raw)?,
             _ => return Err("unknown setting".into()),
         }
         Ok(())
@@ -330,6 +343,9 @@ impl Config {
         }
         if self.queue_window == 0 {
             return invalid("queue_window", "must be at least 1");
+        }
+        if self.max_credit == 0 {
+            return invalid("max_credit", "must be at least 1");
         }
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
@@ -373,6 +389,7 @@ impl Config {
         );
         line("fsync", quoted(&self.fsync.to_string()));
         line("queue-window", self.queue_window.to_string());
+        line("max-credit", self.max_credit.to_string());
         out
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use tidings_broker::queue::{DeliverySink, EngineConfig, QueueEngine, QueueSession};
+use tidings_broker::queue::{ConsumerSession, DeliverySink, EngineConfig, QueueEngine};
 use tidings_protocol::{Delivery, Publish, QueueOptions, Text};
 use tokio::sync::mpsc;
 
@@ -57,7 +57,7 @@ impl Model {
 
 struct Live {
     engine: QueueEngine,
-    session: QueueSession,
+    session: ConsumerSession,
     rx: mpsc::UnboundedReceiver<Delivery>,
 }
 
@@ -71,7 +71,7 @@ async fn start(dir: &std::path::Path, credit: u32) -> Live {
     engine.declare("q", &options).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let session = engine.session(Arc::new(Sink(tx)));
-    session.consume(1, "q", credit).await.unwrap();
+    session.consume(1, "q", credit).unwrap();
     Live {
         engine,
         session,
@@ -105,7 +105,7 @@ async fn settle(live: &mut Live, model: &mut Model, credit: usize) -> Result<(),
         model.outstanding.push((id, d.delivery_id));
     }
     prop_assert!(live.rx.try_recv().is_err(), "an unexpected extra delivery");
-    let info = live.engine.info("q").await.unwrap();
+    let info = live.engine.info("q").unwrap();
     prop_assert_eq!(info.depth, model.total() as u64);
     prop_assert_eq!(info.in_flight, model.outstanding.len() as u64);
     Ok(())
@@ -138,11 +138,11 @@ async fn run(ops: Vec<Op>, credit: u32) -> Result<(), TestCaseError> {
             }
             Op::Ack(i) if !model.outstanding.is_empty() => {
                 let (_, did) = model.outstanding.remove(i % model.outstanding.len());
-                live.session.ack(&[did]).await.unwrap();
+                live.session.ack(&[did]).unwrap();
             }
             Op::Nack(i) if !model.outstanding.is_empty() => {
                 let (id, did) = model.outstanding.remove(i % model.outstanding.len());
-                live.session.nack(&[did], None).await.unwrap();
+                live.session.nack(&[did], None).unwrap();
                 model.retry.push_back(id);
             }
             Op::Ack(_) | Op::Nack(_) => {}

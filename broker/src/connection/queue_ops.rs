@@ -17,15 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidings_protocol::{
-    Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
-    QueueListReply, RedriveReply, Text,
+    Confirm, ConsumerCancelled, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish,
+    QueueInfoReply, QueueListReply, RedriveReply, Text,
 };
 use tokio::sync::mpsc;
 
 use super::dispatch::Session;
 use super::writer::Outbox;
 use crate::queue::{
-    DeliverySink, EngineConfig, PublishOutcome, Published, QueueEngine, QueueError,
+    DEAD_LETTERS_REPLY_OVERHEAD, DeliverySink, EngineConfig, PublishOutcome, Published,
+    QueueEngine, QueueError,
 };
 use crate::{BrokerError, Config};
 
@@ -51,6 +52,7 @@ impl BrokerQueues {
         let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
         engine_config.fsync = config.fsync;
         engine_config.ready_window = config.queue_window;
+        engine_config.max_credit = config.max_credit;
         Ok(BrokerQueues {
             engine: QueueEngine::open(engine_config)?,
         })
@@ -62,12 +64,16 @@ impl BrokerQueues {
     }
 }
 
-/// Hands DELIVERY frames to a connection's outbox.
+/// Hands DELIVERY and CONSUMER_CANCELLED frames to a connection's outbox.
 struct OutboxSink(Outbox);
 
 impl DeliverySink for OutboxSink {
     fn deliver(&self, delivery: Delivery) -> bool {
         self.0.send(Frame::Delivery(delivery)).is_ok()
+    }
+
+    fn cancelled(&self, notice: ConsumerCancelled) {
+        let _ = self.0.send(Frame::ConsumerCancelled(notice));
     }
 }
 
@@ -82,7 +88,7 @@ struct PendingConfirm {
 /// for their confirm). Empty until the handshake completes.
 #[derive(Default)]
 pub(crate) struct QueueSession {
-    inner: Option<crate::queue::QueueSession>,
+    inner: Option<crate::queue::ConsumerSession>,
     /// Feeds the connection's confirm task, started by the first publish that has to
     /// wait for storage.
     confirms: Option<mpsc::Sender<PendingConfirm>>,
@@ -127,7 +133,7 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             .unbind(&f.name, &f.pattern)
             .await
             .map(|()| ok(request_id)),
-        Frame::QueueInfoRequest(f) => engine.info(&f.name).await.map(|info| {
+        Frame::QueueInfoRequest(f) => engine.info(&f.name).map(|info| {
             Frame::QueueInfo(QueueInfoReply {
                 request_id: f.request_id,
                 info,
@@ -135,34 +141,45 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
         }),
         Frame::QueueList(f) => Ok(Frame::QueueListReply(QueueListReply {
             request_id: f.request_id,
-            queues: engine.list().await,
+            queues: engine.list(),
         })),
-        Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
-            Frame::DeadLettersReply(DeadLettersReply {
-                request_id: f.request_id,
-                letters,
-            })
-        }),
+        Frame::DeadLetters(f) => {
+            // A reply never exceeds the max frame the server announced.
+            let max_bytes = session
+                .shared
+                .config
+                .max_frame_len()
+                .saturating_sub(DEAD_LETTERS_REPLY_OVERHEAD);
+            engine
+                .dead_letters(&f.queue, f.from.unwrap_or(0), f.limit, max_bytes)
+                .await
+                .map(|page| {
+                    Frame::DeadLettersReply(DeadLettersReply {
+                        request_id: f.request_id,
+                        letters: page.letters,
+                        next: page.next,
+                    })
+                })
+        }
         Frame::Redrive(f) => engine.redrive(&f.queue, f.limit).await.map(|moved| {
             Frame::RedriveReply(RedriveReply {
                 request_id: f.request_id,
                 moved,
             })
         }),
+        // Credit past the broker's max_credit (announced in WELCOME) is clamped.
         Frame::Consume(f) => queues
             .consume(f.consumer_id, &f.queue, f.credit)
-            .await
-            .map(|()| ok(request_id)),
-        Frame::Cancel(f) => queues.cancel(f.consumer_id).await.map(|()| ok(request_id)),
+            .map(|_granted| ok(request_id)),
+        Frame::Cancel(f) => queues.cancel(f.consumer_id).map(|()| ok(request_id)),
         // CREDIT has no answer unless it fails.
         Frame::Credit(f) => match queues.credit(f.consumer_id, f.credit) {
-            Ok(()) => return,
+            Ok(_window) => return,
             Err(err) => Err(err),
         },
-        Frame::Ack(f) => queues.ack(&f.ids).await.map(|()| ok(request_id)),
+        Frame::Ack(f) => queues.ack(&f.ids).map(|()| ok(request_id)),
         Frame::Nack(f) => queues
             .nack(&f.ids, f.delay_ms.map(Duration::from_millis))
-            .await
             .map(|()| ok(request_id)),
         other => Err(QueueError::InvalidArgument(format!(
             "{} is not a queue command",

@@ -229,6 +229,17 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 request_id: 10,
                 queue: t("orders"),
                 limit: 0,
+                from: None,
+            }
+            .into(),
+        ),
+        (
+            "dead-letters+from",
+            DeadLetters {
+                request_id: 10,
+                queue: t("orders"),
+                limit: 50,
+                from: Some(1 << 40),
             }
             .into(),
         ),
@@ -415,6 +426,16 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                     },
                     DeadLetter::default(),
                 ],
+                next: None,
+            }
+            .into(),
+        ),
+        (
+            "dead-letters-reply+more",
+            DeadLettersReply {
+                request_id: 22,
+                letters: vec![DeadLetter::default()],
+                next: Some(7),
             }
             .into(),
         ),
@@ -445,6 +466,8 @@ pub fn known_flags(kind: u8) -> u8 {
         kind::Subscribe => Subscribe::FLAG_GROUP,
         kind::Message => Message::FLAG_REPLY_TO,
         kind::Nack => Nack::FLAG_DELAY,
+        kind::DeadLetters => DeadLetters::FLAG_FROM,
+        kind::DeadLettersReply => DeadLettersReply::FLAG_MORE,
         kind::Confirm => Confirm::FLAG_DUPLICATE,
         _ => 0,
     }

@@ -8,7 +8,7 @@
 //!  Deadlines (deadlines.rs): the engine's one timer; runs each queue when it is due
 //! ```
 //!
-//! One queue is [`durable.rs`](durable) (state, publish, limits) plus the files that
+//! One queue is `durable.rs` (state, publish, limits) plus the files that
 //! each own one concern of it: `delivery.rs` (consumers, acks, nacks, timeouts,
 //! expiry), `paging.rs` (the windows and the store's callbacks), `departures.rs`
 //! (messages leaving for another queue), with its parts `window.rs` (the paged

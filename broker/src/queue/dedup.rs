@@ -40,6 +40,16 @@ impl Dedup {
         self.order.push_back((now, id));
     }
 
+    /// Forgets `id` if it was last seen at `seen_ms` (its publish failed to commit,
+    /// so a retry must not be answered as a duplicate of nothing).
+    pub fn forget(&mut self, id: &Text, seen_ms: u64) {
+        if self.ids.get(id) == Some(&seen_ms) {
+            self.ids.remove(id);
+            // Its place in `order` goes when it reaches the front (`prune` skips ids
+            // no longer in the map); its bytes are counted until then.
+        }
+    }
+
     /// Forgets ids past their window, and the oldest ones while over the bounds.
     /// Returns the ids forgotten, for the store to drop too.
     pub fn prune(&mut self, now: u64, window: u64, max_ids: usize, max_bytes: u64) -> Vec<Text> {

@@ -40,6 +40,11 @@ impl Queue {
         }
     }
 
+    /// Whether a move within the queue is waiting for its new copy's commit.
+    pub fn has_moves_pending(&self) -> bool {
+        self.lock().pending.iter().any(|p| p.old.is_some())
+    }
+
     /// Whether a message read from the store has committed here (a read may see
     /// rounds that are applied but not yet durable).
     pub fn is_committed(&self, seq: u64) -> bool {

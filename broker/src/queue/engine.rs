@@ -310,6 +310,7 @@ impl QueueEngine {
         self.inner.cancel.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        self.inner.finish_moves().await;
         let store = self.inner.store.clone();
         if tokio::task::spawn_blocking(move || store.shutdown())
             .await
@@ -401,6 +402,21 @@ impl EngineInner {
             .get(name)
             .cloned()
             .ok_or_else(|| QueueError::NotFound(name.to_owned()))
+    }
+
+    /// Lets the moves within queues that are waiting for their new copy's commit
+    /// finish (their old copies removed), so that a graceful shutdown leaves no
+    /// message stored twice. Bounded: a store that stopped answering cannot hold
+    /// the shutdown up, and what is left is only a duplicate, never a loss.
+    async fn finish_moves(&self) {
+        for _ in 0..20 {
+            let queues: Vec<Arc<Queue>> = self.read().queues.values().cloned().collect();
+            let moving = queues.iter().any(|q| q.has_moves_pending());
+            let ticket = self.store.batch(|b| b.ticket());
+            if ticket.wait().await.is_err() || !moving {
+                return;
+            }
+        }
     }
 
     pub fn queue_by_id(&self, qid: u32) -> Option<Arc<Queue>> {

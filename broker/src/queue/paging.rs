@@ -227,6 +227,13 @@ impl CommitListener for Queue {
                 break;
             };
             st.committed_below = st.committed_below.max(p.slot.seq + 1);
+            if result.is_err() && p.old.is_none() {
+                // A publish whose round failed may not be stored: forget its id, so
+                // that the publisher's retry is stored rather than called a duplicate.
+                if let Some(id) = &p.msg.message_id {
+                    st.dedup.forget(id, p.msg.published_ms);
+                }
+            }
             if let Some(old) = p.old {
                 // Only a durable new copy lets the old one go; after a failed commit
                 // both stay stored (a restart may bring the message back twice).

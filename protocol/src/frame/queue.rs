@@ -74,13 +74,16 @@ pub struct QueueOptions {
     /// Delays before redelivery after the 1st, 2nd, … failed attempt; the last one
     /// repeats (default: none, redeliver at once).
     pub backoff_ms: Option<Vec<u64>>,
-    /// Most ready messages the queue holds (default: unlimited).
+    /// Most messages the queue holds, ready, delayed and in flight together
+    /// (default: unlimited).
     pub max_length: Option<u64>,
-    /// Most payload bytes the queue holds (default: unlimited).
+    /// Most bytes the queue holds, counted as [`QueueInfo::bytes`] (default:
+    /// unlimited).
     pub max_bytes: Option<u64>,
     /// What happens past a limit (default reject-publish).
     pub overflow: Option<Overflow>,
-    /// Messages older than this are discarded undelivered (default: never).
+    /// Messages older than this are not delivered: dead-lettered (reason
+    /// `expired`) when the dead-letter queue exists, else dropped (default: never).
     pub ttl_ms: Option<u64>,
     /// How long a message id is remembered for deduplication (default 2 min).
     pub dedup_window_ms: Option<u64>,
@@ -755,7 +758,8 @@ pub struct QueueInfo {
     pub bindings: Vec<Text>,
     /// Messages stored and not acked (ready, delayed and in flight).
     pub depth: u64,
-    /// Payload bytes of those messages.
+    /// Size of those messages as the limits count it: topic, message id, headers
+    /// and payload plus a per-message overhead (PROTOCOL.md, QUEUE_INFO_REPLY).
     pub bytes: u64,
     /// Delivered and awaiting ack.
     pub in_flight: u64,
@@ -892,7 +896,7 @@ pub struct DeadLetter {
     pub topic: Text,
     /// Deliveries made before it was dead-lettered.
     pub attempts: u32,
-    /// Why (`max_deliveries`, `ttl` …).
+    /// Why (`max_deliveries`, `expired`).
     pub reason: Text,
     /// Original headers.
     pub headers: Headers,

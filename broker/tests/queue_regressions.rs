@@ -589,3 +589,52 @@ async fn credit_is_capped_by_the_broker() {
         "credit 100 was clamped to 2"
     );
 }
+
+#[tokio::test]
+async fn limits_count_headers_and_message_ids_are_capped() {
+    let broker = Restartable::start(|_| {}).await;
+    let mut c = broker.client().await;
+    // 64 KiB of room: empty payloads with 20 KiB of headers fill it in three.
+    c.declare_ok(
+        "q",
+        QueueOptions {
+            max_bytes: Some(64 * 1024),
+            ..bound("t")
+        },
+    )
+    .await;
+    let header = Text::from("h".repeat(20 * 1024));
+    let mut accepted = 0;
+    for _ in 0..6 {
+        let request_id = c.0.request_id();
+        let frame = Frame::Publish(Publish {
+            request_id: Some(request_id),
+            confirm: true,
+            headers: vec![(Text::from("big"), header.clone())],
+            ..Publish::new("t", Bytes::new())
+        });
+        match c.request(frame).await {
+            Frame::Confirm(conf) => accepted += conf.queues,
+            other => panic!("expected CONFIRM, got {other:?}"),
+        }
+    }
+    assert_eq!(accepted, 3, "headers count against max_bytes");
+    let info = c.info("q").await;
+    assert!(
+        info.bytes <= 64 * 1024 && info.bytes > 60 * 1024,
+        "{info:?}"
+    );
+
+    let request_id = c.0.request_id();
+    c.0.send(Frame::Publish(Publish {
+        request_id: Some(request_id),
+        confirm: true,
+        message_id: Some(Text::from("i".repeat(300))),
+        ..Publish::new("t", Bytes::new())
+    }))
+    .await;
+    let e = c.0.expect_error(ErrorCode::InvalidArgument).await;
+    assert_eq!(e.request_id, request_id);
+    assert!(e.message.contains("256"), "{e:?}");
+    assert_eq!(c.info("q").await.depth, 3, "nothing stored");
+}

@@ -358,6 +358,7 @@ impl Queue {
             }
             _ => None,
         };
+        let msg_had_id = record_id.is_some();
         let size = msg.size();
         if !self.make_room(&mut st, size) {
             st.stats.rejected += 1;
@@ -407,6 +408,10 @@ impl Queue {
             });
             Ok(b.ticket())
         })?;
+        if msg_had_id {
+            // Keeps the table within its bounds right after it grew.
+            self.prune_dedup(st, now);
+        }
         st.stats.count(Event::Published, now);
         Ok((Appended::Stored, Some(ticket)))
     }

@@ -127,6 +127,9 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Defaults for queue options.
     pub defaults: QueueDefaults,
+    /// A clock driven by hand, for deterministic tests; `None` (the default) is the
+    /// system clock.
+    pub clock: Option<crate::queue::ManualClock>,
 }
 
 impl EngineConfig {
@@ -147,6 +150,7 @@ impl EngineConfig {
             segment_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
+            clock: None,
         }
     }
 }

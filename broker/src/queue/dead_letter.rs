@@ -14,7 +14,6 @@ use tidings_protocol::{DeadLetter, QueueOptions, Text};
 use crate::queue::durable::{Appended, DedupCheck, Departure, Queue};
 use crate::queue::engine::{EngineInner, QueueEngine};
 use crate::queue::error::QueueError;
-use crate::queue::now_ms;
 use crate::queue::options::Settings;
 use crate::queue::record::{DeadInfo, Message};
 use crate::queue::store::{Loaded, Range, Ticket};
@@ -205,7 +204,7 @@ impl EngineInner {
                 return;
             }
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut done = Vec::with_capacity(moving.len());
         let mut tickets: Vec<Ticket> = Vec::new();
         for d in moving {
@@ -227,6 +226,8 @@ impl EngineInner {
         }
         tracing::debug!(queue = %source.name, count = done.len(), "dead-lettering");
         let source = source.clone();
+        self.moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let moves = self.moves.clone();
         self.tracker.spawn_on(
             async move {
                 let mut ok = true;
@@ -243,6 +244,7 @@ impl EngineInner {
                         source.abort_departure(slot, msg);
                     }
                 }
+                moves.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             },
             &self.runtime,
         );

@@ -9,7 +9,6 @@ use tidings_protocol::Delivery;
 use crate::queue::durable::{Departure, OldCopy, PendingEntry, Queue, State, delayed_slot};
 use crate::queue::in_flight::{Consumer, Delivered};
 use crate::queue::link::SessionLink;
-use crate::queue::now_ms;
 use crate::queue::rates::Event;
 use crate::queue::record::Message;
 use crate::queue::store::Slot;
@@ -258,7 +257,7 @@ impl Queue {
             outstanding: 0,
             alive: true,
         });
-        self.serve(&mut st, now_ms());
+        self.serve(&mut st, self.clock.now_ms());
         true
     }
 
@@ -270,7 +269,7 @@ impl Queue {
         let c = st.consumers.find(session_id, id)?;
         c.window = c.window.saturating_add(credit).min(cap);
         let window = c.window;
-        self.serve(&mut st, now_ms());
+        self.serve(&mut st, self.clock.now_ms());
         Some(window)
     }
 
@@ -278,7 +277,7 @@ impl Queue {
     pub fn remove_consumer(&self, session_id: u64, id: u32) {
         let mut st = self.lock();
         st.consumers.remove(session_id, id);
-        let now = now_ms();
+        let now = self.clock.now_ms();
         for seq in st.in_flight.held_by(session_id, id) {
             self.take_back(&mut st, seq, Requeue::Now, now);
         }
@@ -289,7 +288,7 @@ impl Queue {
     /// outstanding there.
     pub fn ack(&self, session_id: u64, items: &[(u64, u64)]) -> Vec<u64> {
         let mut st = self.lock();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut unknown = Vec::new();
         let mut removed = Vec::with_capacity(items.len());
         for &(id, seq) in items {
@@ -323,7 +322,7 @@ impl Queue {
     /// Nacks `(delivery id, seq)` pairs of one session; returns the unknown ids.
     pub fn nack(&self, session_id: u64, items: &[(u64, u64)], how: Requeue) -> Vec<u64> {
         let mut st = self.lock();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut unknown = Vec::new();
         for &(id, seq) in items {
             if st.in_flight.is_out(seq, session_id, id) {

@@ -4,7 +4,6 @@
 //! given back if the move failed.
 
 use crate::queue::durable::{Queue, State};
-use crate::queue::now_ms;
 use crate::queue::record::Message;
 use crate::queue::store::{Loaded, Slot};
 use crate::queue::window::Entry;
@@ -36,7 +35,7 @@ impl Queue {
         let mut st = self.lock();
         if !st.deleted {
             st.retry.push_back(Entry { slot, msg });
-            self.serve(&mut st, now_ms());
+            self.serve(&mut st, self.clock.now_ms());
         }
     }
 

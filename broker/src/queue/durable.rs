@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use tidings_protocol::{QueueInfo, Text};
 use tokio::sync::Notify;
 
+use crate::queue::Clock;
 use crate::queue::config::EngineConfig;
 use crate::queue::deadlines::Deadlines;
 use crate::queue::dedup::Dedup;
 use crate::queue::error::QueueError;
 use crate::queue::in_flight::{Consumers, InFlight};
-use crate::queue::now_ms;
 use crate::queue::options::Settings;
 use crate::queue::rates::{Event, Stats};
 use crate::queue::record::Message;
@@ -166,6 +166,7 @@ pub(crate) struct Queue {
     pub(super) store: Arc<Store>,
     pub(super) limits: Limits,
     pub(super) deadlines: Arc<Deadlines>,
+    pub(super) clock: Clock,
     /// Signalled after every page read, for a redrive waiting on one.
     pub paged: Notify,
     me: Weak<Queue>,
@@ -176,6 +177,7 @@ pub(crate) struct QueueContext {
     pub store: Arc<Store>,
     pub limits: Limits,
     pub deadlines: Arc<Deadlines>,
+    pub clock: Clock,
 }
 
 impl Queue {
@@ -201,7 +203,7 @@ impl Queue {
             cx,
             loaded.counters,
         );
-        let now = now_ms();
+        let now = q.clock.now_ms();
         {
             let mut st = q.lock();
             st.marks.restart = loaded.counters.mark;
@@ -269,6 +271,7 @@ impl Queue {
             store: cx.store.clone(),
             limits,
             deadlines: cx.deadlines.clone(),
+            clock: cx.clock.clone(),
             paged: Notify::new(),
             me: me.clone(),
         })
@@ -537,7 +540,7 @@ impl Queue {
             .collect();
         let st = self.lock();
         let (depth, bytes) = self.held(&st);
-        let (publish_rate, deliver_rate, ack_rate) = st.stats.rates(now_ms());
+        let (publish_rate, deliver_rate, ack_rate) = st.stats.rates(self.clock.now_ms());
         QueueInfo {
             name: self.name.clone(),
             bindings,

@@ -55,6 +55,7 @@
 //! # });
 //! ```
 
+mod clock;
 mod config;
 mod dead_letter;
 mod deadlines;
@@ -89,11 +90,5 @@ pub use link::DeliverySink;
 pub use record::MESSAGE_OVERHEAD;
 pub use session::ConsumerSession;
 
-/// Wall-clock milliseconds: due times and publish times are stored, so they cannot
-/// be `Instant`s.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use clock::Clock;
+pub use clock::ManualClock;

@@ -3,7 +3,6 @@
 //! the queue.
 
 use crate::queue::durable::{OldCopy, Queue, State};
-use crate::queue::now_ms;
 use crate::queue::store::{CommitListener, Loaded, Range, StoreError};
 use crate::queue::window::{Entry, Key, PageVerdict};
 
@@ -146,7 +145,7 @@ impl Queue {
                     tracing::warn!(queue = %self.name, unloaded = st.ready.unloaded(), "store holds fewer ready messages than counted");
                     st.ready.give_up_unloaded();
                 }
-                self.serve(&mut st, now_ms());
+                self.serve(&mut st, self.clock.now_ms());
             }
             // Overtaken (a drop-head paged in meanwhile): ask again from where it is.
             Ok(_) if !st.deleted => self.maybe_page_ready(&mut st),
@@ -256,6 +255,6 @@ impl CommitListener for Queue {
                 st.marks.durable = st.marks.durable.max(target);
             }
         }
-        self.serve(&mut st, now_ms());
+        self.serve(&mut st, self.clock.now_ms());
     }
 }

@@ -8,7 +8,6 @@
 use crate::queue::durable::{Appended, DedupCheck};
 use crate::queue::engine::QueueEngine;
 use crate::queue::error::QueueError;
-use crate::queue::now_ms;
 use crate::queue::record::Message;
 
 impl QueueEngine {
@@ -45,7 +44,7 @@ impl QueueEngine {
                 taken += u64::from(take);
                 take
             });
-            let now = now_ms();
+            let now = self.inner.clock.now_ms();
             let mut done = Vec::with_capacity(claimed.len());
             let mut tickets = Vec::new();
             let mut failure = None;

@@ -44,6 +44,11 @@ impl Queue {
         self.lock().pending.iter().any(|p| p.old.is_some())
     }
 
+    /// Whether messages wait for the engine to move them out.
+    pub fn has_departures(&self) -> bool {
+        !self.lock().departures.is_empty()
+    }
+
     /// Whether a message read from the store has committed here (a read may see
     /// rounds that are applied but not yet durable).
     pub fn is_committed(&self, seq: u64) -> bool {

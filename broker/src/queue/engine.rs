@@ -84,7 +84,8 @@ pub(crate) struct EngineInner {
     next_session: AtomicU64,
     cancel: CancellationToken,
     pub tracker: TaskTracker,
-    /// Dead-letter moves waiting for their copy's commit.
+    /// Work in motion outside any queue's lock: the timer running due queues, and
+    /// dead-letter moves waiting for their copy's commit ([`QueueEngine::settle`]).
     pub moves: Arc<AtomicUsize>,
     pub runtime: tokio::runtime::Handle,
     closed: AtomicBool,
@@ -331,7 +332,9 @@ impl QueueEngine {
             let queues: Vec<Arc<Queue>> = inner.read().queues.values().cloned().collect();
             let busy = due
                 || inner.moves.load(Ordering::SeqCst) > 0
-                || queues.iter().any(|q| q.has_moves_pending());
+                || queues
+                    .iter()
+                    .any(|q| q.has_moves_pending() || q.has_departures());
             if !busy {
                 return;
             }
@@ -374,14 +377,19 @@ fn spawn_timer(inner: &Arc<EngineInner>) {
     let engine: Weak<EngineInner> = Arc::downgrade(inner);
     let deadlines = inner.deadlines.clone();
     let clock = inner.clock.clone();
+    let in_motion = inner.moves.clone();
     let cancel = inner.cancel.clone();
     inner.tracker.spawn_on(
         async move {
             loop {
                 let now = clock.now_ms();
+                // Counted from before the due queues leave the schedule until their
+                // departures are handed on, so `settle` never sees a gap.
+                in_motion.fetch_add(1, Ordering::SeqCst);
                 let due = deadlines.take_due(now);
                 if !due.is_empty() {
                     let Some(engine) = engine.upgrade() else {
+                        in_motion.fetch_sub(1, Ordering::SeqCst);
                         return;
                     };
                     for qid in due {
@@ -391,6 +399,7 @@ fn spawn_timer(inner: &Arc<EngineInner>) {
                         }
                     }
                 }
+                in_motion.fetch_sub(1, Ordering::SeqCst);
                 let sleep = match deadlines.next() {
                     Some(at) if !clock.is_manual() => {
                         Duration::from_millis(at.saturating_sub(clock.now_ms()))

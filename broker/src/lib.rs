@@ -48,6 +48,7 @@
 //! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod memory;

@@ -51,11 +51,14 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod limits;
 pub mod memory;
 pub mod queue;
 pub mod router;
+pub mod security;
 mod server;
 mod stats;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,6 +69,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use config::{Config, ConfigError};
+pub use limits::Limits;
+pub use security::SecurityConfig;
 pub use server::run;
 pub use stats::Stats;
 

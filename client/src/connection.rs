@@ -163,6 +163,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         version: PROTOCOL_VERSION,
         client_name: Text::from(opts.name.as_str()),
         token: opts.token.as_deref().map(Text::from),
+        user: None,
     });
     let mut wbuf = BytesMut::new();
     let protocol = |source| ConnectError::Protocol {

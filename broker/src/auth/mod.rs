@@ -221,9 +221,8 @@ impl Authenticator {
             }
             Mode::Users { users, by_name } => (users, by_name),
         };
-        let named_by_cert = |user: &User| {
-            user.certificate && creds.certificate_names.iter().any(|n| *n == user.name)
-        };
+        let named_by_cert =
+            |user: &User| user.certificate && creds.certificate_names.contains(&user.name);
         match (creds.user, creds.secret) {
             (Some(name), secret) => {
                 let Some(user) = by_name.get(name).map(|&i| &users[i]) else {

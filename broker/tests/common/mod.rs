@@ -86,6 +86,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             client_name: name.into(),
             token: token.map(Into::into),
+            user: None,
         }))
         .await;
         match self.recv().await {

@@ -32,6 +32,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t(M),
                 token: None,
+                user: None,
             }
             .into(),
             "client_name",
@@ -41,6 +42,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t("c"),
                 token: Some(t(M)),
+                user: None,
             }
             .into(),
             "token",

@@ -67,6 +67,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 version: PROTOCOL_VERSION,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
@@ -76,6 +77,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 version: PROTOCOL_VERSION,
                 client_name: t(""),
                 token: Some(t("s3cret")),
+                user: None,
             }
             .into(),
         ),

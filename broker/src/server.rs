@@ -15,20 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field, info, info_span, warn};
 
-use crate::connection::queue_ops::BrokerQueues;
-use crate::connection::{self, ConnId, Signals};
+use crate::connection::{self, Signals};
+use crate::outbox::ConnId;
 use crate::router::Router;
+use crate::shared::{BrokerQueues, Shared};
 use crate::stats::Stats;
 use crate::{BrokerError, Config};
-
-/// State every connection shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) router: Router,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) queues: BrokerQueues,
-}
 
 /// How long a refused connection gets to read its error frame.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);

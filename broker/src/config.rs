@@ -88,7 +88,10 @@ pub enum ConfigError {
     long_about = "The tidings event broker: pub/sub, request/reply and durable queues over TCP.\n\n\
         Every option can also be set through its TIDINGS_* environment variable or in a TOML \
         file given with --config, with keys named like the flags. Precedence: flag, then \
-        environment, then file, then default."
+        environment, then file, then default.\n\n\
+        `tidings-broker hash-password < file` prints an argon2id hash of the password on the \
+        file's first line, for the `password_hash` of a [[users]] entry in the config file. \
+        SIGHUP reloads --tls-cert and --tls-key."
 )]
 pub struct Config {
     /// TOML file with settings; flags and TIDINGS_* variables override it.

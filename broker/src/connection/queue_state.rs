@@ -76,6 +76,9 @@ impl QueueState {
 /// Serves one queue command from the connection's client.
 pub(crate) async fn handle(session: &mut Session, frame: Frame) {
     let request_id = frame.request_id().unwrap_or(0);
+    if let Err(denied) = super::authorize::queue_command(&session.principal, &frame) {
+        return session.permission_denied(request_id, &denied);
+    }
     let engine = &session.shared.queues.engine;
     let Some(queues) = session.queues.inner.as_ref() else {
         return;
@@ -100,10 +103,15 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
                 info,
             })
         }),
-        Frame::QueueList(f) => Ok(Frame::QueueListReply(QueueListReply {
-            request_id: f.request_id,
-            queues: engine.list().await,
-        })),
+        Frame::QueueList(f) => {
+            // A user sees only the queues it has some right on.
+            let mut queues = engine.list().await;
+            queues.retain(|q| session.principal.sees_queue(&q.name));
+            Ok(Frame::QueueListReply(QueueListReply {
+                request_id: f.request_id,
+                queues,
+            }))
+        }
         Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
             Frame::DeadLettersReply(DeadLettersReply {
                 request_id: f.request_id,

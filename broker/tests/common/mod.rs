@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

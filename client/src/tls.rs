@@ -331,11 +331,12 @@ mod tests {
 
     #[test]
     fn bad_ca_is_an_error() {
-        let err = ClientTls::ca_pem("not pem").connector().unwrap_err();
+        let err = ClientTls::ca_pem("not pem").connector().err().unwrap();
         assert!(err.contains("no CERTIFICATE"), "{err}");
         let err = ClientTls::ca_file("/nonexistent/ca.pem")
             .connector()
-            .unwrap_err();
+            .err()
+            .unwrap();
         assert!(err.contains("cannot read"), "{err}");
     }
 }

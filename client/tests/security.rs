@@ -189,8 +189,7 @@ async fn users_permissions_and_request_reply_through_own_inbox() {
     let started = tokio::time::Instant::now();
     let err = within(builder(addr).user("frontend").password("wrong").connect())
         .await
-        .err()
-        .expect("a wrong password is refused");
+        .expect_err("a wrong password is refused");
     match err {
         ConnectError::Refused { error, .. } => {
             assert_eq!(error.code(), Some(ErrorCode::AuthFailed))

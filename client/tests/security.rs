@@ -95,8 +95,7 @@ async fn tls_address_with_a_ca() {
             .connect(),
     )
     .await
-    .err()
-    .expect("an untrusted server is refused");
+    .expect_err("an untrusted server is refused");
     assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
     broker.shutdown().await;
 }

@@ -35,7 +35,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        usize::try_from(self.next() % n as u64).expect("below n, which is a usize")
     }
     fn chance(&mut self, percent: usize) -> bool {
         self.below(100) < percent
@@ -176,11 +176,10 @@ async fn permissions_over_the_wire_match_the_reference() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
-            std::time::SystemTime::now()
+            let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
+                .unwrap();
+            (now.as_secs() << 30) ^ u64::from(now.subsec_nanos()) | 1
         });
     println!("permission property test seed: {seed} (replay with TIDINGS_SEED={seed})");
     let mut rng = Rng(seed);
@@ -226,7 +225,7 @@ async fn permissions_over_the_wire_match_the_reference() {
             .collect();
         // Pipelined: every operation goes out, then the answers are read in order.
         for (n, op) in ops.iter().enumerate() {
-            let request_id = n as u32 + 1;
+            let request_id = u32::try_from(n).unwrap() + 1;
             let frame = match op {
                 Op::Publish(topic) => {
                     let mut p = Publish::new(topic.as_str(), &b"x"[..]);
@@ -250,7 +249,7 @@ async fn permissions_over_the_wire_match_the_reference() {
             c.send(frame).await;
         }
         for (n, op) in ops.iter().enumerate() {
-            let request_id = n as u32 + 1;
+            let request_id = u32::try_from(n).unwrap() + 1;
             let frame = loop {
                 match c.recv().await {
                     // Subscriptions that were allowed may get messages from this

@@ -516,6 +516,8 @@ fn error_codes_are_stable() {
         (35, "UnknownConsumer", false),
         (36, "QueueFull", false),
         (37, "StorageFailure", false),
+        (40, "PermissionDenied", false),
+        (41, "LimitExceeded", false),
         (99, "Internal", false),
     ];
     let actual: Vec<(u16, &str, bool)> = ErrorCode::ALL

@@ -37,6 +37,16 @@ fn examples() -> BTreeMap<&'static str, Frame> {
             .into(),
         ),
         (
+            "hello-user",
+            Hello {
+                version: 1,
+                client_name: t("billing"),
+                token: Some(t("s3cret")),
+                user: Some(t("svc")),
+            }
+            .into(),
+        ),
+        (
             "welcome",
             Welcome {
                 version: 1,

@@ -161,3 +161,59 @@ impl SecurityConfig {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, ConfigError};
+
+    fn load_file(text: &str, extra: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tidings.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut args = vec!["tidings-broker", "--config", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Config::load_from(args)
+    }
+
+    #[test]
+    fn users_come_from_the_file() {
+        let config = load_file(
+            "pre-auth-max-frame = \"8KiB\"\n\
+             [[users]]\nname = \"svc\"\ntoken = \"0123456789abcdef\"\n\
+             publish = { allow = [\"a.>\"] }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.security.users.len(), 1);
+        assert_eq!(config.security.pre_auth_max_frame, 8 * 1024);
+        assert!(!config.to_toml().contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn partial_security_settings_refuse_to_start() {
+        let refused = |text: &str, extra: &[&str], needle: &str| {
+            let err = load_file(text, extra).unwrap_err().to_string();
+            assert!(err.contains(needle), "`{needle}` not in: {err}");
+        };
+        refused("", &["--tls-cert", "c.pem"], "tls-key");
+        refused("", &["--tls-key", "k.pem"], "tls-cert");
+        refused("", &["--tls-client-ca", "ca.pem"], "tls-client-ca");
+        refused("", &["--auth-failure-delay", "10ms"], "auth-failure-delay");
+        refused(
+            "[[users]]\nname = \"a\"\ntoken = \"0123456789abcdef\"\n",
+            &["--auth-token", "x"],
+            "both set",
+        );
+        refused(
+            "[[users]]\nname = \"cert-user\"\ncertificate = true\n",
+            &[],
+            "cert-user",
+        );
+        refused("[[users]]\nname = \"nocred\"\n", &[], "users[0] (`nocred`)");
+        refused(
+            "[[users]]\nname = \"typo\"\ntoken = \"0123456789abcdef\"\npublsh = {}\n",
+            &[],
+            "publsh",
+        );
+    }
+}

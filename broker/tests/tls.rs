@@ -282,3 +282,75 @@ async fn reload_swaps_certificates_without_dropping_connections() {
     );
     broker.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_binarys_certificates() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+
+    let ca = Ca::new("first CA");
+    let files = BrokerFiles::write(&ca.server(), &ca);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings-broker"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(files.dir.path().join("data"))
+        .arg("--tls-cert")
+        .arg(&files.cert)
+        .arg("--tls-key")
+        .arg(&files.key)
+        .env("RUST_LOG", "info")
+        .env_remove("TIDINGS_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the broker binary starts");
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_line_with = async |needle: &str| -> String {
+        loop {
+            let line = within("a log line", log.next_line())
+                .await
+                .unwrap()
+                .expect("the broker is running");
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    };
+    let line = next_line_with("listening on ").await;
+    let addr: std::net::SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut before = Framed::new(
+        certs::dial(&certs::connector(&ca, None), addr)
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(before.hello(None).await, Some(Frame::Welcome(_))));
+
+    let new_ca = Ca::new("second CA");
+    let new_server = new_ca.server();
+    std::fs::write(&files.cert, &new_server.cert_pem).unwrap();
+    std::fs::write(&files.key, &new_server.key_pem).unwrap();
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: kill only sends a signal to the child we started.
+    #[allow(unsafe_code)]
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGHUP), 0);
+    }
+    next_line_with("TLS certificate and key reloaded").await;
+    let mut after = Framed::new(
+        certs::dial(&certs::connector(&new_ca, None), addr)
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(after.hello(None).await, Some(Frame::Welcome(_))));
+    before.send(Frame::Ping(tidings_protocol::Ping)).await;
+    assert!(matches!(before.recv().await, Some(Frame::Pong(_))));
+    child.kill().await.unwrap();
+}

@@ -155,7 +155,7 @@ pub struct Config {
 
     /// Shared secret clients must present in HELLO: the simple mode, one secret for
     /// every client, everything allowed. For per-service secrets and permissions
-    /// use [[users]] in the config file instead (not both) [default: unset: no
+    /// use `[[users]]` in the config file instead (not both) [default: unset: no
     /// authentication].
     #[arg(long, env = "TIDINGS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,

@@ -31,7 +31,7 @@ pub struct SecurityConfig {
 
     /// PEM file with the CA certificates that sign client certificates. Turns on
     /// mutual TLS: every client must present a certificate from one of them, and
-    /// with [[users]] the certificate's subject common name or a subject alternative
+    /// with `[[users]]` the certificate's subject common name or a subject alternative
     /// name can name a user that has `certificate = true` [default: unset].
     #[arg(long, env = "TIDINGS_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,

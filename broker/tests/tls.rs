@@ -354,3 +354,18 @@ async fn sighup_reloads_the_binarys_certificates() {
     assert!(matches!(before.recv().await, Some(Frame::Pong(_))));
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn tls_against_the_plaintext_port_is_refused_at_once() {
+    let ca = Ca::new("test CA");
+    let broker = common::start().await;
+    // The ClientHello's first bytes read as a length prefix of hundreds of
+    // megabytes: over the pre-auth limit, so the broker closes before buffering.
+    let result = within(
+        "a refused handshake",
+        certs::dial(&certs::connector(&ca, None), broker.addr),
+    )
+    .await;
+    assert!(result.is_err());
+    broker.handle.shutdown().await;
+}

@@ -196,7 +196,7 @@ impl Authenticator {
     }
 
     /// Checks `creds`. A failure is recorded in the rate-limited log; the caller
-    /// delays its answer (see [`crate::Config::auth_failure_delay`]).
+    /// delays its answer (see [`crate::SecurityConfig::auth_failure_delay`]).
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Principal, AuthFailure> {
         let result = self.decide(creds).await;
         if let Err(failure) = &result {

@@ -37,7 +37,7 @@ pub struct Cli {
     /// password or token.
     #[arg(long, global = true, env = "TIDINGS_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// User name, for brokers with [[users]] (with --token, or a client
+    /// User name, for brokers with `[[users]]` (with --token, or a client
     /// certificate that names the user).
     #[arg(long, global = true, env = "TIDINGS_USER")]
     user: Option<String>,

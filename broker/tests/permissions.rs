@@ -379,3 +379,101 @@ async fn refusals_keep_the_connection_and_create_nothing() {
     assert!(stats.get("errors.permission_denied").unwrap_or(0) >= 2);
     broker.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn queue_rights_over_the_wire() {
+    use tidings_protocol::{
+        DeadLetters, QueueBind, QueueDeclare, QueueDelete, QueueList, QueueOptions,
+    };
+    let users = vec![
+        UserEntry {
+            name: "ops".into(),
+            token: Some(token_of(1)),
+            subscribe: rules(&["jobs.>"], &["jobs.secret.>"]),
+            queues: vec![
+                QueueRuleEntry {
+                    pattern: "jobs.*".into(),
+                    allow: vec![QueueRight::Manage, QueueRight::Consume],
+                    deny: vec![],
+                },
+                QueueRuleEntry {
+                    pattern: "jobs.payroll".into(),
+                    allow: vec![],
+                    deny: vec![QueueRight::Manage],
+                },
+            ],
+            ..UserEntry::default()
+        },
+        UserEntry {
+            name: "admin".into(),
+            token: Some(token_of(2)),
+            subscribe: rules(&[">"], &[]),
+            queues: vec![QueueRuleEntry {
+                pattern: ">".into(),
+                allow: vec![QueueRight::Manage],
+                deny: vec![],
+            }],
+            ..UserEntry::default()
+        },
+    ];
+    let broker = common::start_with(move |c| c.security.users = users).await;
+    let declare = |request_id, name: &str, bindings: &[&str]| {
+        Frame::QueueDeclare(QueueDeclare {
+            request_id,
+            name: name.into(),
+            options: QueueOptions {
+                bindings: bindings.iter().map(|b| (*b).into()).collect(),
+                ..QueueOptions::default()
+            },
+        })
+    };
+    let mut admin = Client::connect(broker.addr).await;
+    admin.handshake("admin", Some(&token_of(2))).await;
+    admin.send(declare(1, "other.queue", &[])).await;
+    admin.expect_ok(1).await;
+    admin.send(declare(2, "jobs.payroll", &[])).await;
+    admin.expect_ok(2).await;
+
+    let mut ops = Client::connect(broker.addr).await;
+    ops.handshake("ops", Some(&token_of(1))).await;
+    ops.send(declare(1, "jobs.email", &["jobs.email.>"])).await;
+    ops.expect_ok(1).await;
+    // A binding the user could not subscribe to is refused, and nothing is made.
+    ops.send(declare(2, "jobs.leak", &["jobs.secret.>"])).await;
+    let e = ops.expect_error(ErrorCode::PermissionDenied).await;
+    assert!(e.message.contains("jobs.secret.>"), "{}", e.message);
+    ops.send(Frame::QueueBind(QueueBind {
+        request_id: 3,
+        name: "jobs.email".into(),
+        pattern: "billing.>".into(),
+    }))
+    .await;
+    ops.expect_error(ErrorCode::PermissionDenied).await;
+    // Deny beats allow: jobs.payroll matches both rules.
+    ops.send(Frame::QueueDelete(QueueDelete {
+        request_id: 4,
+        name: "jobs.payroll".into(),
+    }))
+    .await;
+    let e = ops.expect_error(ErrorCode::PermissionDenied).await;
+    assert!(e.message.contains("jobs.payroll"), "{}", e.message);
+    ops.send(Frame::DeadLetters(DeadLetters {
+        request_id: 5,
+        queue: "jobs.email".into(),
+        limit: 0,
+    }))
+    .await;
+    ops.expect_error(ErrorCode::PermissionDenied).await;
+    // QUEUE_LIST shows only the queues the user has a right on.
+    ops.send(Frame::QueueList(QueueList { request_id: 6 }))
+        .await;
+    match ops.recv().await {
+        Some(Frame::QueueListReply(r)) => {
+            let mut names: Vec<&str> = r.queues.iter().map(|q| q.name.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, ["jobs.email", "jobs.payroll"]);
+        }
+        other => panic!("expected QUEUE_LIST_REPLY, got {other:?}"),
+    }
+    broker.handle.shutdown().await;
+}

@@ -110,6 +110,11 @@ pub struct EngineConfig {
     /// its length plus [`DEDUP_ID_OVERHEAD`](crate::queue::DEDUP_ID_OVERHEAD); past
     /// that the oldest ids are forgotten early.
     pub dedup_max_bytes: usize,
+    /// Longest message id a publish to a queue may carry, in bytes (256): ids are
+    /// kept in every queue's dedup table. The broker checks its own
+    /// `--max-message-id-len` before a publish gets here; this is the engine's own
+    /// bound for other embedders.
+    pub max_message_id_len: usize,
     /// Most credit (deliveries outstanding at once) one consumer may have (1024);
     /// a CONSUME or CREDIT asking for more is clamped to it.
     pub max_credit: u32,
@@ -144,6 +149,7 @@ impl EngineConfig {
             delayed_window_bytes: 4 << 20,
             dedup_capacity: 100_000,
             dedup_max_bytes: 8 << 20,
+            max_message_id_len: 256,
             max_credit: DEFAULT_MAX_CREDIT,
             max_pending_bytes: 256 << 20,
             cache_bytes: 64 << 20,

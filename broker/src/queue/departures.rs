@@ -44,9 +44,16 @@ impl Queue {
         self.lock().pending.iter().any(|p| p.old.is_some())
     }
 
-    /// Whether messages wait for the engine to move them out.
-    pub fn has_departures(&self) -> bool {
-        !self.lock().departures.is_empty()
+    /// Whether nothing of this queue is waiting on the store or the engine: no
+    /// write waiting for its commit callback, no delivery mark on its way, no page
+    /// read out, no message waiting to move out.
+    pub fn is_quiet(&self) -> bool {
+        let st = self.lock();
+        st.pending.is_empty()
+            && st.marks.pending.is_none()
+            && !st.ready.paging
+            && !st.delayed.paging
+            && st.departures.is_empty()
     }
 
     /// Whether a message read from the store has committed here (a read may see

@@ -28,10 +28,6 @@ use crate::queue::routing::Routes;
 use crate::queue::session::ConsumerSession;
 use crate::queue::store::{Store, Ticket};
 
-/// Longest message id a publish to a queue may carry, in bytes. Ids are kept in
-/// every queue's dedup table, so their length is bounded like everything else.
-pub const MAX_MESSAGE_ID_LEN: usize = 256;
-
 /// What [`QueueEngine::publish_now`] knows at once about a publish.
 pub enum Published {
     /// No queue took it, or it was refused: the answer is known now.
@@ -222,6 +218,11 @@ impl QueueEngine {
             .await
     }
 
+    /// How many queues exist (for `--max-queues`).
+    pub fn queue_count(&self) -> usize {
+        self.inner.read().queues.len()
+    }
+
     /// One queue's figures.
     pub fn info(&self, name: &str) -> Result<QueueInfo, QueueError> {
         Ok(self.inner.queue(name)?.info())
@@ -332,9 +333,7 @@ impl QueueEngine {
             let queues: Vec<Arc<Queue>> = inner.read().queues.values().cloned().collect();
             let busy = due
                 || inner.moves.load(Ordering::SeqCst) > 0
-                || queues
-                    .iter()
-                    .any(|q| q.has_moves_pending() || q.has_departures());
+                || queues.iter().any(|q| !q.is_quiet());
             if !busy {
                 return;
             }
@@ -576,9 +575,10 @@ impl EngineInner {
                 return;
             }
             if stored.is_none() {
-                if let Some(id) = msg.message_id.as_ref().filter(|id| id.len() > MAX_MESSAGE_ID_LEN) {
+                let max = self.config.max_message_id_len;
+                if let Some(id) = msg.message_id.as_ref().filter(|id| id.len() > max) {
                     error = Some(QueueError::InvalidArgument(format!(
-                        "message id is {} bytes, longer than the {MAX_MESSAGE_ID_LEN} a queued message may carry",
+                        "message id is {} bytes, longer than the {max} a queued message may carry",
                         id.len()
                     )));
                     return;

@@ -109,6 +109,11 @@ impl SessionLink {
         true
     }
 
+    /// How many consumers the session has.
+    pub fn consumer_count(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
     /// The queue id of a consumer.
     pub fn consumer_queue(&self, consumer_id: u32) -> Option<u32> {
         self.lock().consumers.get(&consumer_id).copied()

@@ -84,7 +84,7 @@ pub use dead_letter::{
     DEAD_LETTERS_REPLY_OVERHEAD, DeadLetterPage, MAX_DEAD_LETTERS_LISTED, encoded_letter_len,
 };
 pub use dedup::ID_OVERHEAD as DEDUP_ID_OVERHEAD;
-pub use engine::{MAX_MESSAGE_ID_LEN, PublishOutcome, Published, QueueEngine};
+pub use engine::{PublishOutcome, Published, QueueEngine};
 pub use error::QueueError;
 pub use link::DeliverySink;
 pub use record::MESSAGE_OVERHEAD;

@@ -25,6 +25,11 @@ impl ConsumerSession {
         }
     }
 
+    /// How many consumers this connection has (for `--max-consumers`).
+    pub fn consumer_count(&self) -> usize {
+        self.link.consumer_count()
+    }
+
     /// Starts consumer `consumer_id` on `queue` with `credit` deliveries outstanding
     /// at most, capped at the engine's `max_credit`; returns the credit granted.
     /// Errors: `DuplicateConsumer`, `NotFound`, `InvalidArgument` (credit 0).

@@ -70,6 +70,7 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
     c.send(Frame::Welcome(Welcome {
+        minor: None,
         version: 1,
         server_version: "x".into(),
         max_frame_len: 1,
@@ -79,6 +80,7 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
     c.send(Frame::Hello(Hello {
+        minor: None,
         version: PROTOCOL_VERSION,
         client_name: "again".into(),
         token: None,
@@ -201,6 +203,7 @@ async fn unsupported_version_closes() {
     let broker = start().await;
     let mut c = Client::connect(broker.addr).await;
     c.send(Frame::Hello(Hello {
+        minor: None,
         version: PROTOCOL_VERSION + 1,
         client_name: "future".into(),
         token: None,
@@ -216,6 +219,7 @@ async fn token_is_required_when_configured() {
     for token in [None, Some("wrong"), Some("s3cre"), Some("")] {
         let mut c = Client::connect(broker.addr).await;
         c.send(Frame::Hello(Hello {
+            minor: None,
             version: PROTOCOL_VERSION,
             client_name: "c".into(),
             token: token.map(Into::into),

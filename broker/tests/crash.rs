@@ -97,6 +97,7 @@ impl Conn {
             codec: FrameCodec::default(),
         };
         conn.send(&[Frame::Hello(Hello {
+            minor: None,
             version: PROTOCOL_VERSION,
             client_name: "crash-test".into(),
             token: None,

@@ -197,6 +197,7 @@ impl Reader {
         debug!("handshake complete");
         session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
         session.reply(Frame::Welcome(Welcome {
+            minor: None,
             version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),
             max_frame_len: u32::try_from(config.max_frame_len()).unwrap_or(u32::MAX),

@@ -96,6 +96,7 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             .map(|()| ok(request_id)),
         Frame::QueueInfoRequest(f) => engine.info(&f.name).await.map(|info| {
             Frame::QueueInfo(QueueInfoReply {
+                options: None,
                 request_id: f.request_id,
                 info,
             })

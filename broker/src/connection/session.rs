@@ -135,6 +135,7 @@ impl Session {
         }
         if !route.is_empty() {
             let message = Message {
+                message_id: None,
                 sid: 0,
                 topic: p.topic.clone(),
                 reply_to: p.reply_to.clone(),

@@ -840,6 +840,8 @@ impl Queue {
         consumer.outstanding += 1;
         let consumer_id = consumer.id;
         let delivery = Delivery {
+            reply_to: None,
+            message_id: None,
             consumer_id,
             delivery_id,
             attempt: entry.msg.deliveries,

@@ -98,6 +98,7 @@ impl Route {
     pub fn deliver_with(&self, message: &Message, scratch: &mut BytesMut) -> usize {
         scratch.clear();
         let frame = Frame::Message(Message {
+            message_id: None,
             sid: 0,
             topic: message.topic.clone(),
             reply_to: message.reply_to.clone(),

@@ -83,6 +83,7 @@ impl Client {
 
     pub async fn handshake(&mut self, name: &str, token: Option<&str>) {
         self.send(Frame::Hello(Hello {
+            minor: None,
             version: PROTOCOL_VERSION,
             client_name: name.into(),
             token: token.map(Into::into),

@@ -57,6 +57,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(Welcome, BytesMut), ConnectError> {
     let addr = &opts.addr;
     let hello = Frame::Hello(Hello {
+        minor: None,
         version: PROTOCOL_VERSION,
         client_name: Text::from(opts.name.as_str()),
         token: opts.token.as_deref().map(Text::from),

@@ -24,6 +24,7 @@ const BOUND: Duration = Duration::from_secs(5);
 
 fn welcome() -> Frame {
     Frame::Welcome(Welcome {
+        minor: None,
         version: PROTOCOL_VERSION,
         server_version: Text::from("test"),
         max_frame_len: 1 << 20,

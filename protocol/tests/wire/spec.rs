@@ -19,6 +19,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "hello",
             Hello {
+                minor: None,
                 version: 1,
                 client_name: t("billing"),
                 token: None,
@@ -28,6 +29,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "hello-token",
             Hello {
+                minor: None,
                 version: 1,
                 client_name: t("billing"),
                 token: Some(t("s3cret")),
@@ -37,6 +39,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "welcome",
             Welcome {
+                minor: None,
                 version: 1,
                 server_version: t("0.1.0"),
                 max_frame_len: 1_114_112,
@@ -84,6 +87,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "message",
             Message {
+                message_id: None,
                 sid: 1,
                 topic: t("orders.created"),
                 reply_to: None,
@@ -134,6 +138,8 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "delivery",
             Delivery {
+                reply_to: None,
+                message_id: None,
                 consumer_id: 1,
                 delivery_id: 1,
                 attempt: 1,

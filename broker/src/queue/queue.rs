@@ -840,8 +840,8 @@ impl Queue {
         consumer.outstanding += 1;
         let consumer_id = consumer.id;
         let delivery = Delivery {
-            reply_to: None,
-            message_id: None,
+            reply_to: entry.msg.reply_to.clone(),
+            message_id: entry.msg.message_id.clone(),
             consumer_id,
             delivery_id,
             attempt: entry.msg.deliveries,

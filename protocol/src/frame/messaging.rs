@@ -66,6 +66,31 @@ impl Publish {
         }
     }
 
+    /// Bytes of the encoded body that are not payload: request id, topic,
+    /// reply_to, message_id, delay and headers with their prefixes. At most
+    /// [`crate::MAX_ENVELOPE_LEN`] is accepted.
+    pub fn envelope_len(&self) -> usize {
+        let text = |t: &Option<Text>| t.as_ref().map_or(0, |t| 2 + t.len());
+        let request_id = if self.request_id.is_some() || self.confirm || self.check_responders {
+            4
+        } else {
+            0
+        };
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum();
+        request_id
+            + 2
+            + self.topic.len()
+            + text(&self.reply_to)
+            + text(&self.message_id)
+            + if self.delay_ms.is_some() { 8 } else { 0 }
+            + 2
+            + headers
+    }
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         let mut flags = 0;
         let needs_id = self.confirm || self.check_responders;

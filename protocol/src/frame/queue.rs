@@ -821,8 +821,9 @@ pub struct QueueInfoReply {
     /// The figures.
     pub info: QueueInfo,
     /// The queue's options, defaults filled in (an option still `None` is
-    /// unlimited or off: `max_length`, `max_bytes`, `ttl_ms`).
-    pub options: Option<QueueOptions>,
+    /// unlimited or off: `max_length`, `max_bytes`, `ttl_ms`). Boxed so that it
+    /// does not make every [`crate::Frame`] larger.
+    pub options: Option<Box<QueueOptions>>,
 }
 
 impl QueueInfoReply {
@@ -845,7 +846,7 @@ impl QueueInfoReply {
             request_id: r.u32("request_id")?,
             info: QueueInfo::decode(r)?,
             options: if flags & Self::FLAG_OPTIONS != 0 {
-                Some(QueueOptions::decode(r)?)
+                Some(Box::new(QueueOptions::decode(r)?))
             } else {
                 None
             },

@@ -379,7 +379,7 @@ fn queue_reply_frames() -> BoxedStrategy<Frame> {
             |(request_id, info, options)| Frame::from(QueueInfoReply {
                 request_id,
                 info,
-                options
+                options: options.map(Box::new)
             })
         ),
         (any::<u32>(), vec(queue_info(), 0..2))

@@ -38,6 +38,7 @@ async fn declare(c: &mut Client, name: &str, options: QueueOptions) {
 async fn consume(c: &mut Client, consumer_id: u32, queue: &str) -> Vec<Delivery> {
     let request_id = c.request_id();
     c.send(Frame::Consume(Consume {
+        limit: None,
         request_id,
         consumer_id,
         queue: queue.into(),

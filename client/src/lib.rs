@@ -79,15 +79,15 @@ mod request;
 mod sub_buffer;
 mod subscriber;
 
-pub use client::{Client, Confirmation, Stats};
+pub use client::{Client, ConfirmOptions, Confirmation, PendingConfirm, Stats};
 pub use consumer::{Consumer, Delivery};
 pub use error::{
-    AckError, ConnectError, Error, PublishError, QueueError, RequestError, ServerError,
-    SubscribeError,
+    AckError, ConnectError, ConsumerError, Error, PublishError, QueueError, RequestError,
+    ServerError, SubscribeError,
 };
 pub use events::{Event, Events};
 pub use message::Message;
 pub use options::{ClientBuilder, ReconnectPolicy};
 pub use queue::{DeadLetter, QueueConfig};
-pub use subscriber::Subscription;
+pub use subscriber::{Interruption, Subscription};
 pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{TestBroker, within};
 use futures::StreamExt;
-use tidings_client::{ErrorCode, Message, QueueConfig};
+use tidings_client::{ConfirmOptions, ErrorCode, Message, PublishError, QueueConfig};
 
 #[tokio::test]
 async fn declare_publish_confirmed_consume_ack() {
@@ -31,9 +31,20 @@ async fn declare_publish_confirmed_consume_ack() {
         .unwrap();
         assert_eq!((c.queues, c.rejected, c.duplicate), (1, 0, false));
     }
-    let c = within(client.publish_confirmed(Message::new("orders.other", "x")))
+    // No queue bound: an error by default, a success when allowed.
+    let err = within(client.publish_confirmed(Message::new("orders.other", "x")))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Unroutable { topic } if topic == "orders.other"),
+        "{err}"
+    );
+    let c = within(client.publish_confirmed_with(
+        Message::new("orders.other", "x"),
+        ConfirmOptions::new().allow_unroutable(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(c.queues, 0);
 
     let info = within(client.queue_info("billing")).await.unwrap();
@@ -109,7 +120,7 @@ async fn dead_letters_and_redrive() {
     let dead = within(dlq.next()).await.unwrap();
     assert_eq!(&dead.payload()[..], b"bad");
     // Handing it back (cancel) leaves it in the dead-letter queue for inspection.
-    within(dlq.cancel()).await.unwrap();
+    within(dlq.close()).await.unwrap();
     let letters = within(client.dead_letters("poison", 0)).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(&letters[0].payload[..], b"bad");
@@ -156,10 +167,10 @@ async fn bind_unbind_delete_and_typed_errors() {
         .unwrap();
     assert_eq!(c.queues, 1);
     within(client.unbind("q", "a.*")).await.unwrap();
-    let c = within(client.publish_confirmed(Message::new("a.b", "x")))
+    let err = within(client.publish_confirmed(Message::new("a.b", "x")))
         .await
-        .unwrap();
-    assert_eq!(c.queues, 0);
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
     within(client.delete_queue("q")).await.unwrap();
     let err = within(client.queue_info("q")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::QueueNotFound), "{err}");

@@ -135,7 +135,7 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             })
         }),
         Frame::Consume(f) => queues
-            .consume(f.consumer_id, &f.queue, f.credit)
+            .consume_limited(f.consumer_id, &f.queue, f.credit, f.limit)
             .await
             .map(|()| ok(request_id)),
         Frame::Cancel(f) => queues.cancel(f.consumer_id).await.map(|()| ok(request_id)),

@@ -92,6 +92,18 @@ impl QueueSession {
         queue: &str,
         credit: u32,
     ) -> Result<(), QueueError> {
+        self.consume_limited(consumer_id, queue, credit, None).await
+    }
+
+    /// [`QueueSession::consume`] for at most `limit` deliveries in all (`None`:
+    /// unlimited); past it the consumer gets nothing more until cancelled.
+    pub async fn consume_limited(
+        &self,
+        consumer_id: u32,
+        queue: &str,
+        credit: u32,
+        limit: Option<u32>,
+    ) -> Result<(), QueueError> {
         if credit == 0 {
             return Err(QueueError::InvalidArgument(
                 "credit must be at least 1".into(),
@@ -105,7 +117,7 @@ impl QueueSession {
             }
             st.consumers.insert(consumer_id, q.clone());
         }
-        q.add_consumer(&self.inner, consumer_id, credit);
+        q.add_consumer(&self.inner, consumer_id, credit, limit);
         Ok(())
     }
 

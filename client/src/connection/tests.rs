@@ -6,8 +6,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tidings_protocol::{
-    Confirm, ErrorCode, ErrorReply, Frame, FrameCodec, PROTOCOL_VERSION, Ping, Publish, Text,
-    Welcome,
+    Confirm, ErrorCode, ErrorReply, Frame, FrameCodec, PROTOCOL_MINOR, PROTOCOL_VERSION, Ping,
+    Publish, Text, Welcome,
 };
 use tokio::io::DuplexStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -46,7 +46,8 @@ async fn handshake_sends_hello_and_learns_limits() {
     let (mut client_io, server_io) = tokio::io::duplex(4096);
     let mut server = Framed::new(server_io, FrameCodec::default());
     let opts = ClientBuilder::new("test").name("svc").token("t0k");
-    let handshake = tokio::spawn(async move { handshake(&mut client_io, &opts).await });
+    let handshake =
+        tokio::spawn(async move { handshake(&mut client_io, &opts, Some(PROTOCOL_MINOR)).await });
     let Frame::Hello(hello) = next(&mut server).await else {
         panic!("HELLO first");
     };
@@ -72,7 +73,8 @@ async fn handshake_refusal_is_typed() {
     let (mut client_io, server_io) = tokio::io::duplex(4096);
     let mut server = Framed::new(server_io, FrameCodec::default());
     let opts = ClientBuilder::new("test");
-    let handshake = tokio::spawn(async move { handshake(&mut client_io, &opts).await });
+    let handshake =
+        tokio::spawn(async move { handshake(&mut client_io, &opts, Some(PROTOCOL_MINOR)).await });
     next(&mut server).await;
     server
         .send(Frame::Error(ErrorReply::new(
@@ -95,7 +97,11 @@ async fn handshake_on_a_closed_socket_fails() {
     let (mut client_io, server_io) = tokio::io::duplex(4096);
     drop(server_io);
     let opts = ClientBuilder::new("test");
-    assert!(handshake(&mut client_io, &opts).await.is_err());
+    assert!(
+        handshake(&mut client_io, &opts, Some(PROTOCOL_MINOR))
+            .await
+            .is_err()
+    );
 }
 
 /// A task running one session over a duplex pipe, and the handle to drive it.
@@ -154,7 +160,7 @@ async fn answers_are_matched_by_request_id_in_any_order() {
         let handle = handle.clone();
         tokio::spawn(async move {
             handle
-                .call(|id| {
+                .call(BOUND, |id| {
                     Frame::Publish(Publish {
                         request_id: Some(id),
                         confirm: true,

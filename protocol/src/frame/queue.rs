@@ -345,9 +345,12 @@ limit_frame! {
 
 /// CONSUME: start a consumer on a queue with an initial credit (prefetch).
 ///
-/// Body: `request_id:u32 consumer_id:u32 queue:str credit:u32`. No flags. The server
-/// sends at most `credit` DELIVERY frames that are not yet acked or nacked; each
-/// ack or nack gives the credit back. Answered with OK.
+/// Body: `request_id:u32 consumer_id:u32 queue:str credit:u32 [limit:u32]`. The
+/// server sends at most `credit` DELIVERY frames that are not yet acked or nacked;
+/// each ack or nack gives the credit back. Flag `0x01` (`LIMIT`, protocol 1.1): the
+/// server sends this consumer at most `limit` deliveries in all, then none, whatever
+/// its credit; the consumer stays until CANCEL, so its deliveries can still be
+/// acked. Answered with OK.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consume {
     /// Matches the answer.
@@ -358,24 +361,38 @@ pub struct Consume {
     pub queue: Text,
     /// Deliveries that may be outstanding at once.
     pub credit: u32,
+    /// The most deliveries this consumer gets in all (protocol 1.1).
+    pub limit: Option<u32>,
 }
 
 impl Consume {
+    /// Flag: `limit` follows the credit.
+    pub const FLAG_LIMIT: u8 = 0x01;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u32(self.request_id);
         w.u32(self.consumer_id);
         w.text("queue", &self.queue)?;
         w.u32(self.credit);
+        if let Some(limit) = self.limit {
+            w.u32(limit);
+            return Ok(Self::FLAG_LIMIT);
+        }
         Ok(0)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("CONSUME", flags, 0)?;
+        check_flags("CONSUME", flags, Self::FLAG_LIMIT)?;
         Ok(Self {
             request_id: r.u32("request_id")?,
             consumer_id: r.u32("consumer_id")?,
             queue: r.text("queue")?,
             credit: r.u32("credit")?,
+            limit: if flags & Self::FLAG_LIMIT != 0 {
+                Some(r.u32("limit")?)
+            } else {
+                None
+            },
         })
     }
 }

@@ -182,6 +182,7 @@ fn invalid_utf8_names_the_field_and_offset() {
         ),
         (
             Consume {
+                limit: None,
                 request_id: 1,
                 consumer_id: 1,
                 queue: t(M),

@@ -249,6 +249,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "consume",
             Consume {
+                limit: None,
                 request_id: 12,
                 consumer_id: 1,
                 queue: t("orders"),
@@ -457,6 +458,7 @@ pub fn known_flags(kind: u8) -> u8 {
         kind::Message => Message::FLAG_REPLY_TO | Message::FLAG_MESSAGE_ID,
         kind::Delivery => Delivery::FLAG_REPLY_TO | Delivery::FLAG_MESSAGE_ID,
         kind::QueueInfo => QueueInfoReply::FLAG_OPTIONS,
+        kind::Consume => Consume::FLAG_LIMIT,
         kind::Nack => Nack::FLAG_DELAY,
         kind::Confirm => Confirm::FLAG_DUPLICATE,
         _ => 0,

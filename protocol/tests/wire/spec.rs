@@ -128,6 +128,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "consume",
             Consume {
+                limit: None,
                 request_id: 4,
                 consumer_id: 1,
                 queue: t("orders"),

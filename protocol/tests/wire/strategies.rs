@@ -294,16 +294,22 @@ fn queue_admin_frames() -> BoxedStrategy<Frame> {
 
 fn queue_data_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
-        (any::<u32>(), any::<u32>(), text(), any::<u32>()).prop_map(
-            |(request_id, consumer_id, queue, credit)| {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            text(),
+            any::<u32>(),
+            option::of(any::<u32>())
+        )
+            .prop_map(|(request_id, consumer_id, queue, credit, limit)| {
                 Frame::from(Consume {
+                    limit,
                     request_id,
                     consumer_id,
                     queue,
                     credit,
                 })
-            }
-        ),
+            }),
         (any::<u32>(), any::<u32>()).prop_map(|(request_id, consumer_id)| Frame::from(Cancel {
             request_id,
             consumer_id

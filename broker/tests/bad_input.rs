@@ -152,7 +152,7 @@ async fn invalid_topic_and_pattern() {
     let stats = c.stats().await;
     assert_eq!(stats.get("errors.invalid_topic"), Some(6));
     assert_eq!(stats.get("errors.invalid_pattern"), Some(4));
-    assert_eq!(stats.get("subscriptions"), Some(0));
+    assert_eq!(stats.get("subscriptions.current"), Some(0));
 }
 
 #[tokio::test]

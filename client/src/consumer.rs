@@ -116,7 +116,7 @@ impl Client {
 /// ended when the broker ended it.
 pub(crate) struct ConsumerSink {
     pub(crate) tx: mpsc::Sender<Delivery>,
-    ended: Arc<OnceLock<ConsumerError>>,
+    pub(crate) ended: Arc<OnceLock<ConsumerError>>,
 }
 
 impl ConsumerSink {

@@ -334,3 +334,99 @@ async fn deliver_at_holds_the_message_until_its_time() {
     );
     d.ack().await.unwrap();
 }
+
+/// `consume --count 1 --nack` uses exactly one delivery attempt: with
+/// max_deliveries 2 the message is still in the queue afterwards, on its second
+/// attempt, not dead-lettered.
+#[tokio::test]
+async fn cli_consume_count_uses_only_the_attempts_it_prints() {
+    let broker = TestBroker::start().await;
+    let addr = broker.addr();
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("once").bind("once").max_deliveries(2)))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        within(client.publish_confirmed(Message::new("once", format!("m{i}"))))
+            .await
+            .unwrap();
+    }
+    let out = within(
+        tidings(&addr)
+            .args(["consume", "once", "--count", "1", "--nack"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "once m0 (attempt 1)\n"
+    );
+    let info = within(client.queue_info("once")).await.unwrap();
+    assert_eq!(
+        (info.depth, info.dead_lettered, info.delivered),
+        (3, 0, 1),
+        "one delivery, nothing abandoned: {info:?}"
+    );
+    let out = within(
+        tidings(&addr)
+            .args(["consume", "once", "--count", "3"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.contains("m0 (attempt 2)"), "{text}");
+    let info = within(client.queue_info("once")).await.unwrap();
+    assert_eq!((info.depth, info.dead_lettered), (0, 0));
+}
+
+/// `pub --confirm` to a topic no queue is bound to fails and says why, unless
+/// `--allow-unroutable`.
+#[tokio::test]
+async fn cli_pub_confirm_to_an_unbound_topic_fails_unless_allowed() {
+    let broker = TestBroker::start().await;
+    let addr = broker.addr();
+    let out = within(
+        tidings(&addr)
+            .args(["pub", "no.queue.here", "x", "--confirm"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("no queue is bound to `no.queue.here`"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = within(
+        tidings(&addr)
+            .args([
+                "pub",
+                "no.queue.here",
+                "x",
+                "--confirm",
+                "--allow-unroutable",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "confirmed: queues=0 rejected=0 duplicate=false\n"
+    );
+}

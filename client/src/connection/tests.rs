@@ -272,3 +272,72 @@ async fn acks_keep_their_place_before_later_commands() {
     assert!(matches!(next(&mut server).await, Frame::Ack(_)));
     assert!(matches!(next(&mut server).await, Frame::Stats(_)));
 }
+
+#[tokio::test]
+async fn a_consumer_cancelled_by_the_broker_ends_with_its_reason() {
+    let (handle, mut server, _close, _join) = session();
+    let (tx, mut rx) = mpsc::channel(8);
+    let ended = Arc::new(std::sync::OnceLock::new());
+    let (reply, answer) = oneshot::channel();
+    let id = handle.shared.next_id();
+    handle
+        .send(Command::Consume {
+            id,
+            cid: 7,
+            queue: Text::from("jobs"),
+            prefetch: 4,
+            limit: None,
+            sink: crate::consumer::ConsumerSink {
+                tx,
+                ended: ended.clone(),
+            },
+            reply,
+        })
+        .unwrap();
+    let Frame::Consume(c) = next(&mut server).await else {
+        panic!("a CONSUME")
+    };
+    assert_eq!((c.consumer_id, c.credit, c.limit), (7, 4, None));
+    server
+        .send(Frame::Ok(tidings_protocol::OkReply { request_id: id }))
+        .await
+        .unwrap();
+    assert!(answer.await.unwrap().is_ok());
+    server
+        .send(Frame::Delivery(tidings_protocol::Delivery {
+            consumer_id: 7,
+            delivery_id: 1,
+            attempt: 1,
+            queue: Text::from("jobs"),
+            topic: Text::from("jobs"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    server
+        .send(Frame::ConsumerCancelled(
+            tidings_protocol::ConsumerCancelled::new(
+                7,
+                tidings_protocol::CancelReason::QueueDeleted,
+                "queue `jobs` was deleted",
+            ),
+        ))
+        .await
+        .unwrap();
+    // What was delivered first is still handed out, then the stream ends, with
+    // the reason recorded.
+    let d = tokio::time::timeout(BOUND, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.id(), 1);
+    assert!(
+        tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let reason = ended.get().expect("a reason");
+    assert!(reason.queue_deleted(), "{reason}");
+    assert!(reason.to_string().contains("jobs"), "{reason}");
+}

@@ -104,6 +104,11 @@ impl QueueSession {
         credit: u32,
         limit: Option<u32>,
     ) -> Result<(), QueueError> {
+        if limit == Some(0) {
+            return Err(QueueError::InvalidArgument(
+                "limit must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
         if credit == 0 {
             return Err(QueueError::InvalidArgument(
                 "credit must be at least 1".into(),

@@ -84,6 +84,7 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
         version: PROTOCOL_VERSION,
         client_name: "again".into(),
         token: None,
+        user: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
@@ -207,6 +208,7 @@ async fn unsupported_version_closes() {
         version: PROTOCOL_VERSION + 1,
         client_name: "future".into(),
         token: None,
+        user: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnsupportedVersion).await;
@@ -223,6 +225,7 @@ async fn token_is_required_when_configured() {
             version: PROTOCOL_VERSION,
             client_name: "c".into(),
             token: token.map(Into::into),
+            user: None,
         }))
         .await;
         c.expect_error(ErrorCode::AuthFailed).await;

@@ -274,6 +274,7 @@ async fn unknown_hello_flags_can_be_probed() {
     c.expect_error(ErrorCode::UnknownFlags).await;
     // The connection still waits for a HELLO.
     c.send(Frame::Hello(Hello {
+        user: None,
         version: PROTOCOL_VERSION,
         client_name: "c".into(),
         token: None,

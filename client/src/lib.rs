@@ -99,6 +99,7 @@ mod queue;
 mod request;
 mod sub_buffer;
 mod subscriber;
+mod tls;
 
 pub use client::{Client, ConfirmOptions, Confirmation, PendingConfirm, Stats};
 pub use consumer::{Consumer, Delivery};
@@ -112,3 +113,4 @@ pub use options::{ClientBuilder, ReconnectPolicy};
 pub use queue::{DeadLetter, QueueConfig};
 pub use subscriber::{Interruption, Subscription};
 pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};
+pub use tls::{ClientTls, TLS_SCHEME};

@@ -235,6 +235,12 @@ error_codes! {
     QueueFull = 36, false;
     /// The store could not make the message durable (for example the disk is full).
     StorageFailure = 37, false;
+    /// The user's permissions do not allow the operation; the message names the
+    /// operation, the topic, pattern or queue, and the deciding rule.
+    PermissionDenied = 40, false;
+    /// A configured limit refused the request; the message names the limit's flag
+    /// and its value.
+    LimitExceeded = 41, false;
     /// A PUBLISH spends more than `MAX_ENVELOPE_LEN` bytes on everything but its
     /// payload (topic, reply_to, message_id, headers).
     EnvelopeTooLarge = 45, false;

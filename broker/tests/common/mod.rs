@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -106,6 +108,7 @@ impl Client {
             client_name: name.into(),
             token: token.map(Into::into),
             minor,
+            user: None,
         }))
         .await;
         match self.recv().await {

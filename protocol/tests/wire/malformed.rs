@@ -33,6 +33,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t(M),
                 token: None,
+                user: None,
             }
             .into(),
             "client_name",
@@ -43,6 +44,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t("c"),
                 token: Some(t(M)),
+                user: None,
             }
             .into(),
             "token",
@@ -524,6 +526,8 @@ fn error_codes_are_stable() {
         (35, "UnknownConsumer", false),
         (36, "QueueFull", false),
         (37, "StorageFailure", false),
+        (40, "PermissionDenied", false),
+        (41, "LimitExceeded", false),
         (45, "EnvelopeTooLarge", false),
         (99, "Internal", false),
     ];

@@ -68,6 +68,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 version: PROTOCOL_VERSION,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
@@ -78,6 +79,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 version: PROTOCOL_VERSION,
                 client_name: t(""),
                 token: Some(t("s3cret")),
+                user: None,
             }
             .into(),
         ),
@@ -451,7 +453,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
 /// The flag bits each frame type defines, so tests can set the others.
 pub fn known_flags(kind: u8) -> u8 {
     match kind {
-        kind::Hello => Hello::FLAG_TOKEN | Hello::FLAG_MINOR,
+        kind::Hello => Hello::FLAG_TOKEN | Hello::FLAG_USER | Hello::FLAG_MINOR,
         kind::Welcome => Welcome::FLAG_MINOR,
         kind::Publish => 0x3f,
         kind::Subscribe => Subscribe::FLAG_GROUP,

@@ -23,6 +23,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 version: 1,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
@@ -33,12 +34,25 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 version: 1,
                 client_name: t("billing"),
                 token: Some(t("s3cret")),
+                user: None,
+            }
+            .into(),
+        ),
+        (
+            "hello-user",
+            Hello {
+                minor: None,
+                version: 1,
+                client_name: t("billing"),
+                token: Some(t("s3cret")),
+                user: Some(t("svc")),
             }
             .into(),
         ),
         (
             "hello-1-1",
             Hello {
+                user: None,
                 version: 1,
                 client_name: t("billing"),
                 token: None,

@@ -162,13 +162,15 @@ fn session_frames() -> BoxedStrategy<Frame> {
             any::<u16>(),
             text(),
             option::of(text()),
+            option::of(text()),
             option::of(any::<u16>())
         )
-            .prop_map(|(version, client_name, token, minor)| {
+            .prop_map(|(version, client_name, token, user, minor)| {
                 Frame::from(Hello {
                     version,
                     client_name,
                     token,
+                    user,
                     minor,
                 })
             }),

@@ -292,11 +292,17 @@ async fn unknown_hello_flags_can_be_probed() {
 
 /// With the largest payload and the largest envelope, a MESSAGE and a DELIVERY
 /// (with a 1,024-byte queue name) still fit in the announced `max_frame_len`: the
-/// test client decodes with exactly that limit. One byte more of envelope is
-/// refused with `EnvelopeTooLarge` and the connection stays open.
+/// test client decodes with exactly that limit. More envelope is refused with
+/// `EnvelopeTooLarge` and the connection stays open.
 #[tokio::test]
 async fn frames_for_a_max_size_publish_fit_the_announced_max_frame() {
-    let broker = start_with(|c| c.max_payload = 4096).await;
+    let broker = start_with(|c| {
+        c.max_payload = 4096;
+        // The largest the broker's own limits may be set to.
+        c.limits.max_message_id_len = 1024;
+        c.limits.max_header_bytes = tidings_broker::limits::MAX_HEADER_BYTES_LIMIT;
+    })
+    .await;
     let mut c = Client::hello_minor(broker.addr, "c", Some(1)).await;
     let queue = "q".repeat(1024);
     declare(
@@ -319,9 +325,20 @@ async fn frames_for_a_max_size_publish_fit_the_announced_max_frame() {
         delay_ms: None,
         ..Publish::new(topic.as_str(), vec![7u8; 4096])
     };
-    // Fill the envelope to exactly its limit with one header.
-    let room = MAX_ENVELOPE_LEN - publish.envelope_len() - 4 - 1;
-    publish.headers = vec![("k".into(), "v".repeat(room).into())];
+    // Fill the envelope to exactly its limit with headers whose bytes are exactly
+    // the largest `--max-header-bytes` allows: each header costs 4 bytes of prefixes
+    // beyond its key and value.
+    let header_bytes = tidings_broker::limits::MAX_HEADER_BYTES_LIMIT;
+    let prefixes = MAX_ENVELOPE_LEN - publish.envelope_len() - header_bytes;
+    let count = prefixes / 4;
+    assert_eq!(prefixes % 4, 0);
+    let (each, extra) = (header_bytes / count, header_bytes % count);
+    publish.headers = (0..count)
+        .map(|i| {
+            let value = "v".repeat(each - 1 + usize::from(i < extra));
+            (Text::from("k"), Text::from(value))
+        })
+        .collect();
     assert_eq!(publish.envelope_len(), MAX_ENVELOPE_LEN);
     c.send(Frame::Publish(publish.clone())).await;
     let mut got_message = false;
@@ -344,8 +361,10 @@ async fn frames_for_a_max_size_publish_fit_the_announced_max_frame() {
     assert_eq!(d.payload.len(), 4096);
     assert_eq!(d.queue.len(), 1024);
 
+    // Four bytes more of envelope (an empty header: prefixes only, so within the
+    // header-bytes limit) are refused.
     publish.request_id = Some(51);
-    publish.headers = vec![("k".into(), "v".repeat(room + 1).into())];
+    publish.headers.push((Text::from(""), Text::from("")));
     c.send(Frame::Publish(publish)).await;
     let e = c.expect_error(ErrorCode::EnvelopeTooLarge).await;
     assert_eq!(e.request_id, 51);

@@ -122,6 +122,15 @@ pub enum PublishError {
         /// The broker's limit.
         max: usize,
     },
+    /// Topic, reply topic, message id and headers take more room than a publish
+    /// may spend beside its payload (`tidings_protocol::MAX_ENVELOPE_LEN`).
+    #[error("topic, reply_to, message id and headers take {size} bytes; at most {max} are allowed")]
+    EnvelopeTooLarge {
+        /// Their encoded size.
+        size: usize,
+        /// The protocol's limit.
+        max: usize,
+    },
     /// The connection was down and did not come back within the offline wait.
     #[error("not connected to the broker (waited {waited:?} for a reconnect)")]
     Disconnected {

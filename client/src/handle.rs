@@ -137,6 +137,13 @@ impl Handle {
             topic: publish.topic.to_string(),
             reason,
         })?;
+        let envelope = publish.envelope_len();
+        if envelope > tidings_protocol::MAX_ENVELOPE_LEN {
+            return Err(PublishError::EnvelopeTooLarge {
+                size: envelope,
+                max: tidings_protocol::MAX_ENVELOPE_LEN,
+            });
+        }
         let max = self.shared.max_payload.load(Ordering::Relaxed);
         if publish.payload.len() > max {
             return Err(PublishError::PayloadTooLarge {

@@ -379,3 +379,17 @@ async fn a_slow_consumer_cut_off_is_reported_on_the_subscription_and_events() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_oversized_envelope_is_refused_before_it_is_sent() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let headers = (0..3).fold(Message::new("t", "x"), |m, i| {
+        m.header(format!("h{i}"), "v".repeat(30_000))
+    });
+    let err = within(client.publish_message(headers)).await.unwrap_err();
+    assert!(
+        matches!(err, PublishError::EnvelopeTooLarge { max, .. } if max == tidings_protocol::MAX_ENVELOPE_LEN),
+        "{err}"
+    );
+}

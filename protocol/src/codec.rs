@@ -21,9 +21,11 @@ pub const FRAME_OVERHEAD: usize = 64 * 1024;
 
 /// The most bytes a PUBLISH may spend on everything but its payload: the body
 /// length minus the payload length (request id, topic, reply_to, message_id,
-/// delay and headers, with their length prefixes): 32 KiB. More is refused with
+/// delay and headers, with their length prefixes): 60 KiB, room for the largest
+/// headers a broker may be configured to allow (48 KiB) plus topic, reply_to and
+/// message_id. More is refused with
 /// `EnvelopeTooLarge`.
-pub const MAX_ENVELOPE_LEN: usize = 32 * 1024;
+pub const MAX_ENVELOPE_LEN: usize = 60 * 1024;
 
 /// Default largest frame (value of the length prefix): the default payload plus
 /// [`FRAME_OVERHEAD`].

@@ -393,3 +393,56 @@ async fn an_oversized_envelope_is_refused_before_it_is_sent() {
         "{err}"
     );
 }
+
+/// A 1.0 broker refuses the 1.1 HELLO (an unknown flag before the handshake is
+/// `HandshakeRequired` there, and closes); the client dials again with a 1.0
+/// HELLO and works.
+#[tokio::test]
+async fn a_1_0_broker_is_dialled_again_with_a_1_0_hello() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        let mut hellos = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::new();
+            let hello = loop {
+                if let Some(Frame::Hello(h)) = codec.decode(&mut buf).unwrap() {
+                    break h;
+                }
+                assert!(stream.read_buf(&mut buf).await.unwrap() > 0);
+            };
+            let mut out = BytesMut::new();
+            let answer = if hello.minor.is_some() {
+                Frame::Error(tidings_protocol::ErrorReply::new(
+                    0,
+                    tidings_protocol::ErrorCode::HandshakeRequired,
+                    "UNKNOWN_FLAGS on HELLO before HELLO",
+                ))
+            } else {
+                Frame::Welcome(Welcome {
+                    version: PROTOCOL_VERSION,
+                    server_version: "1.0".into(),
+                    max_frame_len: 1 << 20,
+                    max_payload: 1 << 16,
+                    heartbeat_ms: 0,
+                    minor: None,
+                })
+            };
+            codec.encode(answer, &mut out).unwrap();
+            stream.write_all(&out).await.unwrap();
+            hellos.push(hello.minor);
+            if hello.minor.is_none() {
+                // Keep the session open until the client goes.
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await.unwrap_or(0) > 0 {}
+            }
+        }
+        hellos
+    });
+    let client = within(ClientBuilder::new(addr).connect()).await.unwrap();
+    assert!(client.is_connected());
+    drop(client);
+    assert_eq!(within(server).await.unwrap(), vec![Some(1), None]);
+}

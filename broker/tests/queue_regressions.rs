@@ -125,6 +125,7 @@ impl Q {
             consumer_id,
             queue: queue.into(),
             credit,
+            limit: None,
         });
         match self.request(frame).await {
             Frame::Ok(_) => {}

@@ -156,8 +156,13 @@ impl Queue {
         };
         entry.msg.deliveries = entry.msg.deliveries.saturating_add(1);
         consumer.outstanding += 1;
+        if let Some(left) = &mut consumer.remaining {
+            *left = left.saturating_sub(1);
+        }
         let consumer_id = consumer.id;
         let delivery = Delivery {
+            reply_to: entry.msg.reply_to.clone(),
+            message_id: entry.msg.message_id.clone(),
             consumer_id,
             delivery_id,
             attempt: entry.msg.deliveries,
@@ -243,9 +248,15 @@ impl Queue {
 
     // ---------------------------------------------------------------- consumers
 
-    /// Attaches a consumer with `credit` (already capped); false if the queue was
-    /// deleted meanwhile.
-    pub fn add_consumer(&self, link: &Arc<SessionLink>, id: u32, credit: u32) -> bool {
+    /// Attaches a consumer with `credit` (already capped) and at most `limit`
+    /// deliveries in all; false if the queue was deleted meanwhile.
+    pub fn add_consumer(
+        &self,
+        link: &Arc<SessionLink>,
+        id: u32,
+        credit: u32,
+        limit: Option<u32>,
+    ) -> bool {
         let mut st = self.lock();
         if st.deleted {
             return false;
@@ -255,6 +266,7 @@ impl Queue {
             id,
             window: credit,
             outstanding: 0,
+            remaining: limit,
             alive: true,
         });
         self.serve(&mut st, self.clock.now_ms());

@@ -228,6 +228,15 @@ impl QueueEngine {
         Ok(self.inner.queue(name)?.info())
     }
 
+    /// A queue's figures and its options, defaults filled in (bindings as in the
+    /// figures).
+    pub fn info_with_options(&self, name: &str) -> Result<(QueueInfo, QueueOptions), QueueError> {
+        let q = self.inner.queue(name)?;
+        let info = q.info();
+        let options = q.settings.to_options(info.bindings.clone());
+        Ok((info, options))
+    }
+
     /// Every queue's figures, by name.
     pub fn list(&self) -> Vec<QueueInfo> {
         let queues: Vec<Arc<Queue>> = self.inner.read().queues.values().cloned().collect();

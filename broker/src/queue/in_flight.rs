@@ -95,6 +95,8 @@ pub(crate) struct Consumer {
     /// Deliveries it may hold at once (its credit, capped by the engine).
     pub window: u32,
     pub outstanding: u32,
+    /// Deliveries it may still get in all (CONSUME's `limit`), `None` unlimited.
+    pub remaining: Option<u32>,
     /// False once its connection stopped taking deliveries.
     pub alive: bool,
 }
@@ -102,7 +104,8 @@ pub(crate) struct Consumer {
 impl Consumer {
     fn available(&self) -> u32 {
         if self.alive {
-            self.window.saturating_sub(self.outstanding)
+            let window = self.window.saturating_sub(self.outstanding);
+            self.remaining.map_or(window, |left| window.min(left))
         } else {
             0
         }

@@ -1,10 +1,11 @@
 //! `Message`: a queued message in memory, and the byte layout it is stored with.
 //!
 //! Layout (big-endian): `version:u8=1 published_ms:u64 deliveries:u32 flags:u8
-//! topic:str [message_id:str] [reason:str attempts:u32] [origin:str]
+//! topic:str [message_id:str] [reason:str attempts:u32] [origin:str] [reply_to:str]
 //! headers:(count:u16 × key:str value:str) payload` where `str` is `len:u16 bytes`,
-//! flag `0x01` marks a message id, `0x02` a dead letter and `0x04` a dead letter's
-//! origin queue, and the payload is every remaining byte.
+//! flag `0x01` marks a message id, `0x02` a dead letter, `0x08` a dead letter's
+//! origin queue and `0x04` a reply topic, and the payload is every remaining byte.
+//! Records written before reply topics or origins were stored simply lack the flag.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tidings_protocol::{Headers, Publish, Text};
@@ -12,7 +13,8 @@ use tidings_protocol::{Headers, Publish, Text};
 const VERSION: u8 = 1;
 const FLAG_MESSAGE_ID: u8 = 0x01;
 const FLAG_REASON: u8 = 0x02;
-const FLAG_ORIGIN: u8 = 0x04;
+const FLAG_REPLY_TO: u8 = 0x04;
+const FLAG_ORIGIN: u8 = 0x08;
 
 /// Bytes a message costs beyond its topic, message id, headers and payload: its
 /// bookkeeping in memory and its record framing in the store. Counted in every
@@ -28,6 +30,8 @@ pub(crate) struct Message {
     pub headers: Headers,
     pub payload: Bytes,
     pub message_id: Option<Text>,
+    /// Where the publisher wants answers (request/reply through a queue).
+    pub reply_to: Option<Text>,
     /// Wall-clock milliseconds when it was first stored (TTL counts from here).
     pub published_ms: u64,
     /// Deliveries made so far; the next delivery's attempt number is this plus one.
@@ -63,6 +67,7 @@ impl Message {
         MESSAGE_OVERHEAD
             + self.topic.len() as u64
             + self.message_id.as_ref().map_or(0, |m| m.len() as u64)
+            + self.reply_to.as_ref().map_or(0, |r| r.len() as u64)
             + headers
             + self.payload.len() as u64
     }
@@ -73,6 +78,7 @@ impl Message {
     pub fn from_publish(p: &Publish, now: u64) -> Message {
         let total = p.topic.len()
             + p.message_id.as_ref().map_or(0, Text::len)
+            + p.reply_to.as_ref().map_or(0, Text::len)
             + p.headers
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
@@ -82,6 +88,9 @@ impl Message {
         buf.put_slice(p.topic.as_bytes());
         if let Some(id) = &p.message_id {
             buf.put_slice(id.as_bytes());
+        }
+        if let Some(r) = &p.reply_to {
+            buf.put_slice(r.as_bytes());
         }
         for (k, v) in &p.headers {
             buf.put_slice(k.as_bytes());
@@ -93,6 +102,7 @@ impl Message {
         let mut text = |len: usize| Text::from_utf8(all.split_to(len)).unwrap_or_default();
         let topic = text(p.topic.len());
         let message_id = p.message_id.as_ref().map(|id| text(id.len()));
+        let reply_to = p.reply_to.as_ref().map(|r| text(r.len()));
         let headers = p
             .headers
             .iter()
@@ -103,6 +113,7 @@ impl Message {
             headers,
             payload: all,
             message_id,
+            reply_to,
             published_ms: now,
             deliveries: 0,
             dead: None,
@@ -131,6 +142,7 @@ impl Message {
             + self.dead.as_ref().map_or(0, |d| {
                 d.reason.len() + 6 + d.origin.as_ref().map_or(0, |o| o.len() + 2)
             })
+            + self.reply_to.as_ref().map_or(0, |r| r.len() + 2)
             + 2
             + headers_len
             + self.payload.len()
@@ -153,6 +165,9 @@ impl Message {
                 flags |= FLAG_ORIGIN;
             }
         }
+        if self.reply_to.is_some() {
+            flags |= FLAG_REPLY_TO;
+        }
         out.push(flags);
         put_str(out, &self.topic);
         if let Some(id) = &self.message_id {
@@ -164,6 +179,9 @@ impl Message {
             if let Some(origin) = &dead.origin {
                 put_str(out, origin);
             }
+        }
+        if let Some(reply_to) = &self.reply_to {
+            put_str(out, reply_to);
         }
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&count.to_be_bytes());
@@ -207,6 +225,11 @@ impl Message {
         } else {
             None
         };
+        let reply_to = if flags & FLAG_REPLY_TO != 0 {
+            Some(get_str(&mut buf)?)
+        } else {
+            None
+        };
         if buf.remaining() < 2 {
             return None;
         }
@@ -222,6 +245,7 @@ impl Message {
             headers,
             payload: buf,
             message_id,
+            reply_to,
             published_ms,
             deliveries,
             dead,
@@ -253,6 +277,7 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_truncation() {
         let m = Message {
+            reply_to: Some(Text::from("_INBOX.a.1")),
             topic: Text::from("orders.created"),
             headers: vec![(Text::from("content-type"), Text::from("json"))],
             payload: Bytes::from_static(b"{\"id\":7}"),

@@ -34,6 +34,23 @@ impl ConsumerSession {
     /// at most, capped at the engine's `max_credit`; returns the credit granted.
     /// Errors: `DuplicateConsumer`, `NotFound`, `InvalidArgument` (credit 0).
     pub fn consume(&self, consumer_id: u32, queue: &str, credit: u32) -> Result<u32, QueueError> {
+        self.consume_limited(consumer_id, queue, credit, None)
+    }
+
+    /// [`ConsumerSession::consume`] for at most `limit` deliveries in all (`None`:
+    /// unlimited); past it the consumer gets nothing more until cancelled.
+    pub fn consume_limited(
+        &self,
+        consumer_id: u32,
+        queue: &str,
+        credit: u32,
+        limit: Option<u32>,
+    ) -> Result<u32, QueueError> {
+        if limit == Some(0) {
+            return Err(QueueError::InvalidArgument(
+                "limit must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
         if credit == 0 {
             return Err(QueueError::InvalidArgument(
                 "credit must be at least 1".into(),
@@ -44,7 +61,7 @@ impl ConsumerSession {
             return Err(QueueError::DuplicateConsumer(consumer_id));
         }
         let granted = credit.min(self.engine.limits.max_credit);
-        if !q.add_consumer(&self.link, consumer_id, granted) {
+        if !q.add_consumer(&self.link, consumer_id, granted, limit) {
             // Deleted between the lookup and now.
             self.link.remove_consumer(consumer_id);
             return Err(QueueError::NotFound(queue.to_owned()));

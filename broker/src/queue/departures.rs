@@ -44,6 +44,13 @@ impl Queue {
         self.lock().pending.iter().any(|p| p.old.is_some())
     }
 
+    /// Takes the messages waiting to move out, for a caller that can hand them to
+    /// the engine at once (a nack or cancel, so that the dead-letter queue exists
+    /// and holds the copy's write before the answer goes out).
+    pub fn take_departures(&self) -> Vec<super::durable::Departure> {
+        std::mem::take(&mut self.lock().departures)
+    }
+
     /// Whether nothing of this queue is waiting on the store or the engine: no
     /// write waiting for its commit callback, no delivery mark on its way, no page
     /// read out, no message waiting to move out.

@@ -77,6 +77,7 @@ impl ConsumerSession {
             .ok_or(QueueError::UnknownConsumer(consumer_id))?;
         if let Some(q) = self.engine.queue_by_id(qid) {
             q.remove_consumer(self.link.id, consumer_id);
+            self.engine.move_departures(&q, q.take_departures());
         }
         Ok(())
     }
@@ -124,7 +125,12 @@ impl ConsumerSession {
         let (by_queue, mut unknown) = self.link.take(ids);
         for (qid, list) in by_queue {
             match self.engine.queue_by_id(qid) {
-                Some(q) => unknown.extend(q.nack(self.link.id, &list, how)),
+                Some(q) => {
+                    unknown.extend(q.nack(self.link.id, &list, how));
+                    // Dead letters are handed over now, not by the timer: the
+                    // dead-letter queue exists when the NACK is answered.
+                    self.engine.move_departures(&q, q.take_departures());
+                }
                 None => unknown.extend(list.iter().map(|(id, _)| *id)),
             }
         }
@@ -146,6 +152,7 @@ impl Drop for ConsumerSession {
         for (consumer_id, qid) in self.link.close() {
             if let Some(q) = self.engine.queue_by_id(qid) {
                 q.remove_consumer(self.link.id, consumer_id);
+                self.engine.move_departures(&q, q.take_departures());
             }
         }
     }

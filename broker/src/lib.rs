@@ -50,11 +50,14 @@
 
 pub mod config;
 pub mod connection;
+pub mod connections;
+mod http;
 pub mod memory;
 pub mod queue;
 pub mod router;
 mod server;
 mod stats;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,8 +67,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use config::{Config, ConfigError};
-pub use server::run;
+pub use config::{Config, ConfigError, HttpListen, LogFormat};
+pub use server::{run, serve};
 pub use stats::Stats;
 
 /// Why the broker could not start or stopped with an error.
@@ -109,11 +112,19 @@ impl Broker {
         prepare_data_dir(&config)?;
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
+        let http = match config.http_listen.0 {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
         let token = CancellationToken::new();
         let stop = token.clone();
-        let join = tokio::spawn(run(listener, config, async move { stop.cancelled().await }));
+        let join = tokio::spawn(serve(listener, http, config, async move {
+            stop.cancelled().await
+        }));
         Ok(BrokerHandle {
             local_addr,
+            http_addr,
             token: token.clone(),
             _guard: token.drop_guard(),
             join,
@@ -126,6 +137,7 @@ impl Broker {
 #[derive(Debug)]
 pub struct BrokerHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     token: CancellationToken,
     _guard: DropGuard,
     join: JoinHandle<Result<(), BrokerError>>,
@@ -135,6 +147,18 @@ impl BrokerHandle {
     /// The address the broker listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTP listener (metrics, health, API, dashboard), unless
+    /// `--http-listen` is `off`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Starts the graceful shutdown without waiting for it (readiness turns false
+    /// at once); [`BrokerHandle::shutdown`] waits.
+    pub fn begin_shutdown(&self) {
+        self.token.cancel();
     }
 
     /// Graceful shutdown: stop accepting, let connections finish, flush, wait (bounded).

@@ -17,8 +17,11 @@ use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::connection::queue_ops::BrokerQueues;
 use crate::connection::{self, ConnId, Signals};
+use crate::connections::Connections;
+use crate::http::{HttpContext, RateHistory};
 use crate::router::Router;
 use crate::stats::Stats;
+use crate::telemetry::{Health, StorageMetrics};
 use crate::{BrokerError, Config};
 
 /// State every connection shares.
@@ -41,21 +44,57 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves connections on `listener` until `shutdown` resolves, then stops accepting,
 /// asks every connection to finish the frame in hand and flush what is queued, and
-/// waits for them (at most `config.shutdown_timeout`, then cuts them off).
+/// waits for them (at most `config.shutdown_timeout`, then cuts them off). Binds
+/// and serves `--http-listen` too, unless it is `off`.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
+    let http = match config.http_listen.0 {
+        Some(addr) => Some(crate::bind(addr).await?),
+        None => None,
+    };
+    serve(listener, http, config, shutdown).await
+}
+
+/// Like [`run`], with the HTTP listener already bound (or none).
+pub async fn serve(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
     config.validate()?;
     let stats = Arc::new(Stats::default());
-    let queues = BrokerQueues::open(&config)?;
+    let storage = Arc::new(StorageMetrics::default());
+    let health = Health::new(storage.clone());
+    let queues = BrokerQueues::open(&config, storage)?;
+    let connections = Connections::default();
+    let http_stop = CancellationToken::new();
+    let http_task = http.map(|listener| {
+        let ctx = HttpContext {
+            stats: stats.clone(),
+            engine: queues.engine().clone(),
+            health: health.clone(),
+            connections: connections.clone(),
+            rates: RateHistory::default(),
+            admin_token: config
+                .http_admin_token
+                .clone()
+                .or_else(|| config.auth_token.clone()),
+            metrics_max_queues: config.metrics_max_queues,
+            queue_dir: config.data_dir.join("queues"),
+        };
+        tokio::spawn(crate::http::serve(listener, ctx, http_stop.clone()))
+    });
     let shared = Arc::new(Shared {
         router: Router::new(stats.clone()),
         stats,
         queues,
         config,
     });
+    health.set_listening();
     let signals = Signals {
         shutdown: CancellationToken::new(),
         kill: CancellationToken::new(),
@@ -105,6 +144,7 @@ pub async fn run(
     }
 
     drop(listener);
+    health.set_draining();
     let open = tracker.len();
     info!(connections = open, "shutting down: no longer accepting");
     signals.shutdown.cancel();
@@ -122,6 +162,11 @@ pub async fn run(
         let _ = tokio::time::timeout(KILL_GRACE, tracker.wait()).await;
     }
     shared.queues.shutdown().await;
+    // Last, so that /readyz says "draining" while connections finish.
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     info!("shutdown complete");
     Ok(())
 }

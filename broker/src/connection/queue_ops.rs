@@ -27,6 +27,7 @@ use super::writer::Outbox;
 use crate::queue::{
     DeliverySink, EngineConfig, PublishOutcome, Published, QueueEngine, QueueError,
 };
+use crate::telemetry::StorageMetrics;
 use crate::{BrokerError, Config};
 
 /// Publishes of one connection whose storage is still in progress. Past this the
@@ -46,14 +47,23 @@ impl std::fmt::Debug for BrokerQueues {
 }
 
 impl BrokerQueues {
-    /// Opens the queues kept under `config.data_dir`.
-    pub(crate) fn open(config: &Config) -> Result<BrokerQueues, BrokerError> {
+    /// Opens the queues kept under `config.data_dir`; the store reports to `metrics`.
+    pub(crate) fn open(
+        config: &Config,
+        metrics: Arc<StorageMetrics>,
+    ) -> Result<BrokerQueues, BrokerError> {
         let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
+        engine_config.metrics = metrics;
         engine_config.fsync = config.fsync;
         engine_config.ready_window = config.queue_window;
         Ok(BrokerQueues {
             engine: QueueEngine::open(engine_config)?,
         })
+    }
+
+    /// The engine, for the HTTP API.
+    pub(crate) fn engine(&self) -> &QueueEngine {
+        &self.engine
     }
 
     /// Called once every connection has finished: make everything durable.

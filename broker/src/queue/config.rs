@@ -4,7 +4,10 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::telemetry::StorageMetrics;
 
 /// When a write counts as durable, and so when a publisher confirm may go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,6 +115,9 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Defaults for queue options.
     pub defaults: QueueDefaults,
+    /// Where the store reports fsync latency, commit sizes, checkpoints and
+    /// failures (a fresh sink by default).
+    pub metrics: Arc<StorageMetrics>,
 }
 
 impl EngineConfig {
@@ -129,6 +135,7 @@ impl EngineConfig {
             segment_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
+            metrics: Arc::default(),
         }
     }
 }

@@ -131,6 +131,8 @@ struct Stats {
     dropped: u64,
     expired: u64,
     duplicates: u64,
+    /// Deliveries with an attempt number above 1.
+    redelivered: u64,
     samples: VecDeque<(Instant, Totals)>,
 }
 
@@ -863,6 +865,9 @@ impl Queue {
             },
         );
         st.stats.totals.delivered += 1;
+        if delivery.attempt > 1 {
+            st.stats.redelivered += 1;
+        }
         self.wake_timer_at(st, deadline);
         if !session.sink.deliver(delivery) {
             // The connection is gone; its session's drop (or the ack timeout) returns
@@ -1262,6 +1267,25 @@ impl Queue {
             deliver_rate,
             ack_rate,
         }
+    }
+
+    /// Deliveries with an attempt number above 1, since the broker started.
+    pub fn redelivered(&self) -> u64 {
+        self.lock().stats.redelivered
+    }
+
+    /// The attached consumers, for operators.
+    pub fn consumer_views(&self) -> Vec<crate::queue::inspect::ConsumerView> {
+        self.lock()
+            .consumers
+            .iter()
+            .map(|c| crate::queue::inspect::ConsumerView {
+                session_id: c.session.id,
+                consumer_id: c.id,
+                unacked: c.outstanding,
+                window: c.window,
+            })
+            .collect()
     }
 
     /// Figures beyond `QueueInfo`, for the stats frame.

@@ -103,6 +103,7 @@ use crate::queue::error::QueueError;
 use crate::queue::options::StoredDefinition;
 use crate::queue::record::Message;
 use crate::queue::segments::{self, Files, Location, Position, Segments, Unsynced};
+use crate::telemetry::StorageMetrics;
 
 const TAG_ATTEMPTS: u8 = b'a';
 const TAG_CHUNK: u8 = b'b';
@@ -917,6 +918,7 @@ impl Store {
             durable: start,
             last_checkpoint: Instant::now(),
             checkpoint_every: config.checkpoint_interval,
+            metrics: config.metrics.clone(),
         };
         let syncer = std::thread::Builder::new()
             .name("tidings-sync".into())
@@ -932,6 +934,7 @@ impl Store {
             segments,
             handoff,
             syncer: Some(syncer),
+            metrics: config.metrics.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("tidings-store".into())
@@ -1389,6 +1392,7 @@ struct Writer {
     segments: Segments,
     handoff: Arc<Handoff>,
     syncer: Option<JoinHandle<()>>,
+    metrics: Arc<StorageMetrics>,
 }
 
 /// A round the writer has applied, waiting for the syncer.
@@ -1442,6 +1446,7 @@ struct Syncer {
     durable: Position,
     last_checkpoint: Instant,
     checkpoint_every: std::time::Duration,
+    metrics: Arc<StorageMetrics>,
 }
 
 impl Syncer {
@@ -1467,10 +1472,15 @@ impl Syncer {
             } || (shutdown && dirty);
             let mut synced = Ok(());
             if sync_now {
+                let started = Instant::now();
                 synced = self
                     .unsynced
                     .sync(&self.segments)
                     .map_err(|e| StoreError::io("fdatasync of the queue log", e));
+                self.metrics.fsync(started.elapsed());
+                if let Err(err) = &synced {
+                    self.metrics.failed(&err.to_string());
+                }
                 last_sync = Instant::now();
                 dirty = synced.is_err();
             }
@@ -1495,9 +1505,11 @@ impl Syncer {
             }
             // After the confirms above, so that a checkpoint delays none of them.
             if shutdown || self.checkpoint_due() {
+                let started = Instant::now();
                 if let Err(err) = self.checkpoint(shutdown) {
                     tracing::error!(error = %err, "checkpoint failed; the log is kept");
                 }
+                self.metrics.checkpoint(started.elapsed());
             }
             if shutdown {
                 return;
@@ -1616,10 +1628,17 @@ impl Writer {
                 || !round.chunks.is_empty()
                 || !round.removals.is_empty();
             let result = if wrote {
+                let messages: usize = round.chunks.iter().map(|c| usize::from(c.count)).sum();
+                if messages > 0 {
+                    self.metrics.batch(messages);
+                }
                 self.apply(round.ops, round.chunks, round.removals, &round.counters)
             } else {
                 Ok(())
             };
+            if let Err(err) = &result {
+                self.metrics.failed(&err.to_string());
+            }
             let shutdown = round.shutdown;
             self.handoff.lock().push(Applied {
                 epoch: round.epoch,

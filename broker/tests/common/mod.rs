@@ -3,6 +3,9 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod http;
+mod queue_client;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -128,8 +128,9 @@ pub(super) async fn overview(State(ctx): State<Ctx>) -> Json<Value> {
 /// Query of GET /api/queues.
 #[derive(Debug, Deserialize)]
 pub(super) struct QueueQuery {
-    #[serde(flatten)]
-    page: Page,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
     /// Substring of the name.
     #[serde(default)]
     filter: String,
@@ -144,6 +145,10 @@ pub(super) struct QueueQuery {
 
 /// GET /api/queues: a page of queues, filtered and sorted.
 pub(super) async fn queues(State(ctx): State<Ctx>, Query(q): Query<QueueQuery>) -> ApiResult {
+    let page = Page {
+        offset: q.offset,
+        limit: q.limit,
+    };
     let views = ctx.engine.views();
     let total = views.len();
     let depth_of: HashMap<String, u64> = views
@@ -192,18 +197,18 @@ pub(super) async fn queues(State(ctx): State<Ctx>, Query(q): Query<QueueQuery>) 
         matched.reverse();
     }
     let count = matched.len();
-    let page: Vec<Value> = matched
+    let rows: Vec<Value> = matched
         .into_iter()
-        .skip(q.page.offset)
-        .take(q.page.limit())
+        .skip(page.offset)
+        .take(page.limit())
         .map(|v| queue_json(v, dead(v)))
         .collect();
     Ok(Json(json!({
         "total": total,
         "matched": count,
-        "offset": q.page.offset,
-        "limit": q.page.limit(),
-        "queues": page,
+        "offset": page.offset,
+        "limit": page.limit(),
+        "queues": rows,
     })))
 }
 

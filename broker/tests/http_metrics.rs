@@ -103,9 +103,9 @@ async fn metrics_count_the_traffic_sent() {
     while ids.len() < 5 {
         ids.push(worker.delivery().await.delivery_id);
     }
-    worker.ack(ids[..3].to_vec()).await;
+    assert!(worker.ack(ids[..3].to_vec()).await.is_empty());
     // max_deliveries 1: a nack dead-letters the message.
-    worker.nack(vec![ids[3]]).await;
+    assert!(worker.nack(vec![ids[3]]).await.is_empty());
     // An invalid topic is answered with an error, counted by code.
     let mut bad = Publish::new("news..bad", &b"x"[..]);
     bad.request_id = Some(99);

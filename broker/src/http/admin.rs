@@ -105,6 +105,7 @@ pub(super) async fn redrive(
     Query(q): Query<RedriveQuery>,
 ) -> ApiResult {
     authorize(&ctx, &headers)?;
+    ctx.engine.settle().await?;
     let moved = ctx.engine.redrive(&name, q.limit).await?;
     info!(queue = %name, moved, "dead letters redriven over HTTP");
     Ok(Json(json!({ "queue": name, "moved": moved })))

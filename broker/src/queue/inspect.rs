@@ -145,6 +145,7 @@ impl QueueEngine {
     pub async fn purge(&self, queue: &str) -> Result<u64, QueueError> {
         self.inner.check_open()?;
         let q = self.inner.queue(queue)?;
+        self.settle().await?;
         let mut purged = 0u64;
         loop {
             let paged = q.paged.notified();
@@ -173,6 +174,15 @@ impl QueueEngine {
         // The removals are queued for the next commit; wait for it.
         self.inner.store.batch(|b| b.ticket()).wait().await?;
         Ok(purged)
+    }
+
+    /// Waits until every write queued so far is committed and announced to its
+    /// queue. A confirm (or a dead-letter move) resolves when its round is durable,
+    /// a moment before the queue hears of it and makes the message ready; an
+    /// operator's action right after one waits here so that it sees the message.
+    pub async fn settle(&self) -> Result<(), QueueError> {
+        self.inner.check_open()?;
+        self.inner.store.batch(|b| b.ticket()).wait().await
     }
 
     async fn peek_stored(

@@ -352,6 +352,11 @@ impl QueueEngine {
                 }
             }
             dlq.finish_move(&done, false);
+            if done.is_empty() {
+                // The target refused the whole batch (full, or gone): what was taken
+                // is back in the dead-letter queue, and taking it again would spin.
+                break;
+            }
         }
         if let Some(ticket) = last_ticket {
             ticket.wait().await?;

@@ -1382,5 +1382,8 @@ pub(crate) fn dead_letter_copy(mut msg: Message, reason: &str) -> Message {
 pub(crate) fn redriven_copy(mut msg: Message) -> Message {
     msg.dead = None;
     msg.deliveries = 0;
+    // Its id is still in the origin queue's dedup window (from its first publish):
+    // kept, the copy would be refused as a duplicate of itself and stay dead.
+    msg.message_id = None;
     msg
 }

@@ -44,14 +44,7 @@ impl Client {
             credit,
         }))
         .await;
-        let mut early = Vec::new();
-        loop {
-            match self.recv().await {
-                Some(Frame::Ok(ok)) if ok.request_id == request_id => return early,
-                Some(Frame::Delivery(d)) => early.push(d),
-                other => panic!("expected OK {request_id}, got {other:?}"),
-            }
-        }
+        self.ok_after_deliveries(request_id).await
     }
 
     pub async fn delivery(&mut self) -> Delivery {
@@ -61,13 +54,15 @@ impl Client {
         }
     }
 
-    pub async fn ack(&mut self, ids: Vec<u64>) {
+    /// Acks; returns the deliveries that arrived before its OK.
+    pub async fn ack(&mut self, ids: Vec<u64>) -> Vec<Delivery> {
         let request_id = self.request_id();
         self.send(Frame::Ack(Ack { request_id, ids })).await;
-        self.expect_ok(request_id).await;
+        self.ok_after_deliveries(request_id).await
     }
 
-    pub async fn nack(&mut self, ids: Vec<u64>) {
+    /// Nacks; returns the deliveries that arrived before its OK.
+    pub async fn nack(&mut self, ids: Vec<u64>) -> Vec<Delivery> {
         let request_id = self.request_id();
         self.send(Frame::Nack(Nack {
             request_id,
@@ -75,6 +70,17 @@ impl Client {
             ids,
         }))
         .await;
-        self.expect_ok(request_id).await;
+        self.ok_after_deliveries(request_id).await
+    }
+
+    async fn ok_after_deliveries(&mut self, request_id: u32) -> Vec<Delivery> {
+        let mut early = Vec::new();
+        loop {
+            match self.recv().await {
+                Some(Frame::Ok(ok)) if ok.request_id == request_id => return early,
+                Some(Frame::Delivery(d)) => early.push(d),
+                other => panic!("expected OK {request_id}, got {other:?}"),
+            }
+        }
     }
 }

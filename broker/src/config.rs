@@ -494,52 +494,27 @@ impl Config {
     }
 }
 
-/// Parses a byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`, or
-/// `KB`, `MB`, `GB` meaning the same powers of 1024).
+/// Parses a byte size with the `bytesize` crate: a number with an optional unit,
+/// binary (`KiB`, `MiB`, `GiB`) or decimal (`KB` = 1,000, `MB`, `GB`), as in
+/// `65536`, `512KiB` or `1MiB`. The client CLI parses sizes the same way.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: usize = digits
+    let size: bytesize::ByteSize = s
+        .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a size such as 65536, 512KiB or 1MiB"))?;
-    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1024 * 1024,
-        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
-        _ => {
-            return Err(format!(
-                "unknown size unit in `{s}` (use B, KiB, MiB or GiB)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
+    // bytesize saturates instead of failing on overflow.
+    match usize::try_from(size.as_u64()) {
+        Ok(n) if size.as_u64() != u64::MAX => Ok(n),
+        _ => Err(format!("size `{s}` is too large")),
+    }
 }
 
-/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`); a bare number is
-/// seconds.
+/// Parses a duration with the `humantime` crate: numbers with units, as in `500ms`,
+/// `2s`, `1m` or `1h 30m`. A bare number is refused, so that `5` cannot silently
+/// mean seconds in one place and milliseconds in another; the client CLI parses
+/// durations the same way.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 2s or 1m"))?;
-    let ms = match unit.trim() {
-        "ms" => Some(n),
-        "" | "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => {
-            return Err(format!(
-                "unknown duration unit in `{s}` (use ms, s, m or h)"
-            ));
-        }
-    };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("duration `{s}` is too large"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e})"))
 }
 
 fn format_duration(d: Duration) -> String {
@@ -570,13 +545,16 @@ mod tests {
         assert_eq!(parse_size("65536"), Ok(65536));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
         assert!(parse_size("1XB").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("2 weeks").is_err());
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("2").is_err(), "a bare number has no unit");
+        assert!(parse_duration("2 fortnights").is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //!   frame types or flags are answered with an error and reading goes on, while
 //!   malformed or oversized frames close the connection. It runs the handshake
 //!   under `--handshake-timeout`, pings idle peers every `--heartbeat` and
-//!   dispatches frames. The writer drains the connection's [`connection::Outbox`],
+//!   dispatches frames. The writer drains the connection's [`outbox::Outbox`],
 //!   encoding everything queued into one buffer per write.
 //! - **Outbox**: the only way anything reaches a client. It is bounded in bytes
 //!   (`--max-pending-bytes`); overflowing it marks the client a slow consumer,
@@ -36,7 +36,7 @@
 //!   group (round-robin among members), all sharing the payload's `Bytes`.
 //! - **Publish path**: the connection validates topic and payload, delivers to the
 //!   route, answers `NoResponders` for a request nobody listens to, then hands the
-//!   message to the durable-queue side (`connection/queue_ops.rs`), which answers
+//!   message to the durable-queue side (`connection/queue_state.rs`), which answers
 //!   confirms.
 //! - **Durable queues** ([`queue`]): the engine behind QUEUE_*, CONSUME, ACK and
 //!   NACK. Each queue keeps a bounded window of messages in memory and everything
@@ -53,9 +53,11 @@ pub mod connection;
 pub mod connections;
 mod http;
 pub mod memory;
+pub mod outbox;
 pub mod queue;
 pub mod router;
 mod server;
+mod shared;
 mod stats;
 pub mod telemetry;
 

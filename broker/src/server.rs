@@ -15,23 +15,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field, info, info_span, warn};
 
-use crate::connection::queue_ops::BrokerQueues;
-use crate::connection::{self, ConnId, Signals};
+use crate::connection::{self, Signals};
 use crate::connections::Connections;
 use crate::http::{HttpContext, RateHistory};
+use crate::outbox::ConnId;
 use crate::router::Router;
+use crate::shared::{BrokerQueues, Shared};
 use crate::stats::Stats;
 use crate::telemetry::{Health, StorageMetrics};
 use crate::{BrokerError, Config};
-
-/// State every connection shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) router: Router,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) queues: BrokerQueues,
-}
 
 /// How long a refused connection gets to read its error frame.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -75,7 +67,7 @@ pub async fn serve(
     let http_task = http.map(|listener| {
         let ctx = HttpContext {
             stats: stats.clone(),
-            engine: queues.engine().clone(),
+            engine: queues.engine.clone(),
             health: health.clone(),
             connections: connections.clone(),
             rates: RateHistory::default(),
@@ -92,6 +84,7 @@ pub async fn serve(
         router: Router::new(stats.clone()),
         stats,
         queues,
+        connections,
         config,
     });
     health.set_listening();

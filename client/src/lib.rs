@@ -66,10 +66,12 @@
 //! [`AckError`]) whose variants can be matched; [`Error`] wraps them all for `?`.
 
 mod client;
+mod command;
 mod connection;
 mod consumer;
 mod error;
 mod events;
+mod handle;
 mod message;
 mod options;
 mod queue;

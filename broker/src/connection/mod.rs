@@ -3,12 +3,12 @@
 //! goes on), heartbeats, and the orderly close.
 //!
 //! A connection is two tasks: this reader, which handles each frame in turn, and the
-//! writer ([`OutboxReceiver::write_to`]), which drains the connection's [`Outbox`]. Everything sent to
-//! the client, from replies to fan-out, goes through the outbox.
+//! writer ([`OutboxReceiver::write_to`](crate::outbox::OutboxReceiver::write_to)),
+//! which drains the connection's [`Outbox`]. Everything sent to the client, from
+//! replies to fan-out, goes through the outbox.
 
-mod dispatch;
-pub(crate) mod queue_ops;
-mod writer;
+mod queue_state;
+mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
-pub use writer::{Closed, ConnId, Outbox, OutboxReceiver, WriterEnd};
-
-use crate::server::Shared;
-use dispatch::Session;
+use crate::outbox::{ConnId, Outbox, WriterEnd};
+use crate::shared::Shared;
+use session::Session;
 
 /// Read-buffer space made available before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -81,7 +80,7 @@ pub(crate) async fn serve(
         conn,
         outbox: outbox.clone(),
         shared: shared.clone(),
-        queues: queue_ops::QueueSession::default(),
+        queues: queue_state::QueueState::default(),
         memo: Default::default(),
         scratch: BytesMut::new(),
     };
@@ -90,7 +89,7 @@ pub(crate) async fn serve(
 
     // Stop routing to this connection before flushing, so the queue only shrinks.
     shared.router.remove_connection(conn);
-    queue_ops::connection_closed(&mut session).await;
+    queue_state::connection_closed(&mut session).await;
     let last = match ending {
         Ending::Quiet => None,
         Ending::Error(err) => {
@@ -196,7 +195,7 @@ impl Reader {
         }
         Span::current().record("client", hello.client_name.as_str());
         debug!("handshake complete");
-        session.queues = queue_ops::QueueSession::new(&shared.queues, &session.outbox);
+        session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),

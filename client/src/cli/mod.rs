@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use tidings_client::{Client, ClientBuilder, Message, Overflow, QueueConfig};
 
-use duration::parse_duration;
+use duration::{parse_duration, parse_size};
 use output::{display_payload, print_info, print_queue_table, print_stats};
 
 /// Command-line client for the tidings event broker.
@@ -159,8 +159,8 @@ struct DeclareArgs {
     /// Most messages the queue holds [default: unlimited].
     #[arg(long)]
     max_length: Option<u64>,
-    /// Most payload bytes the queue holds [default: unlimited].
-    #[arg(long)]
+    /// Most payload bytes the queue holds, e.g. 64MiB or 1000000 [default: unlimited].
+    #[arg(long, value_parser = parse_size)]
     max_bytes: Option<u64>,
     /// What to do when full: reject-publish or drop-head [default: reject-publish].
     #[arg(long)]

@@ -294,6 +294,20 @@ pub fn all() -> Vec<(&'static str, Frame)> {
             .into(),
         ),
         (
+            "consumer-cancelled",
+            ConsumerCancelled::new(1, CancelReason::QueueDeleted, "queue orders was deleted")
+                .into(),
+        ),
+        (
+            "consumer-cancelled-unknown-reason",
+            ConsumerCancelled {
+                consumer_id: u32::MAX,
+                reason: 200,
+                message: t(""),
+            }
+            .into(),
+        ),
+        (
             "ack",
             Ack {
                 request_id: 14,

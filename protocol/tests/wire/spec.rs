@@ -145,6 +145,10 @@ fn examples() -> BTreeMap<&'static str, Frame> {
             .into(),
         ),
         (
+            "consumer-cancelled",
+            ConsumerCancelled::new(1, CancelReason::QueueDeleted, "queue deleted").into(),
+        ),
+        (
             "ack",
             Ack {
                 request_id: 5,

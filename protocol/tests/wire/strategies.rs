@@ -316,6 +316,13 @@ fn queue_data_frames() -> BoxedStrategy<Frame> {
                     })
                 }
             ),
+        (any::<u32>(), any::<u8>(), text()).prop_map(|(consumer_id, reason, message)| {
+            Frame::from(ConsumerCancelled {
+                consumer_id,
+                reason,
+                message,
+            })
+        }),
         (any::<u32>(), vec(any::<u64>(), 0..4))
             .prop_map(|(request_id, ids)| Frame::from(Ack { request_id, ids })),
         (
@@ -360,14 +367,14 @@ fn queue_reply_frames() -> BoxedStrategy<Frame> {
     .boxed()
 }
 
-/// Any valid frame of any type, weighted so each of the 31 types is drawn about
+/// Any valid frame of any type, weighted so each of the 32 types is drawn about
 /// equally often.
 pub fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         8 => session_frames(),
         4 => messaging_frames(),
         8 => queue_admin_frames(),
-        7 => queue_data_frames(),
+        8 => queue_data_frames(),
         4 => queue_reply_frames(),
     ]
 }

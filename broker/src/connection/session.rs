@@ -11,10 +11,10 @@ use tidings_protocol::{
 };
 use tracing::debug;
 
-use super::queue_ops::{self, QueueSession};
-use super::writer::{ConnId, Outbox};
+use super::queue_state::{self, QueueState};
+use crate::outbox::{ConnId, Outbox};
 use crate::router::{RouteMemo, RouterError};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// One established connection: who it is, where its replies go, and its queue
 /// state.
@@ -22,7 +22,7 @@ pub(crate) struct Session {
     pub(crate) conn: ConnId,
     pub(crate) outbox: Outbox,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) queues: QueueSession,
+    pub(crate) queues: QueueState,
     /// This connection's last published topic and its route.
     pub(crate) memo: RouteMemo,
     /// Where a published message is encoded once before it is copied to each
@@ -57,7 +57,7 @@ impl Session {
             Frame::Pong(_) => {}
             Frame::Stats(s) => {
                 let mut entries = self.shared.stats.snapshot();
-                entries.extend(queue_ops::stats(self));
+                entries.extend(queue_state::stats(self));
                 self.reply(Frame::StatsReply(StatsReply {
                     request_id: s.request_id,
                     entries,
@@ -78,7 +78,7 @@ impl Session {
             | Frame::Cancel(_)
             | Frame::Credit(_)
             | Frame::Ack(_)
-            | Frame::Nack(_) => queue_ops::handle(self, frame).await,
+            | Frame::Nack(_) => queue_state::handle(self, frame).await,
             other => {
                 debug_assert_eq!(other.direction(), Direction::ServerToClient);
                 self.reply_error(
@@ -144,7 +144,7 @@ impl Session {
             let sent = route.deliver_with(&message, &mut self.scratch);
             self.shared.stats.messages_out(sent);
         }
-        queue_ops::publish(self, p).await;
+        queue_state::publish(self, p).await;
     }
 
     fn subscribe(&mut self, s: Subscribe) {

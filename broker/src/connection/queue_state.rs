@@ -1,11 +1,8 @@
-//! Durable-queue frames (QUEUE_*, DEAD_LETTERS, REDRIVE, CONSUME, CANCEL, CREDIT,
-//! ACK, NACK), the queue side of PUBLISH, and the queue engine's place in the
-//! broker's life: the one file where connections and the server meet durable
-//! queues ([`crate::queue`]).
+//! A connection's durable-queue state and the frames that use it (QUEUE_*,
+//! DEAD_LETTERS, REDRIVE, CONSUME, CANCEL, CREDIT, ACK, NACK), plus the queue side
+//! of PUBLISH: where a connection meets the durable queues ([`crate::queue`]).
 //!
-//! - [`BrokerQueues`]: the engine, opened by the server at start and shut down
-//!   (flushed) after the connections have drained.
-//! - [`QueueSession`]: one per connection, created after the handshake; deliveries
+//! - [`QueueState`]: one per connection, created after the handshake; deliveries
 //!   reach the client through the connection's [`Outbox`].
 //! - [`handle`] serves queue commands; [`publish`] receives every valid PUBLISH
 //!   after its subscribers were served; [`stats`] adds queue figures to STATS;
@@ -22,55 +19,15 @@ use tidings_protocol::{
 };
 use tokio::sync::mpsc;
 
-use super::dispatch::Session;
-use super::writer::Outbox;
-use crate::queue::{
-    DeliverySink, EngineConfig, PublishOutcome, Published, QueueEngine, QueueError,
-};
-use crate::telemetry::StorageMetrics;
-use crate::{BrokerError, Config};
+use super::session::Session;
+use crate::outbox::Outbox;
+use crate::queue::{DeliverySink, PublishOutcome, Published, QueueError};
+use crate::shared::BrokerQueues;
 
 /// Publishes of one connection whose storage is still in progress. Past this the
 /// connection stops reading until some are durable, so a fast publisher feels the
 /// store's pace instead of growing the broker's memory.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
-
-/// The broker-wide queue state.
-pub(crate) struct BrokerQueues {
-    engine: QueueEngine,
-}
-
-impl std::fmt::Debug for BrokerQueues {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerQueues").finish_non_exhaustive()
-    }
-}
-
-impl BrokerQueues {
-    /// Opens the queues kept under `config.data_dir`; the store reports to `metrics`.
-    pub(crate) fn open(
-        config: &Config,
-        metrics: Arc<StorageMetrics>,
-    ) -> Result<BrokerQueues, BrokerError> {
-        let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
-        engine_config.metrics = metrics;
-        engine_config.fsync = config.fsync;
-        engine_config.ready_window = config.queue_window;
-        Ok(BrokerQueues {
-            engine: QueueEngine::open(engine_config)?,
-        })
-    }
-
-    /// The engine, for the HTTP API.
-    pub(crate) fn engine(&self) -> &QueueEngine {
-        &self.engine
-    }
-
-    /// Called once every connection has finished: make everything durable.
-    pub(crate) async fn shutdown(&self) {
-        self.engine.shutdown().await;
-    }
-}
 
 /// Hands DELIVERY frames to a connection's outbox.
 struct OutboxSink(Outbox);
@@ -91,25 +48,25 @@ struct PendingConfirm {
 /// Per-connection queue state (consumers, outstanding deliveries, publishes waiting
 /// for their confirm). Empty until the handshake completes.
 #[derive(Default)]
-pub(crate) struct QueueSession {
+pub(crate) struct QueueState {
     inner: Option<crate::queue::QueueSession>,
     /// Feeds the connection's confirm task, started by the first publish that has to
     /// wait for storage.
     confirms: Option<mpsc::Sender<PendingConfirm>>,
 }
 
-impl std::fmt::Debug for QueueSession {
+impl std::fmt::Debug for QueueState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueSession")
+        f.debug_struct("QueueState")
             .field("open", &self.inner.is_some())
             .finish()
     }
 }
 
-impl QueueSession {
+impl QueueState {
     /// The queue state of a connection that just completed its handshake.
-    pub(crate) fn new(queues: &BrokerQueues, outbox: &Outbox) -> QueueSession {
-        QueueSession {
+    pub(crate) fn new(queues: &BrokerQueues, outbox: &Outbox) -> QueueState {
+        QueueState {
             inner: Some(queues.engine.session(Arc::new(OutboxSink(outbox.clone())))),
             confirms: None,
         }

@@ -14,6 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::Outbox;
+
 /// Most subscriptions of one connection that are listed (the count is exact).
 pub const MAX_SUBSCRIPTIONS_LISTED: usize = 1_000;
 
@@ -56,12 +58,10 @@ pub struct ConnEntry {
     pub user: Option<String>,
     /// PUBLISH frames received from it.
     pub messages_in: AtomicU64,
-    /// MESSAGE and DELIVERY frames queued for it.
-    pub messages_out: AtomicU64,
-    /// Its queue session, once it used queues (0: none).
+    /// Its queue session (0: none).
     pub queue_session: AtomicU64,
     subscriptions: Mutex<BTreeMap<u32, SubscriptionEntry>>,
-    pending_bytes: Box<dyn Fn() -> usize + Send + Sync>,
+    outbox: Outbox,
     close: CancellationToken,
 }
 
@@ -85,8 +85,10 @@ pub struct NewConnection {
     pub client_name: String,
     /// The authenticated user, if any.
     pub user: Option<String>,
-    /// Reads the bytes queued for the connection right now.
-    pub pending_bytes: Box<dyn Fn() -> usize + Send + Sync>,
+    /// Its queue session's id (0: none).
+    pub queue_session: u64,
+    /// Its outbox: pending bytes and messages sent are read from it.
+    pub outbox: Outbox,
     /// Cancelled to close the connection (an operator's close).
     pub close: CancellationToken,
 }
@@ -94,7 +96,12 @@ pub struct NewConnection {
 impl ConnEntry {
     /// Bytes queued for it and not yet written.
     pub fn pending_bytes(&self) -> usize {
-        (self.pending_bytes)()
+        self.outbox.pending_bytes()
+    }
+
+    /// MESSAGE and DELIVERY frames queued for it.
+    pub fn messages_out(&self) -> u64 {
+        self.outbox.messages_queued()
     }
 
     /// Its subscriptions (at most [`MAX_SUBSCRIPTIONS_LISTED`]) and how many it has.
@@ -128,11 +135,6 @@ impl ConnEntry {
     /// A PUBLISH arrived from it.
     pub fn message_in(&self) {
         self.messages_in.fetch_add(1, Relaxed);
-    }
-
-    /// `n` messages were queued for it.
-    pub fn messages_out(&self, n: u64) {
-        self.messages_out.fetch_add(n, Relaxed);
     }
 
     fn lock_subs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, SubscriptionEntry>> {
@@ -175,10 +177,9 @@ impl Connections {
             client_name: new.client_name,
             user: new.user,
             messages_in: AtomicU64::new(0),
-            messages_out: AtomicU64::new(0),
-            queue_session: AtomicU64::new(0),
+            queue_session: AtomicU64::new(new.queue_session),
             subscriptions: Mutex::new(BTreeMap::new()),
-            pending_bytes: new.pending_bytes,
+            outbox: new.outbox,
             close: new.close,
         });
         self.write().insert(entry.id, entry.clone());
@@ -248,14 +249,20 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::ConnId;
+    use crate::stats::Stats;
+    use tidings_protocol::{Frame, Ping};
 
     fn new(id: u64) -> NewConnection {
+        let (outbox, _receiver) = Outbox::channel(ConnId(id), 1 << 20, Arc::new(Stats::default()));
+        outbox.send(Frame::Ping(Ping)).unwrap();
         NewConnection {
             id,
             peer: SocketAddr::from(([127, 0, 0, 1], 4000)),
             client_name: format!("c{id}"),
             user: None,
-            pending_bytes: Box::new(|| 7),
+            queue_session: 0,
+            outbox,
             close: CancellationToken::new(),
         }
     }
@@ -271,7 +278,8 @@ mod tests {
         assert_eq!(registry.page(1, 10)[0].id, 2);
         assert_eq!(registry.by_queue_session(9).map(|e| e.id), Some(1));
         assert_eq!(a.entry().subscriptions().1, 1);
-        assert_eq!(a.entry().pending_bytes(), 7);
+        assert!(a.entry().pending_bytes() > 0, "the PING is queued");
+        assert_eq!(a.entry().messages_out(), 0);
         assert!(registry.close(2));
         assert!(b.entry().close.is_cancelled());
         drop(b);

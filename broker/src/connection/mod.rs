@@ -10,6 +10,7 @@
 mod queue_state;
 mod session;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
+use crate::connections::NewConnection;
 use crate::outbox::{ConnId, Outbox, WriterEnd};
 use crate::shared::Shared;
 use session::Session;
@@ -66,6 +68,9 @@ pub(crate) async fn serve(
 ) {
     // We coalesce writes ourselves; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let (read_half, write_half) = stream.into_split();
     let (outbox, receiver) =
         Outbox::channel(conn, shared.config.max_pending_bytes, shared.stats.clone());
@@ -83,9 +88,10 @@ pub(crate) async fn serve(
         queues: queue_state::QueueState::default(),
         memo: Default::default(),
         scratch: BytesMut::new(),
+        listed: None,
     };
 
-    let ending = reader.run(&mut session, &signals).await;
+    let ending = reader.run(&mut session, &signals, peer).await;
 
     // Stop routing to this connection before flushing, so the queue only shrinks.
     shared.router.remove_connection(conn);
@@ -159,7 +165,7 @@ impl Reader {
         }
     }
 
-    async fn run(&mut self, session: &mut Session, signals: &Signals) -> Ending {
+    async fn run(&mut self, session: &mut Session, signals: &Signals, peer: SocketAddr) -> Ending {
         let shared = session.shared.clone();
         let stats = &shared.stats;
         let config = &shared.config;
@@ -196,6 +202,16 @@ impl Reader {
         Span::current().record("client", hello.client_name.as_str());
         debug!("handshake complete");
         session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
+        let closed_by_operator = CancellationToken::new();
+        session.listed = Some(shared.connections.register(NewConnection {
+            id: session.conn.0,
+            peer,
+            client_name: hello.client_name.to_string(),
+            user: None,
+            queue_session: session.queues.session_id(),
+            outbox: session.outbox.clone(),
+            close: closed_by_operator.clone(),
+        }));
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),
@@ -220,6 +236,11 @@ impl Reader {
                 biased;
                 _ = signals.shutdown.cancelled() => return shutting_down(),
                 _ = session.outbox.aborted() => return Ending::Quiet,
+                // No error code fits an operator's close: flush and close quietly.
+                _ = closed_by_operator.cancelled() => {
+                    info!("closed by an operator over HTTP");
+                    return Ending::Quiet;
+                }
                 _ = ticker.tick(), if heartbeat_on => {
                     if std::mem::take(&mut self.activity) {
                         unanswered = 0;

@@ -381,7 +381,7 @@ fn connection_json(e: &ConnEntry, with_subscriptions: bool) -> Value {
         "connected_ms": e.connected_ms,
         "pending_bytes": e.pending_bytes(),
         "messages_in": e.messages_in.load(Relaxed),
-        "messages_out": e.messages_out.load(Relaxed),
+        "messages_out": e.messages_out(),
         "subscription_count": count,
     });
     if with_subscriptions {

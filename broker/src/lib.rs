@@ -46,6 +46,13 @@
 //!   deliveries come back on nack, ack timeout or disconnect, with backoff, and
 //!   move to a dead-letter queue after `max_deliveries`.
 //! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
+//! - **HTTP** (`http/`): the operators' listener on `--http-listen`, served with
+//!   axum beside the client port and stopped after it (so `/readyz` says
+//!   "draining" while connections finish): Prometheus `/metrics` built at each
+//!   scrape from the counters, `/healthz`, `/readyz`, a JSON API and a dashboard
+//!   whose assets are compiled in. It reads [`telemetry`] (the store's metrics
+//!   sink and readiness) and [`connections`] (the registry of live connections
+//!   each connection joins after its handshake).
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 
 pub mod config;

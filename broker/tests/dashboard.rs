@@ -280,6 +280,34 @@ async fn dashboard_lists_the_queue_with_its_rate_in_a_real_browser() {
     );
     assert!(dom.contains("<polyline"), "the rate chart is drawn");
 
+    // A link to a queue opens its drawer: its consumer's connection and its peeked
+    // messages and dead letters are shown.
+    let drawer_profile = tempfile::tempdir().unwrap();
+    let dom = chromium(
+        &binary,
+        drawer_profile.path(),
+        &format!("{url}#queue=emails"),
+        &["--dump-dom"],
+    )
+    .await;
+    let drawer = dom
+        .split("id=\"drawer\"")
+        .nth(1)
+        .expect("the drawer is in the page");
+    assert!(!drawer.starts_with(" hidden"), "the drawer is open");
+    assert!(
+        drawer.contains("mailer #"),
+        "the consumer's connection is named: {drawer}"
+    );
+    assert!(
+        drawer.contains("emails.welcome"),
+        "a peeked message shows its topic"
+    );
+    assert!(
+        drawer.contains("max_deliveries after 1 attempts"),
+        "a dead letter says why it died"
+    );
+
     let shot = std::env::var_os("TIDINGS_SCREENSHOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
@@ -298,6 +326,19 @@ async fn dashboard_lists_the_queue_with_its_rate_in_a_real_browser() {
         shot.display()
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+    if std::env::var_os("TIDINGS_SCREENSHOT").is_some() {
+        let queue_shot = shot.with_file_name("dashboard-queue.png");
+        let profile = tempfile::tempdir().unwrap();
+        let flag = format!("--screenshot={}", queue_shot.display());
+        chromium(
+            &binary,
+            profile.path(),
+            &format!("{url}#queue=emails"),
+            &[&flag],
+        )
+        .await;
+        eprintln!("queue drawer screenshot: {}", queue_shot.display());
+    }
 
     stop.cancel();
     while tasks.join_next().await.is_some() {}

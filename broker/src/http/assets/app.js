@@ -150,7 +150,8 @@ function renderLegend() {
   }));
 }
 
-function niceMax(v) {
+// A round step (1, 2, 2.5 or 5 times a power of ten) of at least `v`.
+function niceStep(v) {
   if (v <= 0) return 1;
   const p = Math.pow(10, Math.floor(Math.log10(v)));
   for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
@@ -172,10 +173,10 @@ function renderChart(history, interval) {
   const x = (t) => pad.l + (W - pad.l - pad.r) * (1 - (now - t) / span);
   let max = 0;
   for (const p of history) for (const s of shown) max = Math.max(max, p[s.key]);
-  const top = niceMax(max);
+  const tick = niceStep(max / 4);
+  const top = Math.max(tick, Math.ceil(max / tick) * tick);
   const y = (v) => pad.t + (H - pad.t - pad.b) * (1 - v / top);
-  for (let i = 0; i <= 4; i++) {
-    const v = (top * i) / 4;
+  for (let v = 0; v <= top + tick / 2; v += tick) {
     root.append(svg("line", { class: "grid-line", x1: pad.l, x2: W - pad.r, y1: y(v), y2: y(v) }));
     const label = svg("text", { class: "axis", x: pad.l - 8, y: y(v) + 4, "text-anchor": "end" });
     label.textContent = num(v);
@@ -310,6 +311,7 @@ function renderMessages(node, page, dead) {
 
 async function openQueue(name) {
   state.selected = name;
+  history.replaceState(null, "", "#queue=" + encodeURIComponent(name));
   $("drawer").hidden = false;
   setText("d-name", name);
   $("d-notice").hidden = true;
@@ -363,6 +365,7 @@ async function refreshDrawer() {
 
 function closeDrawer() {
   state.selected = null;
+  history.replaceState(null, "", location.pathname + location.search);
   $("drawer").hidden = true;
   for (const tr of document.querySelectorAll("#queue-rows tr.selected")) tr.classList.remove("selected");
 }
@@ -481,6 +484,9 @@ function init() {
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeDrawer(); });
   for (const b of document.querySelectorAll("[data-action]")) b.addEventListener("click", () => queueAction(b.dataset.action));
   window.addEventListener("resize", () => { if (state.lastHistory) renderChart(state.lastHistory, state.lastInterval); });
+  // A link to a queue (#queue=NAME) opens its drawer.
+  const linked = location.hash.startsWith("#queue=") ? decodeURIComponent(location.hash.slice(7)) : null;
+  if (linked) openQueue(linked);
   refresh();
 }
 

@@ -185,7 +185,8 @@ pub struct Config {
     pub queue_window: usize,
 
     /// Address of the HTTP listener for /metrics, /healthz, /readyz, the JSON API and
-    /// the dashboard, or `off` [default: 127.0.0.1:8222].
+    /// the dashboard, or `off`. Left unset while --listen has port 0, it takes an
+    /// ephemeral port too (logged at start) [default: 127.0.0.1:8222].
     #[arg(
         long,
         env = "TIDINGS_HTTP_LISTEN",
@@ -331,8 +332,21 @@ impl Config {
     {
         let matches = Config::command().try_get_matches_from(args)?;
         let mut config = Config::from_arg_matches(&matches)?;
+        let http_default = config.http_listen;
         if let Some(path) = config.config.clone() {
             config.apply_file(&path, &matches)?;
+        }
+        // An ephemeral client port means several brokers may run side by side (tests,
+        // embedding): a fixed default HTTP port would collide, so the HTTP listener
+        // takes an ephemeral port too, unless it was set explicitly.
+        let http_explicit = matches!(
+            matches.value_source("http_listen"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) || config.http_listen != http_default;
+        if !http_explicit && config.listen.port() == 0 {
+            if let HttpListen(Some(addr)) = &mut config.http_listen {
+                addr.set_port(0);
+            }
         }
         config.validate()?;
         Ok(config)
@@ -602,6 +616,35 @@ mod tests {
             Config::load_from(["tidings-broker", "--config", path.to_str().unwrap()]).unwrap();
         read.config = None;
         assert_eq!(read, config);
+    }
+
+    #[test]
+    fn http_listen_follows_an_ephemeral_client_port_unless_set() {
+        let ephemeral = Config::load_from(["tidings-broker", "--listen", "127.0.0.1:0"]).unwrap();
+        assert_eq!(ephemeral.http_listen.to_string(), "127.0.0.1:0");
+        let fixed = Config::load_from(["tidings-broker", "--listen", "127.0.0.1:7000"]).unwrap();
+        assert_eq!(fixed.http_listen.to_string(), "127.0.0.1:8222");
+        let explicit = Config::load_from([
+            "tidings-broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:9000",
+        ])
+        .unwrap();
+        assert_eq!(explicit.http_listen.to_string(), "127.0.0.1:9000");
+        let off = Config::load_from([
+            "tidings-broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(off.http_listen, HttpListen(None));
+        assert!("nonsense".parse::<HttpListen>().is_err());
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("xml".parse::<LogFormat>().is_err());
     }
 
     #[test]

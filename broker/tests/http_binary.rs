@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::http::get;
+use common::http::{get, wait_ready};
 use common::within;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
@@ -57,7 +57,7 @@ async fn binary_serves_http_and_logs_json() {
     })
     .await;
     assert_eq!(get(http, "/healthz").await.status, 200);
-    assert_eq!(get(http, "/readyz").await.status, 200);
+    assert_eq!(wait_ready(http).await["ready"], true);
     let page = get(http, "/").await;
     assert_eq!(page.status, 200);
     assert!(page.text().contains("<title>tidings</title>"));

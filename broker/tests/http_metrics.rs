@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::http::get;
+use common::http::{get, wait_ready};
 use common::{Client, start_with, within};
 use prometheus_parse::{Scrape, Value};
 use tidings_broker::HttpListen;
@@ -231,9 +231,7 @@ async fn health_and_readiness_follow_the_broker_life() {
     let health = get(http, "/healthz").await;
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "ok");
-    let ready = get(http, "/readyz").await;
-    assert_eq!(ready.status, 200, "{}", ready.text());
-    assert_eq!(ready.json()["ready"], true);
+    assert_eq!(wait_ready(http).await["ready"], true);
 
     // A subscriber that reads nothing, with more queued for it than the socket
     // buffers hold: its flush cannot finish, so the broker stays draining.

@@ -122,3 +122,27 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
         body = &body[size + 2..];
     }
 }
+
+/// Polls `/readyz` until it answers 200 (the broker opens its store and starts
+/// accepting a moment after it is bound); returns the body.
+pub async fn wait_ready(addr: SocketAddr) -> serde_json::Value {
+    within("readiness", async {
+        loop {
+            let r = get(addr, "/readyz").await;
+            if r.status == 200 {
+                return r.json();
+            }
+            assert_eq!(r.status, 503, "{}", r.text());
+            assert!(
+                r.json()["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("not listening"),
+                "{}",
+                r.text()
+            );
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}

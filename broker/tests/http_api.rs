@@ -316,3 +316,29 @@ async fn admin_actions_work_with_the_token() {
     assert_eq!(again.status, 404);
     broker.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn http_connections_are_capped() {
+    let broker = broker(None).await;
+    let http = broker.handle.http_addr().unwrap();
+    // 256 idle connections take every place.
+    let mut idle = Vec::new();
+    for _ in 0..256 {
+        idle.push(tokio::net::TcpStream::connect(http).await.unwrap());
+    }
+    let waiting = tokio::spawn(async move { get(http, "/healthz").await.status });
+    // Not served while the cap is full (if the cap did not hold, it would be
+    // answered at once; a slow machine can only make this pass, never fail).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a request past the cap was served");
+    // One place frees up: the waiting request is served.
+    drop(idle.pop());
+    assert_eq!(
+        common::within("the request past the cap", waiting)
+            .await
+            .unwrap(),
+        200
+    );
+    drop(idle);
+    broker.handle.shutdown().await;
+}

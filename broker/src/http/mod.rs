@@ -11,6 +11,7 @@
 //!  GET  /  /assets/{file}
 //! ```
 //!
+//! At most [`listener::MAX_HTTP_CONNECTIONS`] HTTP connections are served at once.
 //! The server runs beside the client listener ([`crate::server`]) and stops after
 //! it, so `/readyz` answers "draining" while connections finish. Admin actions
 //! are guarded in one place, [`admin::authorize`].
@@ -19,6 +20,7 @@ mod admin;
 mod api;
 mod dashboard;
 mod health;
+mod listener;
 mod metrics;
 mod rates;
 
@@ -91,7 +93,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: HttpContext, stop: Cancell
     let sampler = tokio::spawn(rates::sample(ctx.clone(), stop.clone()));
     let app = routes(ctx);
     let shutdown = stop.clone();
-    let server = axum::serve(listener, app)
+    let server = axum::serve(listener::Limited::new(listener), app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await });
     let served = run_bounded(server.into_future(), &stop).await;
     if let Some(Err(err)) = served {

@@ -308,6 +308,24 @@ async fn dashboard_lists_the_queue_with_its_rate_in_a_real_browser() {
         "a dead letter says why it died"
     );
 
+    // The connections tab lists the clients with their names.
+    let conn_profile = tempfile::tempdir().unwrap();
+    let dom = chromium(
+        &binary,
+        conn_profile.path(),
+        &format!("{url}#connections"),
+        &["--dump-dom"],
+    )
+    .await;
+    let rows = dom
+        .split("id=\"conn-rows\"")
+        .nth(1)
+        .expect("the connections table");
+    let rows = &rows[..rows.find("</tbody>").expect("table ends")];
+    for client in ["fulfilment-worker", "mailer", "publisher-orders.created"] {
+        assert!(rows.contains(client), "{client} is listed: {rows}");
+    }
+
     let shot = std::env::var_os("TIDINGS_SCREENSHOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
@@ -338,6 +356,17 @@ async fn dashboard_lists_the_queue_with_its_rate_in_a_real_browser() {
         )
         .await;
         eprintln!("queue drawer screenshot: {}", queue_shot.display());
+        let conn_shot = shot.with_file_name("dashboard-connections.png");
+        let profile = tempfile::tempdir().unwrap();
+        let flag = format!("--screenshot={}", conn_shot.display());
+        chromium(
+            &binary,
+            profile.path(),
+            &format!("{url}#connections"),
+            &[&flag],
+        )
+        .await;
+        eprintln!("connections screenshot: {}", conn_shot.display());
     }
 
     stop.cancel();

@@ -450,6 +450,15 @@ async function refresh() {
   if (!state.paused) state.timer = setTimeout(refresh, REFRESH_MS);
 }
 
+function showTab(name) {
+  state.tab = name;
+  for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.tab === name);
+  $("panel-queues").hidden = name !== "queues";
+  $("panel-connections").hidden = name !== "connections";
+  if (name === "connections") history.replaceState(null, "", "#connections");
+  else if (location.hash === "#connections") history.replaceState(null, "", location.pathname + location.search);
+}
+
 function init() {
   renderLegend();
   for (const th of document.querySelectorAll("#queue-table th[data-sort]")) {
@@ -467,13 +476,7 @@ function init() {
     debounce = setTimeout(() => { state.filter = e.target.value.trim(); state.offset = 0; refresh(); }, 200);
   });
   for (const tab of document.querySelectorAll(".tab")) {
-    tab.addEventListener("click", () => {
-      state.tab = tab.dataset.tab;
-      for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
-      $("panel-queues").hidden = state.tab !== "queues";
-      $("panel-connections").hidden = state.tab !== "connections";
-      refresh();
-    });
+    tab.addEventListener("click", () => { showTab(tab.dataset.tab); refresh(); });
   }
   $("pause").addEventListener("click", () => {
     state.paused = !state.paused;
@@ -487,6 +490,7 @@ function init() {
   // A link to a queue (#queue=NAME) opens its drawer.
   const linked = location.hash.startsWith("#queue=") ? decodeURIComponent(location.hash.slice(7)) : null;
   if (linked) openQueue(linked);
+  if (location.hash === "#connections") showTab("connections");
   refresh();
 }
 

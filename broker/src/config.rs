@@ -9,7 +9,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use thiserror::Error;
 
+use crate::limits::Limits;
 use crate::queue::FsyncPolicy;
+use crate::security::{SecurityConfig, SecurityConfigError};
 
 /// Room in a frame beyond its payload for the topic, reply-to, headers and fixed
 /// fields; the codec's maximum frame length is `max_payload` plus this.
@@ -59,6 +61,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A TLS, user or authentication setting is incomplete or wrong.
+    #[error("invalid security setting: {0}")]
+    Security(#[from] SecurityConfigError),
     /// The command line or environment did not parse (also `--help`/`--version`).
     #[error(transparent)]
     Cli(#[from] clap::Error),
@@ -83,7 +88,10 @@ pub enum ConfigError {
     long_about = "The tidings event broker: pub/sub, request/reply and durable queues over TCP.\n\n\
         Every option can also be set through its TIDINGS_* environment variable or in a TOML \
         file given with --config, with keys named like the flags. Precedence: flag, then \
-        environment, then file, then default."
+        environment, then file, then default.\n\n\
+        `tidings-broker hash-password < file` prints an argon2id hash of the password on the \
+        file's first line, for the `password_hash` of a [[users]] entry in the config file. \
+        SIGHUP reloads --tls-cert and --tls-key."
 )]
 pub struct Config {
     /// TOML file with settings; flags and TIDINGS_* variables override it.
@@ -145,8 +153,10 @@ pub struct Config {
     )]
     pub missed_heartbeats: u32,
 
-    /// Shared secret clients must present in HELLO; unset: no authentication
-    /// [default: unset].
+    /// Shared secret clients must present in HELLO: the simple mode, one secret for
+    /// every client, everything allowed. For per-service secrets and permissions
+    /// use `[[users]]` in the config file instead (not both) [default: unset: no
+    /// authentication].
     #[arg(long, env = "TIDINGS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
 
@@ -184,6 +194,14 @@ pub struct Config {
     )]
     pub queue_window: usize,
 
+    /// TLS, users and pre-authentication limits.
+    #[command(flatten)]
+    pub security: SecurityConfig,
+
+    /// Limits on what one client may make the broker hold.
+    #[command(flatten)]
+    pub limits: Limits,
+
     /// Address of the HTTP listener for /metrics, /healthz, /readyz, the JSON API and
     /// the dashboard, or `off`. Left unset while --listen has port 0, it takes an
     /// ephemeral port too (logged at start) [default: 127.0.0.1:8222].
@@ -203,7 +221,7 @@ pub struct Config {
 
     /// Most queues with their own series in /metrics; the rest are summed into
     /// `queue="_other"`, so a broker with many queues cannot flood Prometheus. The
-    /// deepest queues get their own series [default: 500].
+    /// first queues by name get their own series [default: 500].
     #[arg(
         long,
         env = "TIDINGS_METRICS_MAX_QUEUES",
@@ -302,6 +320,8 @@ impl Default for Config {
             http_admin_token: None,
             metrics_max_queues: 500,
             log_format: LogFormat::Text,
+            security: SecurityConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -370,6 +390,13 @@ impl Config {
                 key: key.clone(),
                 message,
             };
+            if id == "users" {
+                // `[[users]]`: only the file can give them; see `auth::users`.
+                self.security.users = value
+                    .try_into()
+                    .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
+                continue;
+            }
             let known = Config::command().get_arguments().any(|a| {
                 a.get_id().as_str() == id && !matches!(id.as_str(), "config" | "print_config")
             });
@@ -419,7 +446,13 @@ impl Config {
             "http_admin_token" => self.http_admin_token = Some(raw.to_owned()),
             "metrics_max_queues" => self.metrics_max_queues = num(raw)?,
             "log_format" => self.log_format = raw.parse()?,
-            _ => return Err("unknown setting".into()),
+            _ => {
+                return self
+                    .security
+                    .set(id, raw)
+                    .or_else(|| self.limits.set(id, raw))
+                    .unwrap_or_else(|| Err("unknown setting".into()));
+            }
         }
         Ok(())
     }
@@ -459,6 +492,10 @@ impl Config {
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
         }
+        if let Err((name, message)) = self.limits.validate() {
+            return invalid(name, &message);
+        }
+        self.security.validate(self.auth_token.as_deref())?;
         Ok(())
     }
 
@@ -504,6 +541,14 @@ impl Config {
         }
         line("metrics-max-queues", self.metrics_max_queues.to_string());
         line("log-format", quoted(&self.log_format.to_string()));
+        self.security.toml_lines(&mut line);
+        self.limits.toml_lines(&mut line);
+        if !self.security.users.is_empty() {
+            out.push_str(&format!(
+                "# [[users]]: {} entries, not printed (they hold secrets)\n",
+                self.security.users.len()
+            ));
+        }
         out
     }
 }

@@ -55,18 +55,22 @@
 //!   each connection joins after its handshake).
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod connections;
 mod http;
+pub mod limits;
 pub mod memory;
 pub mod outbox;
 pub mod queue;
 pub mod router;
+pub mod security;
 mod server;
 mod shared;
 mod stats;
 pub mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,7 +81,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use config::{Config, ConfigError, HttpListen, LogFormat};
-pub use server::{run, serve};
+pub use limits::Limits;
+pub use security::SecurityConfig;
+pub use server::{run, run_with_tls, serve};
 pub use stats::Stats;
 
 /// Why the broker could not start or stopped with an error.
@@ -105,6 +111,9 @@ pub enum BrokerError {
     /// The durable-queue store could not be opened.
     #[error("cannot open the queue store: {0}")]
     Queues(#[from] queue::QueueError),
+    /// The TLS certificate, key or client CA could not be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Some other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -126,14 +135,16 @@ impl Broker {
             None => None,
         };
         let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
+        let tls = tls::Tls::from_config(&config.security)?;
         let token = CancellationToken::new();
         let stop = token.clone();
-        let join = tokio::spawn(serve(listener, http, config, async move {
+        let join = tokio::spawn(serve(listener, http, config, tls.clone(), async move {
             stop.cancelled().await
         }));
         Ok(BrokerHandle {
             local_addr,
             http_addr,
+            tls,
             token: token.clone(),
             _guard: token.drop_guard(),
             join,
@@ -147,6 +158,7 @@ impl Broker {
 pub struct BrokerHandle {
     local_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    tls: Option<tls::Tls>,
     token: CancellationToken,
     _guard: DropGuard,
     join: JoinHandle<Result<(), BrokerError>>,
@@ -168,6 +180,11 @@ impl BrokerHandle {
     /// at once); [`BrokerHandle::shutdown`] waits.
     pub fn begin_shutdown(&self) {
         self.token.cancel();
+    }
+
+    /// The listener's TLS, to [`tls::Tls::reload`] it; `None` when plaintext.
+    pub fn tls(&self) -> Option<&tls::Tls> {
+        self.tls.as_ref()
     }
 
     /// Graceful shutdown: stop accepting, let connections finish, flush, wait (bounded).

@@ -33,7 +33,9 @@ pub(crate) struct Shared {
     /// acks for a dead connection are refused instead of confusing the new one.
     pub(crate) epoch: AtomicU64,
     pub(crate) max_payload: AtomicUsize,
-    /// `_INBOX.<random>`: the prefix of every reply topic of this client.
+    /// `_INBOX.<random>`, or `_INBOX.<user>.<random>` when logged in as a user
+    /// (the broker always lets a user read `_INBOX.<user>.>`): the prefix of every
+    /// reply topic of this client.
     pub(crate) inbox: String,
     /// Payload bytes queued but not yet written (see `max_buffered_bytes`).
     pub(crate) budget: Arc<Semaphore>,
@@ -54,7 +56,10 @@ impl Shared {
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(1),
             max_payload: AtomicUsize::new(max_payload),
-            inbox: format!("_INBOX.{}", random_token()),
+            inbox: match &opts.user {
+                Some(user) => format!("_INBOX.{user}.{}", random_token()),
+                None => format!("_INBOX.{}", random_token()),
+            },
             budget: Arc::new(Semaphore::new(opts.max_buffered_bytes)),
             events,
             opts,

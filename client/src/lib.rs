@@ -78,6 +78,7 @@ mod queue;
 mod request;
 mod sub_buffer;
 mod subscriber;
+mod tls;
 
 pub use client::{Client, Confirmation, Stats};
 pub use consumer::{Consumer, Delivery};
@@ -91,3 +92,4 @@ pub use options::{ClientBuilder, ReconnectPolicy};
 pub use queue::{DeadLetter, QueueConfig};
 pub use subscriber::Subscription;
 pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};
+pub use tls::{ClientTls, TLS_SCHEME};

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidings_protocol::{
-    Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
-    QueueListReply, RedriveReply, Text,
+    Confirm, DeadLettersReply, Delivery, ErrorCode, ErrorReply, Frame, OkReply, Publish,
+    QueueInfoReply, QueueListReply, RedriveReply, Text,
 };
 use tokio::sync::mpsc;
 
@@ -23,11 +23,6 @@ use super::session::Session;
 use crate::outbox::Outbox;
 use crate::queue::{DeliverySink, PublishOutcome, Published, QueueError};
 use crate::shared::BrokerQueues;
-
-/// Publishes of one connection whose storage is still in progress. Past this the
-/// connection stops reading until some are durable, so a fast publisher feels the
-/// store's pace instead of growing the broker's memory.
-const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
 
 /// Hands DELIVERY frames to a connection's outbox.
 struct OutboxSink(Outbox);
@@ -81,6 +76,20 @@ impl QueueState {
 /// Serves one queue command from the connection's client.
 pub(crate) async fn handle(session: &mut Session, frame: Frame) {
     let request_id = frame.request_id().unwrap_or(0);
+    if let Err(denied) = super::authorize::queue_command(&session.principal, &frame) {
+        return session.permission_denied(request_id, &denied);
+    }
+    if let Some(queues) = session.queues.inner.as_ref()
+        && let Err(message) = super::limits::check_queue_command(
+            &session.shared.config.limits,
+            &session.shared.queues.engine,
+            queues,
+            &frame,
+        )
+        .await
+    {
+        return session.reply_error(request_id, ErrorCode::LimitExceeded, message);
+    }
     let engine = &session.shared.queues.engine;
     let Some(queues) = session.queues.inner.as_ref() else {
         return;
@@ -105,10 +114,15 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
                 info,
             })
         }),
-        Frame::QueueList(f) => Ok(Frame::QueueListReply(QueueListReply {
-            request_id: f.request_id,
-            queues: engine.list().await,
-        })),
+        Frame::QueueList(f) => {
+            // A user sees only the queues it has some right on.
+            let mut queues = engine.list().await;
+            queues.retain(|q| session.principal.sees_queue(&q.name));
+            Ok(Frame::QueueListReply(QueueListReply {
+                request_id: f.request_id,
+                queues,
+            }))
+        }
         Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
             Frame::DeadLettersReply(DeadLettersReply {
                 request_id: f.request_id,
@@ -162,7 +176,7 @@ fn ok(request_id: u32) -> Frame {
 /// become durable together, so their confirms reach the outbox back to back and
 /// leave in one write, without a task or a wake-up per publish. Group commits
 /// complete in order, so waiting in publish order delays no confirm. Past
-/// `MAX_PUBLISHES_IN_FLIGHT` the read loop waits, so a fast publisher feels the
+/// `--max-pending-requests` the read loop waits, so a fast publisher feels the
 /// store's pace.
 pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     if session.queues.inner.is_none() {
@@ -181,7 +195,7 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     let confirms = match &session.queues.confirms {
         Some(tx) => tx,
         None => {
-            let (tx, rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
+            let (tx, rx) = mpsc::channel(session.shared.config.limits.max_pending_requests);
             tokio::spawn(send_confirms(
                 rx,
                 session.outbox.clone(),

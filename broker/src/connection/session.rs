@@ -12,6 +12,8 @@ use tidings_protocol::{
 use tracing::debug;
 
 use super::queue_state::{self, QueueState};
+use crate::Limits;
+use crate::auth::{Denied, Principal};
 use crate::connections::Registered;
 use crate::outbox::{ConnId, Outbox};
 use crate::router::{RouteMemo, RouterError};
@@ -21,6 +23,10 @@ use crate::shared::Shared;
 /// state.
 pub(crate) struct Session {
     pub(crate) conn: ConnId,
+    /// Who the client is and what it may do (set by the handshake).
+    pub(crate) principal: Principal,
+    /// Subscriptions this connection holds (for `--max-subscriptions`).
+    pub(crate) subscriptions: usize,
     pub(crate) outbox: Outbox,
     pub(crate) shared: Arc<Shared>,
     pub(crate) queues: QueueState,
@@ -47,6 +53,11 @@ impl Session {
         debug!(conn = %self.conn, code = code.name(), %message, "request refused");
         self.shared.stats.error(code);
         self.reply(Frame::Error(ErrorReply::new(request_id, code, message)));
+    }
+
+    /// Answers a refused operation with PermissionDenied; the connection stays open.
+    pub(crate) fn permission_denied(&self, request_id: u32, denied: &Denied) {
+        self.reply_error(request_id, ErrorCode::PermissionDenied, denied.to_string());
     }
 
     /// Handles one frame from an established connection.
@@ -102,14 +113,21 @@ impl Session {
         let request_id = p.request_id.unwrap_or(0);
         // The memo holds only a topic that was valid: the same topic again (the
         // common case) needs no second check.
-        if !self.memo.is_last(&p.topic)
-            && let Err(err) = Topic::validate(&p.topic)
-        {
-            return self.reply_error(
-                request_id,
-                ErrorCode::InvalidTopic,
-                format!("topic `{}`: {err}", p.topic),
-            );
+        // It was also allowed: a denied publish never reaches the memo.
+        if !self.memo.is_last(&p.topic) {
+            if let Err(err) = Topic::validate(&p.topic) {
+                return self.reply_error(
+                    request_id,
+                    ErrorCode::InvalidTopic,
+                    format!("topic `{}`: {err}", p.topic),
+                );
+            }
+            if let Err(denied) = self.principal.check_publish(&p.topic) {
+                return self.permission_denied(request_id, &denied);
+            }
+        }
+        if let Err(message) = super::limits::check_publish(&self.shared.config.limits, &p) {
+            return self.reply_error(request_id, ErrorCode::LimitExceeded, message);
         }
         if let Some(reply_to) = &p.reply_to {
             if let Err(err) = Topic::validate(reply_to) {
@@ -173,12 +191,24 @@ impl Session {
                 );
             }
         }
+        if let Err(denied) = self.principal.check_subscribe(&pattern) {
+            return self.permission_denied(s.request_id, &denied);
+        }
+        let max = self.shared.config.limits.max_subscriptions;
+        if self.subscriptions >= max {
+            return self.reply_error(
+                s.request_id,
+                ErrorCode::LimitExceeded,
+                Limits::exceeded("max-subscriptions", max, "subscriptions on this connection"),
+            );
+        }
         match self
             .shared
             .router
             .subscribe(&self.outbox, s.sid, pattern, s.group.as_deref())
         {
             Ok(()) => {
+                self.subscriptions += 1;
                 if let Some(listed) = &self.listed {
                     listed
                         .entry()
@@ -195,6 +225,7 @@ impl Session {
     fn unsubscribe(&mut self, u: Unsubscribe) {
         match self.shared.router.unsubscribe(self.conn, u.sid) {
             Ok(()) => {
+                self.subscriptions = self.subscriptions.saturating_sub(1);
                 if let Some(listed) = &self.listed {
                     listed.entry().unsubscribed(u.sid);
                 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod certs;
 pub mod http;
 mod queue_client;
 
@@ -89,6 +90,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             client_name: name.into(),
             token: token.map(Into::into),
+            user: None,
         }))
         .await;
         match self.recv().await {

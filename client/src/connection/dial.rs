@@ -3,15 +3,15 @@
 use bytes::BytesMut;
 use tidings_protocol::{Frame, FrameCodec, Hello, PROTOCOL_VERSION, Text, Welcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
 use crate::error::{ConnectError, ServerError};
 use crate::options::ClientBuilder;
+use crate::tls::{self, Transport};
 
-/// A connected, handshaken socket.
+/// A connected, handshaken socket (plain TCP or TLS).
 pub(crate) struct Opened {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Transport,
     pub(super) welcome: Welcome,
     pub(super) rbuf: BytesMut,
 }
@@ -24,16 +24,8 @@ impl Opened {
 
 /// Dials the broker and performs the handshake, all under the connect timeout.
 pub(crate) async fn open(opts: &ClientBuilder) -> Result<Opened, ConnectError> {
-    let addr = opts.addr.clone();
     let attempt = async {
-        let mut stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| ConnectError::Io {
-                addr: addr.clone(),
-                source,
-            })?;
-        // Requests and acks are small; Nagle would add latency to every one of them.
-        let _ = stream.set_nodelay(true);
+        let mut stream = tls::dial(opts).await?;
         let (welcome, rbuf) = handshake(&mut stream, opts).await?;
         Ok(Opened {
             stream,
@@ -60,6 +52,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         version: PROTOCOL_VERSION,
         client_name: Text::from(opts.name.as_str()),
         token: opts.token.as_deref().map(Text::from),
+        user: opts.user.as_deref().map(Text::from),
     });
     let mut wbuf = BytesMut::new();
     let protocol = |source| ConnectError::Protocol {

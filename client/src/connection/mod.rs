@@ -36,6 +36,7 @@ use crate::handle::{ConnState, Handle};
 use crate::message::Message;
 use crate::sub_buffer::SubBuffer;
 
+use crate::tls::Transport;
 #[cfg(test)]
 pub(crate) use dial::handshake;
 pub(crate) use dial::{Opened, open};
@@ -215,8 +216,17 @@ impl Task {
                 };
                 self.restore();
                 let _ = self.state_tx.send(ConnState::Connected);
-                let (reader, writer) = opened.stream.into_split();
-                let end = self.session(reader, writer, opened.rbuf, heartbeat).await;
+                // Plain TCP splits without a lock; TLS needs tokio's split.
+                let end = match opened.stream {
+                    Transport::Plain(stream) => {
+                        let (reader, writer) = stream.into_split();
+                        self.session(reader, writer, opened.rbuf, heartbeat).await
+                    }
+                    Transport::Tls(stream) => {
+                        let (reader, writer) = tokio::io::split(*stream);
+                        self.session(reader, writer, opened.rbuf, heartbeat).await
+                    }
+                };
                 let _ = self.state_tx.send(ConnState::Disconnected);
                 self.on_disconnect();
                 match end {

@@ -32,6 +32,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t(M),
                 token: None,
+                user: None,
             }
             .into(),
             "client_name",
@@ -41,6 +42,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t("c"),
                 token: Some(t(M)),
+                user: None,
             }
             .into(),
             "token",
@@ -514,6 +516,8 @@ fn error_codes_are_stable() {
         (35, "UnknownConsumer", false),
         (36, "QueueFull", false),
         (37, "StorageFailure", false),
+        (40, "PermissionDenied", false),
+        (41, "LimitExceeded", false),
         (99, "Internal", false),
     ];
     let actual: Vec<(u16, &str, bool)> = ErrorCode::ALL

@@ -158,13 +158,16 @@ fn dead_letter() -> impl Strategy<Value = DeadLetter> {
 
 fn session_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
-        (any::<u16>(), text(), option::of(text())).prop_map(|(version, client_name, token)| {
-            Frame::from(Hello {
-                version,
-                client_name,
-                token,
-            })
-        }),
+        (any::<u16>(), text(), option::of(text()), option::of(text())).prop_map(
+            |(version, client_name, token, user)| {
+                Frame::from(Hello {
+                    version,
+                    client_name,
+                    token,
+                    user,
+                })
+            }
+        ),
         (any::<u16>(), text(), any::<[u32; 3]>()).prop_map(|(version, sv, n)| {
             Frame::from(Welcome {
                 version,

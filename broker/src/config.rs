@@ -213,9 +213,10 @@ pub struct Config {
     )]
     pub http_listen: HttpListen,
 
-    /// Bearer token that the HTTP API's admin actions (purge, redrive, delete a
-    /// queue, close a connection) require; unset: `--auth-token` if set, else admin
-    /// actions are refused [default: unset].
+    /// Bearer token for the HTTP API's admin actions (purge, redrive, delete a
+    /// queue, close a connection); unset: `--auth-token` if set. Configured users
+    /// may also run the queue actions their rights allow, over HTTP Basic
+    /// [default: unset].
     #[arg(long, env = "TIDINGS_HTTP_ADMIN_TOKEN", hide_env_values = true)]
     pub http_admin_token: Option<String>,
 

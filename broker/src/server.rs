@@ -86,8 +86,17 @@ pub async fn serve(
     let queues = BrokerQueues::open(&config, storage)?;
     let connections = Connections::default();
     let http_stop = CancellationToken::new();
-    let http_task = http.map(|listener| {
+    let http_auth = match http {
+        // Its own instance: HTTP logins wait on their own argon2 permits.
+        Some(_) => Some(
+            Authenticator::new(config.auth_token.as_deref(), &config.security.users)
+                .map_err(|e| crate::ConfigError::Security(e.into()))?,
+        ),
+        None => None,
+    };
+    let http_task = http.zip(http_auth).map(|(listener, http_auth)| {
         let ctx = HttpContext {
+            auth: http_auth,
             stats: stats.clone(),
             engine: queues.engine.clone(),
             health: health.clone(),

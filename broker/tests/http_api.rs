@@ -342,3 +342,96 @@ async fn http_connections_are_capped() {
     drop(idle);
     broker.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn users_run_the_queue_actions_their_rights_allow() {
+    use base64::Engine as _;
+    use tidings_broker::auth::users::QueueRuleEntry;
+    use tidings_broker::auth::{QueueRight, UserEntry};
+
+    let users = vec![
+        UserEntry {
+            name: "ops".into(),
+            token: Some("ops-token-0000000001".into()),
+            queues: vec![QueueRuleEntry {
+                pattern: "jobs.*".into(),
+                allow: vec![QueueRight::Manage, QueueRight::Consume],
+                deny: vec![],
+            }],
+            ..UserEntry::default()
+        },
+        UserEntry {
+            name: "root".into(),
+            token: Some("root-token-000000002".into()),
+            queues: vec![QueueRuleEntry {
+                pattern: ">".into(),
+                allow: vec![QueueRight::Manage],
+                deny: vec![],
+            }],
+            ..UserEntry::default()
+        },
+    ];
+    let broker = start_with(move |c| {
+        c.http_listen = HttpListen(Some("127.0.0.1:0".parse().unwrap()));
+        c.security.users = users;
+    })
+    .await;
+    let http = broker.handle.http_addr().unwrap();
+    let mut root = Client::connect(broker.addr).await;
+    root.handshake("root", Some("root-token-000000002")).await;
+    for name in ["jobs.a", "other.b"] {
+        root.declare(name, QueueOptions::default()).await;
+    }
+    let basic = |user: &str, secret: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+        )
+    };
+    let ops = basic("ops", "ops-token-0000000001");
+    let as_ops = [("Authorization", ops.as_str())];
+
+    let allowed = post(http, "/api/queues/jobs.a/purge", &as_ops).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    let other = post(http, "/api/queues/other.b/purge", &as_ops).await;
+    assert_eq!(other.status, 403, "{}", other.text());
+    let redrive = post(http, "/api/queues/jobs.a/redrive", &as_ops).await;
+    assert_eq!(
+        redrive.status,
+        403,
+        "no dead_letters right: {}",
+        redrive.text()
+    );
+    let close = post(http, "/api/connections/1/close", &as_ops).await;
+    assert_eq!(close.status, 403, "{}", close.text());
+    let wrong = basic("ops", "not-the-token-000000");
+    let wrong = post(
+        http,
+        "/api/queues/jobs.a/purge",
+        &[("Authorization", wrong.as_str())],
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    let garbage = post(
+        http,
+        "/api/queues/jobs.a/purge",
+        &[("Authorization", "Basic !!!")],
+    )
+    .await;
+    assert_eq!(garbage.status, 401);
+    // No admin token is configured: a bearer token opens nothing.
+    let bearer = post(
+        http,
+        "/api/queues/jobs.a/purge",
+        &[("Authorization", "Bearer root-token-000000002")],
+    )
+    .await;
+    assert_eq!(bearer.status, 403);
+    let deleted = post(http, "/api/queues/jobs.a/delete", &as_ops).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert_eq!(get(http, "/api/queues/jobs.a").await.status, 404);
+    // The registry knows who each connection is.
+    let conns = get(http, "/api/connections").await.json();
+    assert_eq!(conns["connections"][0]["user"], "root");
+    broker.handle.shutdown().await;
+}

@@ -35,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::auth::Authenticator;
 use crate::connections::Connections;
 use crate::queue::QueueEngine;
 use crate::stats::Stats;
@@ -52,8 +53,11 @@ pub(crate) struct HttpContext {
     pub(crate) health: Health,
     pub(crate) connections: Connections,
     pub(crate) rates: RateHistory,
-    /// The token admin actions require; `None`: admin actions are refused.
+    /// The token admin actions require; `None`: only users may run them.
     pub(crate) admin_token: Option<String>,
+    /// The broker's users (`[[users]]`), who may run queue actions their queue
+    /// rights allow, authenticating with HTTP Basic.
+    pub(crate) auth: Authenticator,
     /// Most queues with their own series in `/metrics`.
     pub(crate) metrics_max_queues: usize,
     /// The queue store's directory, whose segment files `/metrics` sums up.

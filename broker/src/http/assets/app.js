@@ -382,7 +382,7 @@ function notice(text, bad) {
 function adminToken(again) {
   let token = sessionStorage.getItem("tidings-admin-token");
   if (!token || again) {
-    token = window.prompt("Admin token (--http-admin-token):", "");
+    token = window.prompt("Admin token (--http-admin-token), or user:password of a broker user:", "");
     if (!token) return null;
     sessionStorage.setItem("tidings-admin-token", token);
   }
@@ -394,7 +394,9 @@ async function admin(path) {
     const token = adminToken(again);
     if (!token) throw new Error("no admin token given");
     try {
-      return await api(path, { method: "POST", headers: { Authorization: "Bearer " + token } });
+      // "user:password" logs in as a configured user; anything else is the admin token.
+      const auth = token.includes(":") ? "Basic " + btoa(token) : "Bearer " + token;
+      return await api(path, { method: "POST", headers: { Authorization: auth } });
     } catch (err) {
       if (err.status === 401 && !again) { sessionStorage.removeItem("tidings-admin-token"); continue; }
       throw err;

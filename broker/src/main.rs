@@ -65,13 +65,14 @@ async fn main() -> anyhow::Result<()> {
 /// standard input and prints its argon2id PHC string for `password_hash`.
 fn hash_password() -> anyhow::Result<()> {
     use std::io::BufRead;
-    if std::env::args_os().nth(2).is_some() {
+    if let Some(arg) = std::env::args_os().nth(2) {
+        let help = arg == "--help" || arg == "-h";
         eprintln!(
             "usage: tidings-broker hash-password < password-file\n\n\
              Reads one password from the first line of standard input and prints an\n\
              argon2id hash (19 MiB, 2 passes) for the `password_hash` key of [[users]]."
         );
-        std::process::exit(2);
+        std::process::exit(if help { 0 } else { 2 });
     }
     if std::io::stdin().is_terminal() {
         eprint!("password (echoed; pipe it in to keep it off the screen): ");

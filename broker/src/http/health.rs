@@ -28,11 +28,15 @@ pub(super) fn uptime(ctx: &Ctx) -> u64 {
     stat(ctx, "uptime.seconds")
 }
 
-/// One broker counter by its STATS name (0 if unknown).
+/// One broker counter by its STATS name. A name STATS does not have is a bug
+/// here (a renamed counter): debug builds, and so the tests, panic on it.
 pub(super) fn stat(ctx: &Ctx, name: &str) -> u64 {
-    ctx.stats
+    let found = ctx
+        .stats
         .snapshot()
         .into_iter()
         .find(|(n, _)| n.as_str() == name)
-        .map_or(0, |(_, v)| v)
+        .map(|(_, v)| v);
+    debug_assert!(found.is_some(), "STATS has no counter named {name}");
+    found.unwrap_or(0)
 }

@@ -204,13 +204,13 @@ fn broker_metrics(ctx: &Ctx, r: &mut Registry) {
         r,
         "subscriptions",
         "Live subscriptions.",
-        s("subscriptions"),
+        s("subscriptions.current"),
     );
     counter(
         r,
         "slow_consumers",
         "Connections disconnected as slow consumers.",
-        s("slow_consumers"),
+        s("connections.slow_consumers"),
     );
     gauge(
         r,

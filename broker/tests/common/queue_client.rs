@@ -42,6 +42,7 @@ impl Client {
             consumer_id,
             queue: queue.into(),
             credit,
+            limit: None,
         }))
         .await;
         self.ok_after_deliveries(request_id).await

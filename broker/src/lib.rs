@@ -55,6 +55,7 @@ pub mod queue;
 pub mod router;
 mod server;
 mod stats;
+pub mod storage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

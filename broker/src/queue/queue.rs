@@ -23,7 +23,7 @@ use crate::queue::error::QueueError;
 use crate::queue::options::Settings;
 use crate::queue::record::{DeadInfo, Message};
 use crate::queue::session::SessionInner;
-use crate::queue::store::{
+use crate::storage::{
     CommitListener, Counters, Loaded, LoadedQueue, Range, Slot, Store, StoreError, Ticket,
 };
 
@@ -409,8 +409,9 @@ impl Queue {
         let listener = self.listener();
         let st = &mut *st;
         let ticket = self.store.batch(|b| {
-            if b.stopped() {
-                return Err(QueueError::ShuttingDown);
+            // Fail-stop: a failed store refuses with StorageFailure, never drops.
+            if let Some(refusal) = b.refusal() {
+                return Err(refusal);
             }
             if b.pending_bytes() > max_pending {
                 return Err(QueueError::Overloaded {
@@ -1312,6 +1313,13 @@ impl CommitListener for Queue {
             let Some(p) = st.pending.pop_front() else {
                 break;
             };
+            if result.is_err() {
+                // The round failed: its message ids are forgotten, so a retry is
+                // stored instead of being answered as a duplicate of nothing.
+                if let Some(id) = &p.msg.message_id {
+                    st.dedup.ids.remove(id);
+                }
+            }
             st.committed_below = st.committed_below.max(p.slot.seq + 1);
             match p.due {
                 Some(due) => self.add_delayed(&mut st, due, p.slot.seq, p.msg),

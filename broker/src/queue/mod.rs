@@ -335,6 +335,7 @@ impl QueueEngine {
             left -= batch.len();
             let now = now_ms();
             let mut done = Vec::with_capacity(batch.len());
+            let mut failure = None;
             for (slot, msg) in batch {
                 let size = msg.size();
                 match target.append(redriven_copy(msg.clone()), None, now) {
@@ -343,10 +344,23 @@ impl QueueEngine {
                         done.push((slot, size));
                         moved += 1;
                     }
-                    Ok(_) | Err(_) => dlq.abort_move(slot, msg),
+                    Ok(_) => dlq.abort_move(slot, msg),
+                    Err(err) => {
+                        dlq.abort_move(slot, msg);
+                        failure = Some(err);
+                    }
                 }
             }
+            let stuck = done.is_empty();
             dlq.finish_move(&done, false);
+            // A refused append (a full target, a failed store) puts the letters back:
+            // taking them again would spin forever.
+            if let Some(err) = failure {
+                return Err(err);
+            }
+            if stuck {
+                break;
+            }
         }
         if let Some(ticket) = last_ticket {
             ticket.wait().await?;

@@ -1329,7 +1329,11 @@ impl CommitListener for Queue {
         if let Some((mark_epoch, target)) = st.mark_pending {
             if mark_epoch <= epoch {
                 st.mark_pending = None;
-                st.mark_durable = st.mark_durable.max(target);
+                // A mark whose round failed is not on disk: nothing past the old one
+                // may be delivered as a first delivery (fail-stop).
+                if result.is_ok() {
+                    st.mark_durable = st.mark_durable.max(target);
+                }
             }
         }
         self.dispatch(&mut st, now_ms());

@@ -111,14 +111,15 @@ fn walk(
     file.read_at(&mut bytes, 0)
         .map_err(|e| ReplayError::Io(disk::at(path, "reading", e)))?;
     let mut at = 0u64;
-    loop {
+    let walked = loop {
         let verified = record_at(&bytes, segment, at);
         let Some((kind, payload)) = verified else {
             let damage = looks_damaged(&bytes, segment, at);
-            return Ok(Walk::Open { at, damage });
+            break Walk::Open { at, damage };
         };
         if kind == KIND_END {
-            return Ok(Walk::Closed);
+            at += END_LEN;
+            break Walk::Closed;
         }
         if from_offset.is_some_and(|from| at >= from) {
             each(kind, payload, at).map_err(|e| {
@@ -129,7 +130,20 @@ fn walk(
             })?;
         }
         at += (HEADER + payload.len()) as u64;
+    };
+    // What was replayed is written again and synced: after a failed fdatasync the
+    // kernel may hold records in its cache that never reached the disk (and will
+    // not retry them); a restart that read them must not build on them until they
+    // are durable.
+    if let Some(from) = from_offset.filter(|from| *from < at) {
+        let range =
+            usize::try_from(from).unwrap_or(usize::MAX)..usize::try_from(at).unwrap_or(usize::MAX);
+        let io = |what, e| ReplayError::Io(disk::at(path, what, e));
+        file.write_at(&bytes[range], from)
+            .map_err(|e| io("rewriting", e))?;
+        file.sync_data().map_err(|e| io("fdatasync of", e))?;
     }
+    Ok(walked)
 }
 
 /// The verified record at `at`, if there is one.

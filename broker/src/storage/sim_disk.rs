@@ -214,7 +214,20 @@ impl SimDisk {
         st.inodes.retain(|id, _| named.contains(id));
     }
 
-    /// A handle for the next run, after a power loss.
+    /// The process dies (`kill -9`) but the machine stays up: everything written
+    /// stays, as the operating system holds it. Handles taken before fail from now on.
+    pub fn process_crash(&self) {
+        let mut st = self.lock();
+        st.generation += 1;
+        st.newest = None;
+        for inode in st.inodes.values_mut() {
+            inode.pending.clear();
+            inode.durable = inode.written.clone();
+        }
+        st.durable_names = st.names.clone();
+    }
+
+    /// A handle for the next run, after a power loss or a crash.
     pub fn reboot(&self) -> SimDisk {
         let generation = self.lock().generation;
         SimDisk {

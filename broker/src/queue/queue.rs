@@ -983,10 +983,19 @@ impl Queue {
     /// Gives a message back after its move failed.
     pub fn abort_move(&self, slot: Slot, msg: Message) {
         let mut st = self.lock();
-        if !st.deleted {
-            st.retry.push_back(Entry { slot, msg });
-            self.dispatch(&mut st, now_ms());
+        if st.deleted {
+            return;
         }
+        if msg.deliveries == 0 && slot.seq > st.mark_durable {
+            // Never delivered: back into the window, in seq order, so that its first
+            // delivery waits for a durable mark like any other (retry skips it).
+            let at = st.window.partition_point(|e| e.slot.seq < slot.seq);
+            st.window_bytes += msg.payload.len();
+            st.window.insert(at, Entry { slot, msg });
+        } else {
+            st.retry.push_back(Entry { slot, msg });
+        }
+        self.dispatch(&mut st, now_ms());
     }
 
     // ---------------------------------------------------------------- consumers

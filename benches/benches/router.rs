@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use tidings_broker::Stats;
-use tidings_broker::connection::{ConnId, Outbox, OutboxReceiver};
+use tidings_broker::outbox::{ConnId, Outbox, OutboxReceiver};
 use tidings_broker::router::{CACHE_CAPACITY, Router, Trie};
 use tidings_protocol::Pattern;
 

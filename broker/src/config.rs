@@ -9,7 +9,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use thiserror::Error;
 
+use crate::limits::Limits;
 use crate::queue::FsyncPolicy;
+use crate::security::{SecurityConfig, SecurityConfigError};
 
 /// Room in a frame beyond its payload for the topic, reply-to, headers and fixed
 /// fields; the codec's maximum frame length is `max_payload` plus this.
@@ -59,6 +61,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A TLS, user or authentication setting is incomplete or wrong.
+    #[error("invalid security setting: {0}")]
+    Security(#[from] SecurityConfigError),
     /// The command line or environment did not parse (also `--help`/`--version`).
     #[error(transparent)]
     Cli(#[from] clap::Error),
@@ -83,7 +88,10 @@ pub enum ConfigError {
     long_about = "The tidings event broker: pub/sub, request/reply and durable queues over TCP.\n\n\
         Every option can also be set through its TIDINGS_* environment variable or in a TOML \
         file given with --config, with keys named like the flags. Precedence: flag, then \
-        environment, then file, then default."
+        environment, then file, then default.\n\n\
+        `tidings-broker hash-password < file` prints an argon2id hash of the password on the \
+        file's first line, for the `password_hash` of a [[users]] entry in the config file. \
+        SIGHUP reloads --tls-cert and --tls-key."
 )]
 pub struct Config {
     /// TOML file with settings; flags and TIDINGS_* variables override it.
@@ -154,8 +162,10 @@ pub struct Config {
     )]
     pub missed_heartbeats: u32,
 
-    /// Shared secret clients must present in HELLO; unset: no authentication
-    /// [default: unset].
+    /// Shared secret clients must present in HELLO: the simple mode, one secret for
+    /// every client, everything allowed. For per-service secrets and permissions
+    /// use `[[users]]` in the config file instead (not both) [default: unset: no
+    /// authentication].
     #[arg(long, env = "TIDINGS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
 
@@ -192,6 +202,14 @@ pub struct Config {
         hide_default_value = true
     )]
     pub queue_window: usize,
+
+    /// TLS, users and pre-authentication limits.
+    #[command(flatten)]
+    pub security: SecurityConfig,
+
+    /// Limits on what one client may make the broker hold.
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -212,6 +230,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             fsync: FsyncPolicy::Always,
             queue_window: 4096,
+            security: SecurityConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -265,6 +285,13 @@ impl Config {
                 key: key.clone(),
                 message,
             };
+            if id == "users" {
+                // `[[users]]`: only the file can give them; see `auth::users`.
+                self.security.users = value
+                    .try_into()
+                    .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
+                continue;
+            }
             let known = Config::command().get_arguments().any(|a| {
                 a.get_id().as_str() == id
                     && !matches!(id.as_str(), "config" | "print_config" | "repair")
@@ -311,7 +338,13 @@ impl Config {
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
             "fsync" => self.fsync = raw.parse()?,
             "queue_window" => self.queue_window = num(raw)?,
-            _ => return Err("unknown setting".into()),
+            _ => {
+                return self
+                    .security
+                    .set(id, raw)
+                    .or_else(|| self.limits.set(id, raw))
+                    .unwrap_or_else(|| Err("unknown setting".into()));
+            }
         }
         Ok(())
     }
@@ -345,6 +378,10 @@ impl Config {
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
         }
+        if let Err((name, message)) = self.limits.validate() {
+            return invalid(name, &message);
+        }
+        self.security.validate(self.auth_token.as_deref())?;
         Ok(())
     }
 
@@ -384,56 +421,39 @@ impl Config {
         );
         line("fsync", quoted(&self.fsync.to_string()));
         line("queue-window", self.queue_window.to_string());
+        self.security.toml_lines(&mut line);
+        self.limits.toml_lines(&mut line);
+        if !self.security.users.is_empty() {
+            out.push_str(&format!(
+                "# [[users]]: {} entries, not printed (they hold secrets)\n",
+                self.security.users.len()
+            ));
+        }
         out
     }
 }
 
-/// Parses a byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`, or
-/// `KB`, `MB`, `GB` meaning the same powers of 1024).
+/// Parses a byte size with the `bytesize` crate: a number with an optional unit,
+/// binary (`KiB`, `MiB`, `GiB`) or decimal (`KB` = 1,000, `MB`, `GB`), as in
+/// `65536`, `512KiB` or `1MiB`. The client CLI parses sizes the same way.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: usize = digits
+    let size: bytesize::ByteSize = s
+        .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a size such as 65536, 512KiB or 1MiB"))?;
-    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1024 * 1024,
-        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
-        _ => {
-            return Err(format!(
-                "unknown size unit in `{s}` (use B, KiB, MiB or GiB)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
+    // bytesize saturates instead of failing on overflow.
+    match usize::try_from(size.as_u64()) {
+        Ok(n) if size.as_u64() != u64::MAX => Ok(n),
+        _ => Err(format!("size `{s}` is too large")),
+    }
 }
 
-/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`); a bare number is
-/// seconds.
+/// Parses a duration with the `humantime` crate: numbers with units, as in `500ms`,
+/// `2s`, `1m` or `1h 30m`. A bare number is refused, so that `5` cannot silently
+/// mean seconds in one place and milliseconds in another; the client CLI parses
+/// durations the same way.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 2s or 1m"))?;
-    let ms = match unit.trim() {
-        "ms" => Some(n),
-        "" | "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => {
-            return Err(format!(
-                "unknown duration unit in `{s}` (use ms, s, m or h)"
-            ));
-        }
-    };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("duration `{s}` is too large"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e})"))
 }
 
 fn format_duration(d: Duration) -> String {
@@ -464,13 +484,16 @@ mod tests {
         assert_eq!(parse_size("65536"), Ok(65536));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
         assert!(parse_size("1XB").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("2 weeks").is_err());
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("2").is_err(), "a bare number has no unit");
+        assert!(parse_duration("2 fortnights").is_err());
     }
 
     #[test]

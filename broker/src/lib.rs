@@ -24,7 +24,7 @@
 //!   frame types or flags are answered with an error and reading goes on, while
 //!   malformed or oversized frames close the connection. It runs the handshake
 //!   under `--handshake-timeout`, pings idle peers every `--heartbeat` and
-//!   dispatches frames. The writer drains the connection's [`connection::Outbox`],
+//!   dispatches frames. The writer drains the connection's [`outbox::Outbox`],
 //!   encoding everything queued into one buffer per write.
 //! - **Outbox**: the only way anything reaches a client. It is bounded in bytes
 //!   (`--max-pending-bytes`); overflowing it marks the client a slow consumer,
@@ -36,7 +36,7 @@
 //!   group (round-robin among members), all sharing the payload's `Bytes`.
 //! - **Publish path**: the connection validates topic and payload, delivers to the
 //!   route, answers `NoResponders` for a request nobody listens to, then hands the
-//!   message to the durable-queue side (`connection/queue_ops.rs`), which answers
+//!   message to the durable-queue side (`connection/queue_state.rs`), which answers
 //!   confirms.
 //! - **Durable queues** ([`queue`]): the engine behind QUEUE_*, CONSUME, ACK and
 //!   NACK. Each queue keeps a bounded window of messages in memory and everything
@@ -48,14 +48,20 @@
 //! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod limits;
 pub mod memory;
+pub mod outbox;
 pub mod queue;
 pub mod router;
+pub mod security;
 mod server;
+mod shared;
 mod stats;
 pub mod storage;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,7 +72,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use config::{Config, ConfigError};
-pub use server::run;
+pub use limits::Limits;
+pub use security::SecurityConfig;
+pub use server::{run, run_with_tls};
 pub use stats::Stats;
 
 /// Why the broker could not start or stopped with an error.
@@ -94,6 +102,9 @@ pub enum BrokerError {
     /// The durable-queue store could not be opened.
     #[error("cannot open the queue store: {0}")]
     Queues(#[from] queue::QueueError),
+    /// The TLS certificate, key or client CA could not be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Some other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -110,11 +121,15 @@ impl Broker {
         prepare_data_dir(&config)?;
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
+        let tls = tls::Tls::from_config(&config.security)?;
         let token = CancellationToken::new();
         let stop = token.clone();
-        let join = tokio::spawn(run(listener, config, async move { stop.cancelled().await }));
+        let join = tokio::spawn(run_with_tls(listener, config, tls.clone(), async move {
+            stop.cancelled().await
+        }));
         Ok(BrokerHandle {
             local_addr,
+            tls,
             token: token.clone(),
             _guard: token.drop_guard(),
             join,
@@ -127,6 +142,7 @@ impl Broker {
 #[derive(Debug)]
 pub struct BrokerHandle {
     local_addr: SocketAddr,
+    tls: Option<tls::Tls>,
     token: CancellationToken,
     _guard: DropGuard,
     join: JoinHandle<Result<(), BrokerError>>,
@@ -136,6 +152,11 @@ impl BrokerHandle {
     /// The address the broker listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listener's TLS, to [`tls::Tls::reload`] it; `None` when plaintext.
+    pub fn tls(&self) -> Option<&tls::Tls> {
+        self.tls.as_ref()
     }
 
     /// Graceful shutdown: stop accepting, let connections finish, flush, wait (bounded).

@@ -82,6 +82,7 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
         version: PROTOCOL_VERSION,
         client_name: "again".into(),
         token: None,
+        user: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
@@ -204,6 +205,7 @@ async fn unsupported_version_closes() {
         version: PROTOCOL_VERSION + 1,
         client_name: "future".into(),
         token: None,
+        user: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnsupportedVersion).await;
@@ -219,6 +221,7 @@ async fn token_is_required_when_configured() {
             version: PROTOCOL_VERSION,
             client_name: "c".into(),
             token: token.map(Into::into),
+            user: None,
         }))
         .await;
         c.expect_error(ErrorCode::AuthFailed).await;

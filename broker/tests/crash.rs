@@ -103,6 +103,7 @@ impl Conn {
             version: PROTOCOL_VERSION,
             client_name: "crash-test".into(),
             token: None,
+            user: None,
         })])
         .await?;
         match conn.recv().await? {

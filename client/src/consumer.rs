@@ -10,9 +10,10 @@ use futures::Stream;
 use tidings_protocol::{Frame, Text};
 use tokio::sync::mpsc;
 
-use crate::client::{Client, Handle};
-use crate::connection::Command;
+use crate::client::Client;
+use crate::command::Command;
 use crate::error::{AckError, QueueError};
+use crate::handle::Handle;
 
 impl Client {
     /// Starts a consumer on `queue` with a credit window of `prefetch`

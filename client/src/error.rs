@@ -88,6 +88,15 @@ pub enum ConnectError {
         /// The address dialled.
         addr: String,
     },
+    /// TLS could not be set up: unreadable CA or certificate files, or the TLS
+    /// handshake failed (an untrusted or expired certificate, a wrong name).
+    #[error("TLS with {addr}: {message}")]
+    Tls {
+        /// The address dialled.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// Why a publish failed.

@@ -23,15 +23,6 @@ pub enum Event {
         /// Why, in words.
         reason: String,
     },
-    /// A subscription was not polled fast enough and a message for it was dropped.
-    /// No longer sent: a full subscription holds its connection back instead of
-    /// dropping (see [`crate::Subscription`]); kept so that matches still compile.
-    SlowSubscription {
-        /// The subscription's id.
-        sid: u32,
-        /// Messages dropped for it so far.
-        dropped: u64,
-    },
     /// The client gave up reconnecting (or was dropped) and is closed for good.
     Closed,
 }

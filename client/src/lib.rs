@@ -66,16 +66,19 @@
 //! [`AckError`]) whose variants can be matched; [`Error`] wraps them all for `?`.
 
 mod client;
+mod command;
 mod connection;
 mod consumer;
 mod error;
 mod events;
+mod handle;
 mod message;
 mod options;
 mod queue;
 mod request;
 mod sub_buffer;
 mod subscriber;
+mod tls;
 
 pub use client::{Client, Confirmation, Stats};
 pub use consumer::{Consumer, Delivery};
@@ -89,3 +92,4 @@ pub use options::{ClientBuilder, ReconnectPolicy};
 pub use queue::{DeadLetter, QueueConfig};
 pub use subscriber::Subscription;
 pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};
+pub use tls::{ClientTls, TLS_SCHEME};

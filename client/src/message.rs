@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tidings_protocol::{Headers, Publish, Text};
 
-use crate::client::Handle;
 use crate::error::PublishError;
+use crate::handle::Handle;
 
 /// A message: a topic, an opaque payload and optional headers.
 ///

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::client::Client;
 use crate::error::ConnectError;
+use crate::tls::ClientTls;
 
 /// How the client reconnects after the connection drops.
 ///
@@ -98,6 +99,8 @@ pub struct ClientBuilder {
     pub(crate) addr: String,
     pub(crate) name: String,
     pub(crate) token: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) tls: Option<ClientTls>,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) reconnect: ReconnectPolicy,
@@ -108,7 +111,8 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// A builder for the broker at `addr` (`host:port`), with every default.
+    /// A builder for the broker at `addr` (`host:port`, or `tls://host:port` for
+    /// TLS), with every default.
     ///
     /// ```
     /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878");
@@ -118,6 +122,8 @@ impl ClientBuilder {
             addr: addr.into(),
             name: String::new(),
             token: None,
+            user: None,
+            tls: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             reconnect: ReconnectPolicy::default(),
@@ -145,6 +151,46 @@ impl ClientBuilder {
     /// ```
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// The user to log in as, for brokers with `[[users]]`; pair it with
+    /// [`ClientBuilder::password`] (or a token), or with a client certificate
+    /// ([`ClientBuilder::tls`]) that names the user. It also names the client's
+    /// reply inbox `_INBOX.<user>.…`, which the broker always lets the user
+    /// read. Default: none.
+    ///
+    /// ```
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .user("billing")
+    ///     .password("correct horse battery staple");
+    /// ```
+    pub fn user(mut self, name: impl Into<String>) -> Self {
+        self.user = Some(name.into());
+        self
+    }
+
+    /// The user's password or token (the same HELLO field as
+    /// [`ClientBuilder::token`]). Default: none.
+    ///
+    /// ```
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878").user("u").password("pw");
+    /// ```
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.token = Some(password.into());
+        self
+    }
+
+    /// Speak TLS with these settings. A `tls://host:port` address turns TLS on
+    /// with [`ClientTls::system_roots`] when this is not called. Default: plain
+    /// TCP for `host:port`.
+    ///
+    /// ```
+    /// use tidings_client::{ClientBuilder, ClientTls};
+    /// let builder = ClientBuilder::new("broker.internal:7878").tls(ClientTls::ca_file("ca.pem"));
+    /// ```
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 

@@ -8,7 +8,7 @@ use tidings_protocol::{ErrorCode, Text};
 use tokio::sync::oneshot;
 
 use crate::client::Client;
-use crate::connection::Command;
+use crate::command::Command;
 use crate::error::{CallError, PublishError, RequestError};
 use crate::message::Message;
 

@@ -9,7 +9,7 @@ use futures::Stream;
 use tidings_protocol::{Pattern, Text};
 
 use crate::client::Client;
-use crate::connection::Command;
+use crate::command::Command;
 use crate::error::SubscribeError;
 use crate::message::Message;
 use crate::sub_buffer::{SubBuffer, Taker};

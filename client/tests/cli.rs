@@ -159,5 +159,5 @@ async fn errors_are_one_clear_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid topic"));
     let out = run(&broker.addr(), &["queue", "declare", "q", "--ttl", "5"]).await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no unit"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
 }

@@ -225,6 +225,12 @@ error_codes! {
     QueueFull = 36, false;
     /// The store could not make the message durable (for example the disk is full).
     StorageFailure = 37, false;
+    /// The user's permissions do not allow the operation; the message names the
+    /// operation, the topic, pattern or queue, and the deciding rule.
+    PermissionDenied = 40, false;
+    /// A configured limit refused the request; the message names the limit's flag
+    /// and its value.
+    LimitExceeded = 41, false;
     /// An unexpected server fault; the message says more.
     Internal = 99, false;
 }

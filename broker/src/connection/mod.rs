@@ -3,13 +3,17 @@
 //! goes on), heartbeats, and the orderly close.
 //!
 //! A connection is two tasks: this reader, which handles each frame in turn, and the
-//! writer ([`OutboxReceiver::write_to`]), which drains the connection's [`Outbox`]. Everything sent to
-//! the client, from replies to fan-out, goes through the outbox.
+//! writer ([`OutboxReceiver::write_to`](crate::outbox::OutboxReceiver::write_to)),
+//! which drains the connection's [`Outbox`]. Everything sent to the client, from
+//! replies to fan-out, goes through the outbox.
 
-mod dispatch;
-pub(crate) mod queue_ops;
-mod writer;
+mod authorize;
+mod handshake;
+mod limits;
+mod queue_state;
+mod session;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,22 +21,23 @@ use bytes::BytesMut;
 use tidings_protocol::{
     ErrorCode, ErrorReply, Frame, FrameCodec, Hello, PROTOCOL_VERSION, Ping, ProtocolError, Welcome,
 };
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
-pub use writer::{Closed, ConnId, Outbox, OutboxReceiver, WriterEnd};
-
-use crate::server::Shared;
-use dispatch::Session;
+use crate::outbox::{ConnId, Outbox, WriterEnd};
+use crate::shared::Shared;
+use session::Session;
 
 /// Read-buffer space made available before each read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Read-buffer space before the HELLO is accepted: small, so that thousands of
+/// unauthenticated connections hold little (the pre-auth frame limit bounds the
+/// rest).
+const PRE_AUTH_READ_CHUNK: usize = 1024;
 /// After the last frame is written, how long to keep reading (and discarding) so
 /// the peer sees our final frame before a reset caused by its unread data.
 const LINGER: Duration = Duration::from_millis(500);
@@ -56,32 +61,53 @@ enum Ending {
     Error(ErrorReply),
 }
 
+/// An accepted connection's two halves (TCP's own, or TLS split), and what the
+/// accept learned about the peer.
+pub(crate) struct Transport<R, W> {
+    pub(crate) read: R,
+    pub(crate) write: W,
+    pub(crate) peer: Option<SocketAddr>,
+    /// Names in the client certificate TLS verified (empty without mutual TLS).
+    pub(crate) certificate_names: Vec<String>,
+}
+
 /// Serves one accepted connection until it closes. Spawned once per connection,
 /// inside a span carrying the peer address and (after the handshake) client name.
-pub(crate) async fn serve(
-    stream: TcpStream,
+pub(crate) async fn serve<R, W>(
+    transport: Transport<R, W>,
     conn: ConnId,
     shared: Arc<Shared>,
     signals: Signals,
     tracker: TaskTracker,
-) {
-    // We coalesce writes ourselves; Nagle would only add latency.
-    let _ = stream.set_nodelay(true);
-    let (read_half, write_half) = stream.into_split();
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (outbox, receiver) =
         Outbox::channel(conn, shared.config.max_pending_bytes, shared.stats.clone());
-    let mut writer = tracker.spawn(receiver.write_to(write_half).instrument(Span::current()));
+    let mut writer = tracker.spawn(
+        receiver
+            .write_to(transport.write)
+            .instrument(Span::current()),
+    );
+    // Until the HELLO is accepted only a small frame may come, and only a small
+    // buffer is held for it.
     let mut reader = Reader {
-        half: read_half,
-        buf: BytesMut::with_capacity(READ_CHUNK),
-        codec: FrameCodec::new(shared.config.max_frame_len()),
+        half: transport.read,
+        buf: BytesMut::with_capacity(PRE_AUTH_READ_CHUNK),
+        chunk: PRE_AUTH_READ_CHUNK,
+        codec: FrameCodec::new(shared.config.security.pre_auth_max_frame),
         activity: false,
+        peer: transport.peer,
+        certificate_names: transport.certificate_names,
     };
     let mut session = Session {
         conn,
+        principal: crate::auth::Principal::Unrestricted,
+        subscriptions: 0,
         outbox: outbox.clone(),
         shared: shared.clone(),
-        queues: queue_ops::QueueSession::default(),
+        queues: queue_state::QueueState::default(),
         memo: Default::default(),
         scratch: BytesMut::new(),
     };
@@ -90,7 +116,7 @@ pub(crate) async fn serve(
 
     // Stop routing to this connection before flushing, so the queue only shrinks.
     shared.router.remove_connection(conn);
-    queue_ops::connection_closed(&mut session).await;
+    queue_state::connection_closed(&mut session).await;
     let last = match ending {
         Ending::Quiet => None,
         Ending::Error(err) => {
@@ -121,12 +147,16 @@ pub(crate) async fn serve(
     debug!("connection closed");
 }
 
-struct Reader {
-    half: OwnedReadHalf,
+struct Reader<R> {
+    half: R,
     buf: BytesMut,
+    /// Space made available before each read.
+    chunk: usize,
     codec: FrameCodec,
     /// Bytes arrived since the last heartbeat tick.
     activity: bool,
+    peer: Option<SocketAddr>,
+    certificate_names: Vec<String>,
 }
 
 enum Read {
@@ -136,7 +166,7 @@ enum Read {
     Closed,
 }
 
-impl Reader {
+impl<R: AsyncRead + Unpin> Reader<R> {
     /// The next frame, or the end of the stream. Cancel safe: partial frames stay
     /// in `buf`, and `read_buf` either reads or does not.
     async fn next(&mut self, stats: &crate::stats::Stats) -> Result<Read, ProtocolError> {
@@ -147,8 +177,8 @@ impl Reader {
                 Err(err) if !err.is_fatal() => return Ok(Read::Skipped(err)),
                 Err(err) => return Err(err),
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
+            if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
+                self.buf.reserve(self.chunk);
             }
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(Read::Closed),
@@ -166,7 +196,7 @@ impl Reader {
         let config = &shared.config;
 
         // Handshake: HELLO first, within the timeout.
-        let hello = tokio::select! {
+        let hello: Hello = tokio::select! {
             biased;
             _ = signals.shutdown.cancelled() => return shutting_down(),
             _ = session.outbox.aborted() => return Ending::Quiet,
@@ -187,16 +217,29 @@ impl Reader {
                 ),
             );
         }
-        if let Some(expected) = &config.auth_token {
-            let given = hello.token.as_deref().unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-                info!("authentication failed");
-                return close(ErrorCode::AuthFailed, "missing or wrong token");
-            }
-        }
+        let arrived = Instant::now();
+        session.principal = match handshake::authenticate(
+            &shared,
+            &hello,
+            self.peer,
+            &self.certificate_names,
+            arrived,
+            signals,
+        )
+        .await
+        {
+            Ok(principal) => principal,
+            Err(ending) => return ending,
+        };
+        // Authenticated: frames up to the full size from now on.
+        self.codec = FrameCodec::new(config.max_frame_len());
+        self.chunk = READ_CHUNK;
         Span::current().record("client", hello.client_name.as_str());
+        if let Some(user) = session.principal.user_name() {
+            Span::current().record("user", user);
+        }
         debug!("handshake complete");
-        session.queues = queue_ops::QueueSession::new(&shared.queues, &session.outbox);
+        session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),
@@ -302,12 +345,4 @@ fn close(code: ErrorCode, message: impl Into<String>) -> Ending {
 
 fn shutting_down() -> Ending {
     close(ErrorCode::ShuttingDown, "the server is shutting down")
-}
-
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

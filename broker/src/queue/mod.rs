@@ -240,6 +240,11 @@ impl QueueEngine {
             .await
     }
 
+    /// How many queues exist (for `--max-queues`).
+    pub fn queue_count(&self) -> usize {
+        self.inner.read().queues.len()
+    }
+
     /// One queue's figures.
     pub async fn info(&self, name: &str) -> Result<QueueInfo, QueueError> {
         Ok(self.inner.queue(name)?.info())

@@ -84,6 +84,11 @@ impl QueueSession {
         }
     }
 
+    /// How many consumers this connection has (for `--max-consumers`).
+    pub fn consumer_count(&self) -> usize {
+        self.inner.lock().consumers.len()
+    }
+
     /// Starts consumer `consumer_id` on `queue` with `credit` deliveries outstanding
     /// at most. Errors: `DuplicateConsumer`, `NotFound`, `InvalidArgument` (credit 0).
     pub async fn consume(

@@ -20,7 +20,7 @@ use tidings_protocol::{Frame, Message, Pattern, Text};
 pub use cache::CACHE_CAPACITY;
 pub use trie::Trie;
 
-use crate::connection::{ConnId, Outbox};
+use crate::outbox::{ConnId, Outbox};
 use crate::stats::Stats;
 use cache::RouteCache;
 
@@ -185,7 +185,7 @@ impl RouteMemo {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tidings_broker::connection::{ConnId, Outbox};
+/// use tidings_broker::outbox::{ConnId, Outbox};
 /// use tidings_broker::router::Router;
 /// use tidings_broker::Stats;
 /// use tidings_protocol::{Message, Pattern};
@@ -420,7 +420,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::OutboxReceiver;
+    use crate::outbox::OutboxReceiver;
 
     fn outbox(id: u64) -> (Outbox, OutboxReceiver) {
         Outbox::channel(ConnId(id), 1 << 20, Arc::new(Stats::default()))

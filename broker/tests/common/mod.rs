@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -86,6 +88,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             client_name: name.into(),
             token: token.map(Into::into),
+            user: None,
         }))
         .await;
         match self.recv().await {

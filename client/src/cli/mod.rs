@@ -11,9 +11,9 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use tidings_client::{Client, ClientBuilder, Message, Overflow, QueueConfig};
+use tidings_client::{Client, ClientBuilder, ClientTls, Message, Overflow, QueueConfig};
 
-use duration::parse_duration;
+use duration::{parse_duration, parse_size};
 use output::{display_payload, print_info, print_queue_table, print_stats};
 
 /// Command-line client for the tidings event broker.
@@ -24,7 +24,8 @@ use output::{display_payload, print_info, print_queue_table, print_stats};
     about = "Poke a tidings broker from the shell: publish, subscribe, request, manage durable queues, show stats"
 )]
 pub struct Cli {
-    /// Broker address (host:port).
+    /// Broker address (host:port, or tls://host:port for TLS with the system's
+    /// roots unless --tls-ca is given).
     #[arg(
         long,
         global = true,
@@ -32,9 +33,35 @@ pub struct Cli {
         default_value = "127.0.0.1:7878"
     )]
     server: String,
-    /// Shared secret, when the broker requires one.
+    /// Shared secret, when the broker requires one; with --user, that user's
+    /// password or token.
     #[arg(long, global = true, env = "TIDINGS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// User name, for brokers with `[[users]]` (with --token, or a client
+    /// certificate that names the user).
+    #[arg(long, global = true, env = "TIDINGS_USER")]
+    user: Option<String>,
+    /// PEM file of the CA certificates to trust; turns TLS on.
+    #[arg(long, global = true, env = "TIDINGS_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM file of a client certificate (mutual TLS); needs --tls-key; turns TLS on.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -159,8 +186,8 @@ struct DeclareArgs {
     /// Most messages the queue holds [default: unlimited].
     #[arg(long)]
     max_length: Option<u64>,
-    /// Most payload bytes the queue holds [default: unlimited].
-    #[arg(long)]
+    /// Most payload bytes the queue holds, e.g. 64MiB or 1000000 [default: unlimited].
+    #[arg(long, value_parser = parse_size)]
     max_bytes: Option<u64>,
     /// What to do when full: reject-publish or drop-head [default: reject-publish].
     #[arg(long)]
@@ -199,6 +226,19 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut builder = ClientBuilder::new(&cli.server).name("tidings-cli");
     if let Some(token) = &cli.token {
         builder = builder.token(token);
+    }
+    if let Some(user) = &cli.user {
+        builder = builder.user(user);
+    }
+    if cli.tls_ca.is_some() || cli.tls_cert.is_some() {
+        let mut tls = match &cli.tls_ca {
+            Some(ca) => ClientTls::ca_file(ca),
+            None => ClientTls::system_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            tls = tls.client_cert_files(cert, key);
+        }
+        builder = builder.tls(tls);
     }
     let client = builder
         .connect()

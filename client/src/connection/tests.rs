@@ -5,15 +5,19 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
-use tidings_protocol::{Confirm, ErrorCode, ErrorReply, Frame, FrameCodec, Ping, Publish, Welcome};
+use tidings_protocol::{
+    Confirm, ErrorCode, ErrorReply, Frame, FrameCodec, PROTOCOL_VERSION, Ping, Publish, Text,
+    Welcome,
+};
 use tokio::io::DuplexStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::Decoder;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::client::{ConnState, Handle, Shared};
-use crate::error::CallError;
+use crate::error::{CallError, ConnectError};
+use crate::handle::{ConnState, Handle, Shared};
 use crate::options::ClientBuilder;
 
 const BOUND: Duration = Duration::from_secs(5);

@@ -7,21 +7,37 @@ use crate::wire::{Reader, Writer};
 
 /// HELLO: the first frame a client sends.
 ///
-/// Body: `version:u16 client_name:str [token:str]`. Flag `0x01` (`TOKEN`): a token
-/// follows.
+/// Body: `version:u16 client_name:str [token:str] [user:str]`. Flag `0x01`
+/// (`TOKEN`): a token follows; flag `0x02` (`USER`): a user name follows (after the
+/// token, if any). With a user, the token field carries that user's password or
+/// token; a client certificate may stand for both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
     pub version: u16,
     /// A name for logs and stats; may be empty.
     pub client_name: Text,
-    /// The shared secret, when the server requires one.
+    /// The secret: the shared token, or the user's password or token.
     pub token: Option<Text>,
+    /// The user name, when the server has users.
+    pub user: Option<Text>,
 }
 
 impl Hello {
     /// Flag: a token follows the client name.
     pub const FLAG_TOKEN: u8 = 0x01;
+    /// Flag: a user name follows (after the token, if any).
+    pub const FLAG_USER: u8 = 0x02;
+
+    /// A HELLO for this client name, with no credentials.
+    pub fn new(client_name: impl Into<Text>) -> Self {
+        Self {
+            version: crate::PROTOCOL_VERSION,
+            client_name: client_name.into(),
+            token: None,
+            user: None,
+        }
+    }
 
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u16(self.version);
@@ -31,16 +47,25 @@ impl Hello {
             w.text("token", token)?;
             flags |= Self::FLAG_TOKEN;
         }
+        if let Some(user) = &self.user {
+            w.text("user", user)?;
+            flags |= Self::FLAG_USER;
+        }
         Ok(flags)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("HELLO", flags, Self::FLAG_TOKEN)?;
+        check_flags("HELLO", flags, Self::FLAG_TOKEN | Self::FLAG_USER)?;
         Ok(Self {
             version: r.u16("version")?,
             client_name: r.text("client_name")?,
             token: if flags & Self::FLAG_TOKEN != 0 {
                 Some(r.text("token")?)
+            } else {
+                None
+            },
+            user: if flags & Self::FLAG_USER != 0 {
+                Some(r.text("user")?)
             } else {
                 None
             },
@@ -139,13 +164,32 @@ pub struct ErrorReply {
     pub message: Text,
 }
 
+/// Longest ERROR message the server sends, in bytes; a longer one is cut short
+/// and marked (see [`ErrorReply::new`]) so the reply always fits its frame.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
+
 impl ErrorReply {
-    /// Builds an error reply.
+    /// Builds an error reply. A message over [`MAX_ERROR_MESSAGE_LEN`] bytes is cut
+    /// at a character boundary and ends in `… [truncated, N bytes in all]`, never
+    /// dropped.
+    ///
+    /// ```
+    /// use tidings_protocol::{ErrorCode, ErrorReply, MAX_ERROR_MESSAGE_LEN};
+    /// let e = ErrorReply::new(1, ErrorCode::InvalidTopic, "x".repeat(100_000));
+    /// assert!(e.message.len() <= MAX_ERROR_MESSAGE_LEN);
+    /// assert!(e.message.ends_with("[truncated, 100000 bytes in all]"));
+    /// ```
     pub fn new(request_id: u32, code: ErrorCode, message: impl Into<Text>) -> Self {
+        let message: Text = message.into();
+        let message = if message.len() > MAX_ERROR_MESSAGE_LEN {
+            truncate_message(&message)
+        } else {
+            message
+        };
         Self {
             request_id,
             code: code as u16,
-            message: message.into(),
+            message,
         }
     }
 
@@ -169,6 +213,15 @@ impl ErrorReply {
             message: r.text("message")?,
         })
     }
+}
+
+fn truncate_message(message: &str) -> Text {
+    let marker = format!("… [truncated, {} bytes in all]", message.len());
+    let mut cut = MAX_ERROR_MESSAGE_LEN - marker.len();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Text::from(format!("{}{marker}", &message[..cut]))
 }
 
 /// STATS_REPLY: named counters, in a stable order.

@@ -137,6 +137,8 @@ frames! {
     Ack(Ack) = 0x34, "ACK", ClientToServer;
     /// Returns deliveries to their queue.
     Nack(Nack) = 0x35, "NACK", ClientToServer;
+    /// The server ended a consumer (its queue was deleted, or shutdown) (server).
+    ConsumerCancelled(ConsumerCancelled) = 0x36, "CONSUMER_CANCELLED", ServerToClient;
     /// Asks for server statistics.
     Stats(Stats) = 0x40, "STATS", ClientToServer;
     /// A request succeeded (server).
@@ -227,7 +229,8 @@ impl Frame {
             | Frame::Pong(_)
             | Frame::Message(_)
             | Frame::Credit(_)
-            | Frame::Delivery(_) => None,
+            | Frame::Delivery(_)
+            | Frame::ConsumerCancelled(_) => None,
         }
     }
 }

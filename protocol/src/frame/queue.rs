@@ -434,6 +434,85 @@ impl Credit {
     }
 }
 
+/// Why the server ended a consumer on its own (CONSUMER_CANCELLED `reason`).
+///
+/// The wire value is kept raw in [`ConsumerCancelled::reason`] so that reasons added
+/// by newer servers survive the trip; this enum names the ones this version knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CancelReason {
+    /// The consumer's queue was deleted (wire value 1).
+    QueueDeleted = 1,
+    /// The server is shutting down (wire value 2).
+    ShuttingDown = 2,
+}
+
+impl CancelReason {
+    /// The reason for a wire value, if this version defines it.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(CancelReason::QueueDeleted),
+            2 => Some(CancelReason::ShuttingDown),
+            _ => None,
+        }
+    }
+
+    /// The name used in docs and logs (`queue-deleted`, `shutting-down`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::QueueDeleted => "queue-deleted",
+            CancelReason::ShuttingDown => "shutting-down",
+        }
+    }
+}
+
+/// CONSUMER_CANCELLED: the server ended a consumer; no more deliveries come for it
+/// and its id is free for a new CONSUME.
+///
+/// Body: `consumer_id:u32 reason:u8 message:str`. No flags. No answer. Clients
+/// MUST accept reasons they do not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerCancelled {
+    /// The consumer that ended.
+    pub consumer_id: u32,
+    /// Why, raw; see [`CancelReason`].
+    pub reason: u8,
+    /// A human explanation (for logs, not for parsing).
+    pub message: Text,
+}
+
+impl ConsumerCancelled {
+    /// Builds the frame from a known reason.
+    pub fn new(consumer_id: u32, reason: CancelReason, message: impl Into<Text>) -> Self {
+        Self {
+            consumer_id,
+            reason: reason as u8,
+            message: message.into(),
+        }
+    }
+
+    /// The reason, if this version knows it.
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        CancelReason::from_u8(self.reason)
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        w.u32(self.consumer_id);
+        w.u8(self.reason);
+        w.text("message", &self.message)?;
+        Ok(0)
+    }
+
+    pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
+        check_flags("CONSUMER_CANCELLED", flags, 0)?;
+        Ok(Self {
+            consumer_id: r.u32("consumer_id")?,
+            reason: r.u8("reason")?,
+            message: r.text("message")?,
+        })
+    }
+}
+
 /// DELIVERY: a queued message handed to one consumer.
 ///
 /// Body: `consumer_id:u32 delivery_id:u64 attempt:u32 queue:str topic:str headers

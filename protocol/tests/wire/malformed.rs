@@ -32,6 +32,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t(M),
                 token: None,
+                user: None,
             }
             .into(),
             "client_name",
@@ -41,6 +42,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 version: 1,
                 client_name: t("c"),
                 token: Some(t(M)),
+                user: None,
             }
             .into(),
             "token",
@@ -198,6 +200,10 @@ fn invalid_utf8_names_the_field_and_offset() {
         ),
         (ErrorReply::new(1, ErrorCode::Internal, M).into(), "message"),
         (
+            ConsumerCancelled::new(1, CancelReason::QueueDeleted, M).into(),
+            "message",
+        ),
+        (
             StatsReply {
                 request_id: 1,
                 entries: vec![(t(M), 1)],
@@ -247,6 +253,40 @@ fn invalid_utf8_names_the_field_and_offset() {
         assert_eq!(err.code(), ErrorCode::MalformedFrame);
         assert!(buf.is_empty(), "the bad frame was consumed");
     }
+}
+
+/// A CONSUMER_CANCELLED whose body stops inside a field names that field, and a
+/// reason this version does not know still decodes (clients must accept it).
+#[test]
+fn consumer_cancelled_truncated_and_unknown_reason() {
+    let full = [0, 0, 0, 7, 1, 0, 2, b'o', b'k'];
+    for (cut, field) in [
+        (3, "consumer_id"),
+        (4, "reason"),
+        (6, "message"),
+        (8, "message"),
+    ] {
+        let mut buf = frame_bytes(kind::ConsumerCancelled, 0, &full[..cut]);
+        match decode(&mut buf) {
+            Err(ProtocolError::UnexpectedEof {
+                frame, field: f, ..
+            }) => {
+                assert_eq!((frame, f), ("CONSUMER_CANCELLED", field), "cut at {cut}");
+            }
+            other => panic!("cut at {cut}: expected UnexpectedEof, got {other:?}"),
+        }
+    }
+    let mut body = full.to_vec();
+    body[4] = 0xee;
+    let mut buf = frame_bytes(kind::ConsumerCancelled, 0, &body);
+    let Some(Frame::ConsumerCancelled(c)) = decode(&mut buf).unwrap() else {
+        panic!("expected CONSUMER_CANCELLED");
+    };
+    assert_eq!(
+        (c.consumer_id, c.reason, c.cancel_reason()),
+        (7, 0xee, None)
+    );
+    assert_eq!(c.message.as_str(), "ok");
 }
 
 #[test]
@@ -476,6 +516,8 @@ fn error_codes_are_stable() {
         (35, "UnknownConsumer", false),
         (36, "QueueFull", false),
         (37, "StorageFailure", false),
+        (40, "PermissionDenied", false),
+        (41, "LimitExceeded", false),
         (99, "Internal", false),
     ];
     let actual: Vec<(u16, &str, bool)> = ErrorCode::ALL

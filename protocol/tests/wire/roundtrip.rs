@@ -123,7 +123,8 @@ fn request_ids_are_reported_for_matching() {
             | Frame::Pong(_)
             | Frame::Message(_)
             | Frame::Credit(_)
-            | Frame::Delivery(_) => None,
+            | Frame::Delivery(_)
+            | Frame::ConsumerCancelled(_) => None,
             Frame::Publish(p) => p.request_id,
             // Every other frame carries its request id first in the body.
             _ => {

@@ -67,6 +67,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 version: PROTOCOL_VERSION,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
@@ -76,6 +77,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 version: PROTOCOL_VERSION,
                 client_name: t(""),
                 token: Some(t("s3cret")),
+                user: None,
             }
             .into(),
         ),
@@ -294,6 +296,20 @@ pub fn all() -> Vec<(&'static str, Frame)> {
             .into(),
         ),
         (
+            "consumer-cancelled",
+            ConsumerCancelled::new(1, CancelReason::QueueDeleted, "queue orders was deleted")
+                .into(),
+        ),
+        (
+            "consumer-cancelled-unknown-reason",
+            ConsumerCancelled {
+                consumer_id: u32::MAX,
+                reason: 200,
+                message: t(""),
+            }
+            .into(),
+        ),
+        (
             "ack",
             Ack {
                 request_id: 14,
@@ -426,7 +442,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
 /// The flag bits each frame type defines, so tests can set the others.
 pub fn known_flags(kind: u8) -> u8 {
     match kind {
-        kind::Hello => Hello::FLAG_TOKEN,
+        kind::Hello => Hello::FLAG_TOKEN | Hello::FLAG_USER,
         kind::Publish => 0x3f,
         kind::Subscribe => Subscribe::FLAG_GROUP,
         kind::Message => Message::FLAG_REPLY_TO,

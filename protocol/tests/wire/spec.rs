@@ -22,6 +22,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 version: 1,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
@@ -31,6 +32,17 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 version: 1,
                 client_name: t("billing"),
                 token: Some(t("s3cret")),
+                user: None,
+            }
+            .into(),
+        ),
+        (
+            "hello-user",
+            Hello {
+                version: 1,
+                client_name: t("billing"),
+                token: Some(t("s3cret")),
+                user: Some(t("svc")),
             }
             .into(),
         ),
@@ -143,6 +155,10 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 payload: json.clone(),
             }
             .into(),
+        ),
+        (
+            "consumer-cancelled",
+            ConsumerCancelled::new(1, CancelReason::QueueDeleted, "queue deleted").into(),
         ),
         (
             "ack",

@@ -158,13 +158,16 @@ fn dead_letter() -> impl Strategy<Value = DeadLetter> {
 
 fn session_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
-        (any::<u16>(), text(), option::of(text())).prop_map(|(version, client_name, token)| {
-            Frame::from(Hello {
-                version,
-                client_name,
-                token,
-            })
-        }),
+        (any::<u16>(), text(), option::of(text()), option::of(text())).prop_map(
+            |(version, client_name, token, user)| {
+                Frame::from(Hello {
+                    version,
+                    client_name,
+                    token,
+                    user,
+                })
+            }
+        ),
         (any::<u16>(), text(), any::<[u32; 3]>()).prop_map(|(version, sv, n)| {
             Frame::from(Welcome {
                 version,
@@ -316,6 +319,13 @@ fn queue_data_frames() -> BoxedStrategy<Frame> {
                     })
                 }
             ),
+        (any::<u32>(), any::<u8>(), text()).prop_map(|(consumer_id, reason, message)| {
+            Frame::from(ConsumerCancelled {
+                consumer_id,
+                reason,
+                message,
+            })
+        }),
         (any::<u32>(), vec(any::<u64>(), 0..4))
             .prop_map(|(request_id, ids)| Frame::from(Ack { request_id, ids })),
         (
@@ -360,14 +370,14 @@ fn queue_reply_frames() -> BoxedStrategy<Frame> {
     .boxed()
 }
 
-/// Any valid frame of any type, weighted so each of the 31 types is drawn about
+/// Any valid frame of any type, weighted so each of the 32 types is drawn about
 /// equally often.
 pub fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         8 => session_frames(),
         4 => messaging_frames(),
         8 => queue_admin_frames(),
-        7 => queue_data_frames(),
+        8 => queue_data_frames(),
         4 => queue_reply_frames(),
     ]
 }

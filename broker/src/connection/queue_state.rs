@@ -1,11 +1,8 @@
-//! Durable-queue frames (QUEUE_*, DEAD_LETTERS, REDRIVE, CONSUME, CANCEL, CREDIT,
-//! ACK, NACK), the queue side of PUBLISH, and the queue engine's place in the
-//! broker's life: the one file where connections and the server meet durable
-//! queues ([`crate::queue`]).
+//! A connection's durable-queue state and the frames that use it (QUEUE_*,
+//! DEAD_LETTERS, REDRIVE, CONSUME, CANCEL, CREDIT, ACK, NACK), plus the queue side
+//! of PUBLISH: where a connection meets the durable queues ([`crate::queue`]).
 //!
-//! - [`BrokerQueues`]: the engine, opened by the server at start and shut down
-//!   (flushed) after the connections have drained.
-//! - [`QueueSession`]: one per connection, created after the handshake; deliveries
+//! - [`QueueState`]: one per connection, created after the handshake; deliveries
 //!   reach the client through the connection's [`Outbox`].
 //! - [`handle`] serves queue commands; [`publish`] receives every valid PUBLISH
 //!   after its subscribers were served; [`stats`] adds queue figures to STATS;
@@ -17,51 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidings_protocol::{
-    Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
-    QueueListReply, RedriveReply, Text,
+    Confirm, DeadLettersReply, Delivery, ErrorCode, ErrorReply, Frame, OkReply, Publish,
+    QueueInfoReply, QueueListReply, RedriveReply, Text,
 };
 use tokio::sync::mpsc;
 
-use super::dispatch::Session;
-use super::writer::Outbox;
-use crate::queue::{
-    DeliverySink, EngineConfig, PublishOutcome, Published, QueueEngine, QueueError,
-};
-use crate::{BrokerError, Config};
-
-/// Publishes of one connection whose storage is still in progress. Past this the
-/// connection stops reading until some are durable, so a fast publisher feels the
-/// store's pace instead of growing the broker's memory.
-const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
-
-/// The broker-wide queue state.
-pub(crate) struct BrokerQueues {
-    engine: QueueEngine,
-}
-
-impl std::fmt::Debug for BrokerQueues {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerQueues").finish_non_exhaustive()
-    }
-}
-
-impl BrokerQueues {
-    /// Opens the queues kept under `config.data_dir`.
-    pub(crate) fn open(config: &Config) -> Result<BrokerQueues, BrokerError> {
-        let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
-        engine_config.fsync = config.fsync;
-        engine_config.ready_window = config.queue_window;
-        engine_config.repair = config.repair;
-        Ok(BrokerQueues {
-            engine: QueueEngine::open(engine_config)?,
-        })
-    }
-
-    /// Called once every connection has finished: make everything durable.
-    pub(crate) async fn shutdown(&self) {
-        self.engine.shutdown().await;
-    }
-}
+use super::session::Session;
+use crate::outbox::Outbox;
+use crate::queue::{DeliverySink, PublishOutcome, Published, QueueError};
+use crate::shared::BrokerQueues;
 
 /// Hands DELIVERY frames to a connection's outbox.
 struct OutboxSink(Outbox);
@@ -82,25 +43,25 @@ struct PendingConfirm {
 /// Per-connection queue state (consumers, outstanding deliveries, publishes waiting
 /// for their confirm). Empty until the handshake completes.
 #[derive(Default)]
-pub(crate) struct QueueSession {
+pub(crate) struct QueueState {
     inner: Option<crate::queue::QueueSession>,
     /// Feeds the connection's confirm task, started by the first publish that has to
     /// wait for storage.
     confirms: Option<mpsc::Sender<PendingConfirm>>,
 }
 
-impl std::fmt::Debug for QueueSession {
+impl std::fmt::Debug for QueueState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueSession")
+        f.debug_struct("QueueState")
             .field("open", &self.inner.is_some())
             .finish()
     }
 }
 
-impl QueueSession {
+impl QueueState {
     /// The queue state of a connection that just completed its handshake.
-    pub(crate) fn new(queues: &BrokerQueues, outbox: &Outbox) -> QueueSession {
-        QueueSession {
+    pub(crate) fn new(queues: &BrokerQueues, outbox: &Outbox) -> QueueState {
+        QueueState {
             inner: Some(queues.engine.session(Arc::new(OutboxSink(outbox.clone())))),
             confirms: None,
         }
@@ -110,6 +71,20 @@ impl QueueSession {
 /// Serves one queue command from the connection's client.
 pub(crate) async fn handle(session: &mut Session, frame: Frame) {
     let request_id = frame.request_id().unwrap_or(0);
+    if let Err(denied) = super::authorize::queue_command(&session.principal, &frame) {
+        return session.permission_denied(request_id, &denied);
+    }
+    if let Some(queues) = session.queues.inner.as_ref()
+        && let Err(message) = super::limits::check_queue_command(
+            &session.shared.config.limits,
+            &session.shared.queues.engine,
+            queues,
+            &frame,
+        )
+        .await
+    {
+        return session.reply_error(request_id, ErrorCode::LimitExceeded, message);
+    }
     let engine = &session.shared.queues.engine;
     let Some(queues) = session.queues.inner.as_ref() else {
         return;
@@ -134,10 +109,15 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
                 info,
             })
         }),
-        Frame::QueueList(f) => Ok(Frame::QueueListReply(QueueListReply {
-            request_id: f.request_id,
-            queues: engine.list().await,
-        })),
+        Frame::QueueList(f) => {
+            // A user sees only the queues it has some right on.
+            let mut queues = engine.list().await;
+            queues.retain(|q| session.principal.sees_queue(&q.name));
+            Ok(Frame::QueueListReply(QueueListReply {
+                request_id: f.request_id,
+                queues,
+            }))
+        }
         Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
             Frame::DeadLettersReply(DeadLettersReply {
                 request_id: f.request_id,
@@ -191,7 +171,7 @@ fn ok(request_id: u32) -> Frame {
 /// become durable together, so their confirms reach the outbox back to back and
 /// leave in one write, without a task or a wake-up per publish. Group commits
 /// complete in order, so waiting in publish order delays no confirm. Past
-/// `MAX_PUBLISHES_IN_FLIGHT` the read loop waits, so a fast publisher feels the
+/// `--max-pending-requests` the read loop waits, so a fast publisher feels the
 /// store's pace.
 pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     if session.queues.inner.is_none() {
@@ -210,7 +190,7 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     let confirms = match &session.queues.confirms {
         Some(tx) => tx,
         None => {
-            let (tx, rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
+            let (tx, rx) = mpsc::channel(session.shared.config.limits.max_pending_requests);
             tokio::spawn(send_confirms(
                 rx,
                 session.outbox.clone(),

@@ -11,18 +11,24 @@ use tidings_protocol::{
 };
 use tracing::debug;
 
-use super::queue_ops::{self, QueueSession};
-use super::writer::{ConnId, Outbox};
+use super::queue_state::{self, QueueState};
+use crate::Limits;
+use crate::auth::{Denied, Principal};
+use crate::outbox::{ConnId, Outbox};
 use crate::router::{RouteMemo, RouterError};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// One established connection: who it is, where its replies go, and its queue
 /// state.
 pub(crate) struct Session {
     pub(crate) conn: ConnId,
+    /// Who the client is and what it may do (set by the handshake).
+    pub(crate) principal: Principal,
+    /// Subscriptions this connection holds (for `--max-subscriptions`).
+    pub(crate) subscriptions: usize,
     pub(crate) outbox: Outbox,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) queues: QueueSession,
+    pub(crate) queues: QueueState,
     /// This connection's last published topic and its route.
     pub(crate) memo: RouteMemo,
     /// Where a published message is encoded once before it is copied to each
@@ -46,6 +52,11 @@ impl Session {
         self.reply(Frame::Error(ErrorReply::new(request_id, code, message)));
     }
 
+    /// Answers a refused operation with PermissionDenied; the connection stays open.
+    pub(crate) fn permission_denied(&self, request_id: u32, denied: &Denied) {
+        self.reply_error(request_id, ErrorCode::PermissionDenied, denied.to_string());
+    }
+
     /// Handles one frame from an established connection.
     pub(crate) async fn dispatch(&mut self, frame: Frame) {
         match frame {
@@ -57,7 +68,7 @@ impl Session {
             Frame::Pong(_) => {}
             Frame::Stats(s) => {
                 let mut entries = self.shared.stats.snapshot();
-                entries.extend(queue_ops::stats(self));
+                entries.extend(queue_state::stats(self));
                 self.reply(Frame::StatsReply(StatsReply {
                     request_id: s.request_id,
                     entries,
@@ -78,7 +89,7 @@ impl Session {
             | Frame::Cancel(_)
             | Frame::Credit(_)
             | Frame::Ack(_)
-            | Frame::Nack(_) => queue_ops::handle(self, frame).await,
+            | Frame::Nack(_) => queue_state::handle(self, frame).await,
             other => {
                 debug_assert_eq!(other.direction(), Direction::ServerToClient);
                 self.reply_error(
@@ -96,14 +107,21 @@ impl Session {
         let request_id = p.request_id.unwrap_or(0);
         // The memo holds only a topic that was valid: the same topic again (the
         // common case) needs no second check.
-        if !self.memo.is_last(&p.topic)
-            && let Err(err) = Topic::validate(&p.topic)
-        {
-            return self.reply_error(
-                request_id,
-                ErrorCode::InvalidTopic,
-                format!("topic `{}`: {err}", p.topic),
-            );
+        // It was also allowed: a denied publish never reaches the memo.
+        if !self.memo.is_last(&p.topic) {
+            if let Err(err) = Topic::validate(&p.topic) {
+                return self.reply_error(
+                    request_id,
+                    ErrorCode::InvalidTopic,
+                    format!("topic `{}`: {err}", p.topic),
+                );
+            }
+            if let Err(denied) = self.principal.check_publish(&p.topic) {
+                return self.permission_denied(request_id, &denied);
+            }
+        }
+        if let Err(message) = super::limits::check_publish(&self.shared.config.limits, &p) {
+            return self.reply_error(request_id, ErrorCode::LimitExceeded, message);
         }
         if let Some(reply_to) = &p.reply_to {
             if let Err(err) = Topic::validate(reply_to) {
@@ -144,7 +162,7 @@ impl Session {
             let sent = route.deliver_with(&message, &mut self.scratch);
             self.shared.stats.messages_out(sent);
         }
-        queue_ops::publish(self, p).await;
+        queue_state::publish(self, p).await;
     }
 
     fn subscribe(&mut self, s: Subscribe) {
@@ -167,23 +185,40 @@ impl Session {
                 );
             }
         }
+        if let Err(denied) = self.principal.check_subscribe(&pattern) {
+            return self.permission_denied(s.request_id, &denied);
+        }
+        let max = self.shared.config.limits.max_subscriptions;
+        if self.subscriptions >= max {
+            return self.reply_error(
+                s.request_id,
+                ErrorCode::LimitExceeded,
+                Limits::exceeded("max-subscriptions", max, "subscriptions on this connection"),
+            );
+        }
         match self
             .shared
             .router
             .subscribe(&self.outbox, s.sid, pattern, s.group.as_deref())
         {
-            Ok(()) => self.reply(Frame::Ok(OkReply {
-                request_id: s.request_id,
-            })),
+            Ok(()) => {
+                self.subscriptions += 1;
+                self.reply(Frame::Ok(OkReply {
+                    request_id: s.request_id,
+                }))
+            }
             Err(err) => self.router_error(s.request_id, err),
         }
     }
 
     fn unsubscribe(&mut self, u: Unsubscribe) {
         match self.shared.router.unsubscribe(self.conn, u.sid) {
-            Ok(()) => self.reply(Frame::Ok(OkReply {
-                request_id: u.request_id,
-            })),
+            Ok(()) => {
+                self.subscriptions = self.subscriptions.saturating_sub(1);
+                self.reply(Frame::Ok(OkReply {
+                    request_id: u.request_id,
+                }))
+            }
             Err(err) => self.router_error(u.request_id, err),
         }
     }

@@ -13,8 +13,8 @@
 //!
 //! With `--fsync always` (the default):
 //!
-//! - **A confirm means durable.** A round's confirms (its [`Ticket`] and its
-//!   [`CommitListener`] calls) go out only after `fdatasync` of every segment the
+//! - **A confirm means durable.** A round's confirms (its `Ticket` and its
+//!   `CommitListener` calls) go out only after `fdatasync` of every segment the
 //!   round wrote, and `fsync` of the segment directory when the round created a
 //!   segment. One sync covers every round written while the previous one ran (group
 //!   commit: one `pwrite` per round, one `fdatasync` per sync).

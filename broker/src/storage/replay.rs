@@ -246,7 +246,7 @@ pub(crate) fn seal(disk: &dyn Disk, dir: &Path, end: Position) -> io::Result<()>
         .map_err(|e| disk::at(&path, "fdatasync of", e))
 }
 
-/// What [`cut`] dropped.
+/// What the repair cut dropped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Cut {
     /// Bytes dropped from the damaged segment.

@@ -40,6 +40,9 @@ pub struct StorageBackend {
     pub(crate) disk: Arc<dyn Disk>,
     /// `None`: sled in the data dir.
     pub(crate) index: Option<Arc<dyn Index>>,
+    /// Test only: apply each round to the index before it is durable (the order this
+    /// store had before), so the simulation can show that its checker catches it.
+    pub(crate) index_ahead_of_log: bool,
 }
 
 impl StorageBackend {
@@ -48,6 +51,7 @@ impl StorageBackend {
         Self {
             disk: Arc::new(RealDisk),
             index: None,
+            index_ahead_of_log: false,
         }
     }
 
@@ -56,6 +60,17 @@ impl StorageBackend {
         Self {
             disk: Arc::new(disk),
             index: Some(Arc::new(index)),
+            index_ahead_of_log: false,
+        }
+    }
+
+    /// A simulated pair with the index applied before the log is durable: broken on
+    /// purpose, for the test that proves the simulation notices.
+    #[cfg(test)]
+    pub(crate) fn simulated_index_ahead(disk: SimDisk, index: MemoryIndex) -> Self {
+        Self {
+            index_ahead_of_log: true,
+            ..Self::simulated(disk, index)
         }
     }
 }
@@ -220,6 +235,7 @@ impl Store {
             durable: start,
             last_checkpoint: Instant::now(),
             checkpoint_every: config.checkpoint_interval,
+            apply_early: config.storage.index_ahead_of_log,
         };
         let syncer = std::thread::Builder::new()
             .name("tidings-sync".into())

@@ -107,6 +107,9 @@ pub(crate) struct Syncer {
     pub durable: Position,
     pub last_checkpoint: Instant,
     pub checkpoint_every: Duration,
+    /// Test only (`StorageBackend::simulated_index_ahead`): apply rounds before their
+    /// sync, as this store once did. Never set outside the simulation's self-check.
+    pub apply_early: bool,
 }
 
 impl Syncer {
@@ -132,6 +135,14 @@ impl Syncer {
                     FsyncPolicy::Interval(every) => dirty && last_sync.elapsed() >= every,
                     FsyncPolicy::Never => false,
                 } || (shutdown && dirty));
+            if self.apply_early {
+                for round in &mut rounds {
+                    if let (Ok(()), Some(batch)) = (&round.result, round.batch.take()) {
+                        let _ = IndexBatch::apply(&batch, &*self.index);
+                        self.log_end = self.log_end.max(round.log_end);
+                    }
+                }
+            }
             let mut synced = match failed {
                 Some(err) => Err(err),
                 None => Ok(()),

@@ -14,8 +14,9 @@ use crate::queue::FsyncPolicy;
 use crate::security::{SecurityConfig, SecurityConfigError};
 
 /// Room in a frame beyond its payload for the topic, reply-to, headers and fixed
-/// fields; the codec's maximum frame length is `max_payload` plus this.
-pub const FRAME_OVERHEAD: usize = 64 * 1024;
+/// fields; the codec's maximum frame length is `max_payload` plus this (the
+/// protocol's rule, so that no frame the broker sends exceeds what it announces).
+pub const FRAME_OVERHEAD: usize = tidings_protocol::FRAME_OVERHEAD;
 
 /// Largest `--max-payload` accepted: keeps `max_payload + FRAME_OVERHEAD` inside the
 /// protocol's `u32` length prefix with room to spare.

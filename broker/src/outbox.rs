@@ -2,7 +2,7 @@
 //! it: frames encoded as they are queued into one buffer bounded in bytes, which
 //! the writer takes whole for each write.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -70,6 +70,9 @@ struct Shared {
     /// graceful close that ran out of time). The reader watches it too.
     abort: CancellationToken,
     slow: AtomicBool,
+    /// The session's minor protocol version (0 until the handshake says more):
+    /// what frames built for many connections (fan-out, deliveries) may carry.
+    minor: AtomicU16,
     stats: Arc<Stats>,
 }
 
@@ -151,6 +154,7 @@ impl Outbox {
             orphaned: AtomicBool::new(false),
             abort: CancellationToken::new(),
             slow: AtomicBool::new(false),
+            minor: AtomicU16::new(0),
             stats,
         });
         (
@@ -165,6 +169,17 @@ impl Outbox {
     /// The connection this outbox writes to.
     pub fn conn_id(&self) -> ConnId {
         self.shared.conn
+    }
+
+    /// Records the minor protocol version the handshake agreed on.
+    pub fn set_protocol_minor(&self, minor: u16) {
+        self.shared.minor.store(minor, Ordering::Relaxed);
+    }
+
+    /// The session's minor protocol version: 0 for a 1.0 session, which must not
+    /// be sent the fields 1.1 added.
+    pub fn protocol_minor(&self) -> u16 {
+        self.shared.minor.load(Ordering::Relaxed)
     }
 
     /// Queues a frame. Never waits. Fails when the connection is closed or closing,

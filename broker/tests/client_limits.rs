@@ -84,6 +84,7 @@ async fn each_limit_refuses_and_names_its_flag() {
 
     let consume = |request_id, consumer_id| {
         Frame::Consume(Consume {
+            limit: None,
             request_id,
             consumer_id,
             queue: "q1".into(),

@@ -100,6 +100,7 @@ impl Conn {
             codec: FrameCodec::default(),
         };
         conn.send(&[Frame::Hello(Hello {
+            minor: None,
             version: PROTOCOL_VERSION,
             client_name: "crash-test".into(),
             token: None,
@@ -226,6 +227,7 @@ async fn work(addr: SocketAddr, seed: u64, done: Arc<Mutex<Work>>) {
     let mut rng = Rng(seed | 1);
     let consume = |request_id, consumer_id, queue: &str, credit| {
         Frame::Consume(Consume {
+            limit: None,
             request_id,
             consumer_id,
             queue: queue.into(),
@@ -399,6 +401,7 @@ async fn confirmed_messages_survive_repeated_sigkill() {
         work_done.delivered
     );
     c.send(&[Frame::Consume(Consume {
+        limit: None,
         request_id: 2,
         consumer_id: 7,
         queue: "crash".into(),

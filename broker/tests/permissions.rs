@@ -240,6 +240,7 @@ async fn permissions_over_the_wire_match_the_reference() {
                     group: None,
                 }),
                 Op::Consume(queue) => Frame::Consume(Consume {
+                    limit: None,
                     request_id,
                     consumer_id: request_id,
                     queue: queue.as_str().into(),

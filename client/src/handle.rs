@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tidings_protocol::{Frame, Publish, Topic};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
@@ -132,10 +133,17 @@ impl Handle {
     }
 
     pub(crate) fn check_publish(&self, publish: &Publish) -> Result<(), PublishError> {
-        Topic::validate(&publish.topic).map_err(|source| PublishError::InvalidTopic {
+        Topic::validate(&publish.topic).map_err(|reason| PublishError::InvalidTopic {
             topic: publish.topic.to_string(),
-            source,
+            reason,
         })?;
+        let envelope = publish.envelope_len();
+        if envelope > tidings_protocol::MAX_ENVELOPE_LEN {
+            return Err(PublishError::EnvelopeTooLarge {
+                size: envelope,
+                max: tidings_protocol::MAX_ENVELOPE_LEN,
+            });
+        }
         let max = self.shared.max_payload.load(Ordering::Relaxed);
         if publish.payload.len() > max {
             return Err(PublishError::PayloadTooLarge {
@@ -182,10 +190,14 @@ impl Handle {
         Ok(())
     }
 
-    /// Sends a frame that the broker answers, and waits for the answer (bounded by
-    /// the request timeout).
-    pub(crate) async fn call(&self, make: impl FnOnce(u32) -> Frame) -> Result<Frame, CallError> {
-        self.call_with(|id, reply| Command::Call {
+    /// Sends a frame that the broker answers, and waits for the answer, at most
+    /// `timeout`.
+    pub(crate) async fn call(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(u32) -> Frame,
+    ) -> Result<Frame, CallError> {
+        self.call_with(timeout, |id, reply| Command::Call {
             id,
             frame: make(id),
             reply,
@@ -196,9 +208,9 @@ impl Handle {
     /// Like [`Handle::call`], for commands that carry more than a frame.
     pub(crate) async fn call_with(
         &self,
+        timeout: Duration,
         make: impl FnOnce(u32, Reply) -> Command,
     ) -> Result<Frame, CallError> {
-        let timeout = self.shared.opts.request_timeout;
         self.ready(self.offline_deadline()).await?;
         let id = self.shared.next_id();
         let (reply_tx, reply_rx) = oneshot::channel();

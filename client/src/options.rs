@@ -103,6 +103,9 @@ pub struct ClientBuilder {
     pub(crate) tls: Option<ClientTls>,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) confirm_timeout: Duration,
+    pub(crate) subscribe_timeout: Duration,
+    pub(crate) queue_timeout: Duration,
     pub(crate) reconnect: ReconnectPolicy,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) subscription_capacity: usize,
@@ -126,6 +129,9 @@ impl ClientBuilder {
             tls: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            confirm_timeout: Duration::from_secs(10),
+            subscribe_timeout: Duration::from_secs(5),
+            queue_timeout: Duration::from_secs(5),
             reconnect: ReconnectPolicy::default(),
             max_buffered_bytes: 8 * 1024 * 1024,
             subscription_capacity: 4096,
@@ -207,8 +213,11 @@ impl ClientBuilder {
         self
     }
 
-    /// The timeout of [`Client::request`], and the bound on waiting for any answer
-    /// from the broker (confirms, queue operations, subscribe). Default: 5 s.
+    /// How long [`Client::request`] waits for a reply. Default: 5 s. Each kind of
+    /// call has its own default ([`ClientBuilder::confirm_timeout`],
+    /// [`ClientBuilder::subscribe_timeout`], [`ClientBuilder::queue_timeout`]);
+    /// [`Client::with_timeout`] overrides them for the calls through one handle,
+    /// and [`Client::request_timeout`] for one request.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -217,6 +226,47 @@ impl ClientBuilder {
     /// ```
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// How long a publish confirm ([`Client::publish_confirmed`],
+    /// [`Client::enqueue_confirmed`]) or a [`Client::flush`] may take. Confirms
+    /// wait for the disk, so the default is longer: 10 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .confirm_timeout(Duration::from_secs(30));
+    /// ```
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long the broker may take to answer a subscribe or unsubscribe.
+    /// Default: 5 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .subscribe_timeout(Duration::from_secs(2));
+    /// ```
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.subscribe_timeout = timeout;
+        self
+    }
+
+    /// How long the broker may take to answer a queue operation: declare,
+    /// delete, bind, info, consume, cancel or close, an awaited ack, dead
+    /// letters, redrive, stats. Default: 5 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .queue_timeout(Duration::from_secs(15));
+    /// ```
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = timeout;
         self
     }
 

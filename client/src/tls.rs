@@ -244,9 +244,9 @@ pub(crate) async fn dial(opts: &ClientBuilder) -> Result<Transport, ConnectError
         .map_err(tls_error)?;
     let stream = TcpStream::connect(host_port)
         .await
-        .map_err(|source| ConnectError::Io {
+        .map_err(|error| ConnectError::Io {
             addr: opts.addr.clone(),
-            source,
+            error,
         })?;
     // Requests and acks are small; Nagle would add latency to every one of them.
     let _ = stream.set_nodelay(true);

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tidings_protocol::{
-    ErrorCode, ErrorReply, Frame, FrameCodec, Hello, PROTOCOL_VERSION, Ping, ProtocolError, Welcome,
+    ErrorCode, ErrorReply, Frame, FrameCodec, Hello, PROTOCOL_MINOR, PROTOCOL_VERSION, Ping,
+    ProtocolError, Welcome,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -41,6 +42,8 @@ const PRE_AUTH_READ_CHUNK: usize = 1024;
 /// After the last frame is written, how long to keep reading (and discarding) so
 /// the peer sees our final frame before a reset caused by its unread data.
 const LINGER: Duration = Duration::from_millis(500);
+/// HELLOs with unknown flags answered before the handshake gives up.
+const MAX_HELLO_PROBES: usize = 8;
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -96,7 +99,7 @@ pub(crate) async fn serve<R, W>(
         half: transport.read,
         buf: BytesMut::with_capacity(PRE_AUTH_READ_CHUNK),
         chunk: PRE_AUTH_READ_CHUNK,
-        codec: FrameCodec::new(shared.config.security.pre_auth_max_frame),
+        codec: FrameCodec::for_server(shared.config.security.pre_auth_max_frame),
         activity: false,
         peer: transport.peer,
         certificate_names: transport.certificate_names,
@@ -203,7 +206,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             _ = tokio::time::sleep(config.handshake_timeout) => {
                 return close(ErrorCode::HandshakeTimeout, format!("no HELLO within {:?}", config.handshake_timeout));
             }
-            hello = self.handshake(stats) => match hello {
+            hello = self.handshake(stats, &session.outbox) => match hello {
                 Ok(hello) => hello,
                 Err(ending) => return ending,
             },
@@ -232,13 +235,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             Err(ending) => return ending,
         };
         // Authenticated: frames up to the full size from now on.
-        self.codec = FrameCodec::new(config.max_frame_len());
+        self.codec = FrameCodec::for_server(config.max_frame_len());
         self.chunk = READ_CHUNK;
         Span::current().record("client", hello.client_name.as_str());
         if let Some(user) = session.principal.user_name() {
             Span::current().record("user", user);
         }
-        debug!("handshake complete");
+        // The session speaks the lower of the two minor versions; a HELLO without
+        // one is a 1.0 client, which is sent nothing 1.0 does not define.
+        let minor = hello.minor.map(|m| m.min(PROTOCOL_MINOR));
+        session.outbox.set_protocol_minor(minor.unwrap_or(0));
+        debug!(minor = minor.unwrap_or(0), "handshake complete");
         session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
@@ -246,6 +253,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             max_frame_len: u32::try_from(config.max_frame_len()).unwrap_or(u32::MAX),
             max_payload: u32::try_from(config.max_payload).unwrap_or(u32::MAX),
             heartbeat_ms: u32::try_from(config.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            minor,
         }));
 
         // Established: frames until the peer leaves, an error closes, or shutdown.
@@ -284,9 +292,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             loop {
                 match read {
                     Ok(Read::Frame(frame)) => session.dispatch(frame).await,
-                    Ok(Read::Skipped(err)) => session.reply_error(0, err.code(), err.to_string()),
+                    Ok(Read::Skipped(err)) => session.reply_error(
+                        self.codec.failed_request_id().unwrap_or(0),
+                        err.code(),
+                        err.to_string(),
+                    ),
                     Ok(Read::Closed) => return Ending::Quiet,
-                    Err(err) => return close(err.code(), err.to_string()),
+                    Err(err) => {
+                        let request_id = self.codec.failed_request_id().unwrap_or(0);
+                        return close_for(request_id, err.code(), err.to_string());
+                    }
                 }
                 read = match self.codec.decode(&mut self.buf) {
                     Ok(Some(frame)) => Ok(Read::Frame(frame)),
@@ -298,21 +313,46 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
-    /// Reads until the HELLO. Anything else first closes the connection.
-    async fn handshake(&mut self, stats: &crate::stats::Stats) -> Result<Hello, Ending> {
-        match self.next(stats).await {
-            Ok(Read::Frame(Frame::Hello(hello))) => Ok(hello),
-            Ok(Read::Frame(other)) => Err(close(
-                ErrorCode::HandshakeRequired,
-                format!("{} before HELLO; the handshake comes first", other.name()),
-            )),
-            Ok(Read::Skipped(err)) => Err(close(
-                ErrorCode::HandshakeRequired,
-                format!("{err} before HELLO"),
-            )),
-            Ok(Read::Closed) => Err(Ending::Quiet),
-            Err(err) => Err(close(err.code(), err.to_string())),
+    /// Reads until the HELLO. Anything else first closes the connection, except a
+    /// HELLO with flags this server does not know: it is answered `UnknownFlags`
+    /// and the client may send another HELLO (so that newer fields can be probed),
+    /// a few times, within the handshake timeout.
+    async fn handshake(
+        &mut self,
+        stats: &crate::stats::Stats,
+        outbox: &Outbox,
+    ) -> Result<Hello, Ending> {
+        for _ in 0..MAX_HELLO_PROBES {
+            match self.next(stats).await {
+                Ok(Read::Frame(Frame::Hello(hello))) => return Ok(hello),
+                Ok(Read::Frame(other)) => {
+                    return Err(close(
+                        ErrorCode::HandshakeRequired,
+                        format!("{} before HELLO; the handshake comes first", other.name()),
+                    ));
+                }
+                Ok(Read::Skipped(err @ ProtocolError::UnknownFlags { frame: "HELLO", .. })) => {
+                    stats.error(err.code());
+                    let _ = outbox.send(Frame::Error(ErrorReply::new(
+                        0,
+                        err.code(),
+                        err.to_string(),
+                    )));
+                }
+                Ok(Read::Skipped(err)) => {
+                    return Err(close(
+                        ErrorCode::HandshakeRequired,
+                        format!("{err} before HELLO"),
+                    ));
+                }
+                Ok(Read::Closed) => return Err(Ending::Quiet),
+                Err(err) => return Err(close(err.code(), err.to_string())),
+            }
         }
+        Err(close(
+            ErrorCode::HandshakeRequired,
+            format!("{MAX_HELLO_PROBES} HELLOs with unknown flags; no usable HELLO"),
+        ))
     }
 
     /// After the final frame went out: read and discard until the peer closes or a
@@ -339,8 +379,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 }
 
 fn close(code: ErrorCode, message: impl Into<String>) -> Ending {
+    close_for(0, code, message)
+}
+
+/// Closing because of the frame with this request id (0 if none).
+fn close_for(request_id: u32, code: ErrorCode, message: impl Into<String>) -> Ending {
     let message: String = message.into();
-    Ending::Error(ErrorReply::new(0, code, message))
+    Ending::Error(ErrorReply::new(request_id, code, message))
 }
 
 fn shutting_down() -> Ending {

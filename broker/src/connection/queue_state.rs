@@ -28,7 +28,12 @@ use crate::shared::BrokerQueues;
 struct OutboxSink(Outbox);
 
 impl DeliverySink for OutboxSink {
-    fn deliver(&self, delivery: Delivery) -> bool {
+    fn deliver(&self, mut delivery: Delivery) -> bool {
+        if self.0.protocol_minor() == 0 {
+            // A 1.0 session does not know DELIVERY's reply_to and message_id.
+            delivery.reply_to = None;
+            delivery.message_id = None;
+        }
         self.0.send(Frame::Delivery(delivery)).is_ok()
     }
 }
@@ -103,10 +108,23 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             .unbind(&f.name, &f.pattern)
             .await
             .map(|()| ok(request_id)),
+        // Options only for 1.1 sessions: a 1.0 client would read them as
+        // trailing bytes.
+        Frame::QueueInfoRequest(f) if session.outbox.protocol_minor() >= 1 => engine
+            .info_with_options(&f.name)
+            .await
+            .map(|(info, options)| {
+                Frame::QueueInfo(QueueInfoReply {
+                    request_id: f.request_id,
+                    info,
+                    options: Some(Box::new(options)),
+                })
+            }),
         Frame::QueueInfoRequest(f) => engine.info(&f.name).await.map(|info| {
             Frame::QueueInfo(QueueInfoReply {
                 request_id: f.request_id,
                 info,
+                options: None,
             })
         }),
         Frame::QueueList(f) => {
@@ -131,7 +149,7 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             })
         }),
         Frame::Consume(f) => queues
-            .consume(f.consumer_id, &f.queue, f.credit)
+            .consume_limited(f.consumer_id, &f.queue, f.credit, f.limit)
             .await
             .map(|()| ok(request_id)),
         Frame::Cancel(f) => queues.cancel(f.consumer_id).await.map(|()| ok(request_id)),

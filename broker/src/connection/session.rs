@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use tidings_protocol::{
-    Direction, ErrorCode, ErrorReply, Frame, Message, OkReply, Pattern, Pong, Publish, StatsReply,
-    Subscribe, Topic, Unsubscribe,
+    Direction, ErrorCode, ErrorReply, Frame, MAX_ENVELOPE_LEN, Message, OkReply, Pattern, Pong,
+    Publish, StatsReply, Subscribe, Topic, Unsubscribe,
 };
 use tracing::debug;
 
@@ -39,7 +39,8 @@ pub(crate) struct Session {
 impl Session {
     /// Queues a reply. A failure means the connection is closing, which the read
     /// loop notices on its own.
-    pub(crate) fn reply(&self, frame: Frame) {
+    pub(crate) fn reply(&self, mut frame: Frame) {
+        fit_to_frame(&mut frame, self.shared.config.max_frame_len());
         let _ = self.outbox.send(frame);
     }
 
@@ -143,6 +144,16 @@ impl Session {
                 ),
             );
         }
+        let envelope = p.envelope_len();
+        if envelope > MAX_ENVELOPE_LEN {
+            return self.reply_error(
+                request_id,
+                ErrorCode::EnvelopeTooLarge,
+                format!(
+                    "topic, reply_to, message_id and headers take {envelope} bytes; at most {MAX_ENVELOPE_LEN} are allowed"
+                ),
+            );
+        }
         let route = self.shared.router.route_memo(&p.topic, &mut self.memo);
         if p.check_responders && route.is_empty() {
             return self.reply_error(
@@ -153,6 +164,7 @@ impl Session {
         }
         if !route.is_empty() {
             let message = Message {
+                message_id: p.message_id.clone(),
                 sid: 0,
                 topic: p.topic.clone(),
                 reply_to: p.reply_to.clone(),
@@ -229,5 +241,76 @@ impl Session {
             RouterError::UnknownSubscription { .. } => ErrorCode::UnknownSubscription,
         };
         self.reply_error(request_id, code, err.to_string());
+    }
+}
+
+/// Drops entries from the end of a list reply (DEAD_LETTERS_REPLY,
+/// QUEUE_LIST_REPLY, STATS_REPLY) until the frame is no longer than `max`, the
+/// largest frame announced in WELCOME: no frame the server sends may exceed it.
+/// Other frames are left alone; they fit by construction (PROTOCOL.md, section 5).
+pub(crate) fn fit_to_frame(frame: &mut Frame, max: usize) {
+    if !matches!(
+        frame,
+        Frame::DeadLettersReply(_) | Frame::QueueListReply(_) | Frame::StatsReply(_)
+    ) {
+        return;
+    }
+    loop {
+        let mut buf = BytesMut::new();
+        if frame.encode(&mut buf).is_err() {
+            return;
+        }
+        let len = buf.len() - 4;
+        if len <= max {
+            return;
+        }
+        // Keep the share of entries that fits at the current average size, and at
+        // least one fewer than now, so that this ends.
+        let keep = |n: usize| (n * max / len).min(n.saturating_sub(1));
+        match frame {
+            Frame::DeadLettersReply(r) => r.letters.truncate(keep(r.letters.len())),
+            Frame::QueueListReply(r) => r.queues.truncate(keep(r.queues.len())),
+            Frame::StatsReply(r) => r.entries.truncate(keep(r.entries.len())),
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidings_protocol::{QueueInfo, QueueListReply, Text};
+
+    use super::*;
+
+    #[test]
+    fn list_replies_are_cut_to_the_max_frame() {
+        let queues: Vec<QueueInfo> = (0..1000)
+            .map(|i| QueueInfo {
+                name: Text::from(format!("queue.{i}")),
+                ..QueueInfo::default()
+            })
+            .collect();
+        for max in [200, 4096, 50_000] {
+            let mut frame = Frame::QueueListReply(QueueListReply {
+                request_id: 1,
+                queues: queues.clone(),
+            });
+            fit_to_frame(&mut frame, max);
+            let mut buf = BytesMut::new();
+            frame.encode(&mut buf).unwrap();
+            assert!(buf.len() - 4 <= max, "{} > {max}", buf.len() - 4);
+            let Frame::QueueListReply(reply) = frame else {
+                unreachable!()
+            };
+            assert!(!reply.queues.is_empty() || max < 300);
+            assert_eq!(reply.queues[..], queues[..reply.queues.len()], "a prefix");
+        }
+        // Small enough already: untouched.
+        let mut frame = Frame::QueueListReply(QueueListReply {
+            request_id: 1,
+            queues: queues.clone(),
+        });
+        fit_to_frame(&mut frame, usize::MAX);
+        assert!(matches!(frame, Frame::QueueListReply(r) if r.queues.len() == 1000));
     }
 }

@@ -7,10 +7,11 @@ use crate::wire::{Reader, Writer};
 
 /// HELLO: the first frame a client sends.
 ///
-/// Body: `version:u16 client_name:str [token:str] [user:str]`. Flag `0x01`
-/// (`TOKEN`): a token follows; flag `0x02` (`USER`): a user name follows (after the
-/// token, if any). With a user, the token field carries that user's password or
-/// token; a client certificate may stand for both.
+/// Body: `version:u16 client_name:str [token:str] [user:str] [minor:u16]`. Flag
+/// `0x01` (`TOKEN`): a token follows; flag `0x02` (`USER`): a user name follows
+/// (after the token, if any). With a user, the token field carries that user's
+/// password or token; a client certificate may stand for both. Flag `0x10`
+/// (`MINOR`): the client's minor version follows, last (absent: 1.0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
@@ -21,6 +22,9 @@ pub struct Hello {
     pub token: Option<Text>,
     /// The user name, when the server has users.
     pub user: Option<Text>,
+    /// The minor protocol version the client speaks ([`crate::PROTOCOL_MINOR`]);
+    /// `None` for a 1.0 client.
+    pub minor: Option<u16>,
 }
 
 impl Hello {
@@ -28,14 +32,18 @@ impl Hello {
     pub const FLAG_TOKEN: u8 = 0x01;
     /// Flag: a user name follows (after the token, if any).
     pub const FLAG_USER: u8 = 0x02;
+    /// Flag: the client's minor version follows (protocol 1.1), after the user.
+    pub const FLAG_MINOR: u8 = 0x10;
 
-    /// A HELLO for this client name, with no credentials.
+    /// A HELLO for this client name, with no credentials and no minor version
+    /// (a 1.0 session; set `minor` to [`crate::PROTOCOL_MINOR`] for 1.1).
     pub fn new(client_name: impl Into<Text>) -> Self {
         Self {
             version: crate::PROTOCOL_VERSION,
             client_name: client_name.into(),
             token: None,
             user: None,
+            minor: None,
         }
     }
 
@@ -51,11 +59,19 @@ impl Hello {
             w.text("user", user)?;
             flags |= Self::FLAG_USER;
         }
+        if let Some(minor) = self.minor {
+            w.u16(minor);
+            flags |= Self::FLAG_MINOR;
+        }
         Ok(flags)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("HELLO", flags, Self::FLAG_TOKEN | Self::FLAG_USER)?;
+        check_flags(
+            "HELLO",
+            flags,
+            Self::FLAG_TOKEN | Self::FLAG_USER | Self::FLAG_MINOR,
+        )?;
         Ok(Self {
             version: r.u16("version")?,
             client_name: r.text("client_name")?,
@@ -69,6 +85,11 @@ impl Hello {
             } else {
                 None
             },
+            minor: if flags & Self::FLAG_MINOR != 0 {
+                Some(r.u16("minor")?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -76,7 +97,8 @@ impl Hello {
 /// WELCOME: the server accepts the handshake and states its limits.
 ///
 /// Body: `version:u16 server_version:str max_frame_len:u32 max_payload:u32
-/// heartbeat_ms:u32`. No flags.
+/// heartbeat_ms:u32 [minor:u16]`. Flag `0x01` (`MINOR`): the session's minor
+/// version follows; a server sets it only when the HELLO carried one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// The protocol version the session will use.
@@ -89,26 +111,41 @@ pub struct Welcome {
     pub max_payload: u32,
     /// How often the server pings an idle connection, in milliseconds (0: never).
     pub heartbeat_ms: u32,
+    /// The minor version the session uses, when the HELLO announced one; `None`
+    /// means 1.0.
+    pub minor: Option<u16>,
 }
 
 impl Welcome {
+    /// Flag: the session's minor version follows.
+    pub const FLAG_MINOR: u8 = 0x01;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u16(self.version);
         w.text("server_version", &self.server_version)?;
         w.u32(self.max_frame_len);
         w.u32(self.max_payload);
         w.u32(self.heartbeat_ms);
+        if let Some(minor) = self.minor {
+            w.u16(minor);
+            return Ok(Self::FLAG_MINOR);
+        }
         Ok(0)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("WELCOME", flags, 0)?;
+        check_flags("WELCOME", flags, Self::FLAG_MINOR)?;
         Ok(Self {
             version: r.u16("version")?,
             server_version: r.text("server_version")?,
             max_frame_len: r.u32("max_frame_len")?,
             max_payload: r.u32("max_payload")?,
             heartbeat_ms: r.u32("heartbeat_ms")?,
+            minor: if flags & Self::FLAG_MINOR != 0 {
+                Some(r.u16("minor")?)
+            } else {
+                None
+            },
         })
     }
 }

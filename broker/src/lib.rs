@@ -69,6 +69,7 @@ pub mod security;
 mod server;
 mod shared;
 mod stats;
+pub mod storage;
 pub mod telemetry;
 pub mod tls;
 

@@ -46,6 +46,7 @@ impl BrokerQueues {
         engine_config.metrics = metrics;
         engine_config.fsync = config.fsync;
         engine_config.ready_window = config.queue_window;
+        engine_config.repair = config.repair;
         Ok(BrokerQueues {
             engine: QueueEngine::open(engine_config)?,
         })

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::storage::StorageBackend;
 use crate::telemetry::StorageMetrics;
 
 /// When a write counts as durable, and so when a publisher confirm may go out.
@@ -115,6 +116,12 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Defaults for queue options.
     pub defaults: QueueDefaults,
+    /// Where the log and the index live: the real file system and sled, unless a
+    /// test simulates them.
+    pub storage: StorageBackend,
+    /// Repair mode: on damage in the queue log, cut the log there (reporting what was
+    /// dropped) instead of refusing to start (`tidings-broker --repair`).
+    pub repair: bool,
     /// Where the store reports fsync latency, commit sizes, checkpoints and
     /// failures (a fresh sink by default).
     pub metrics: Arc<StorageMetrics>,
@@ -135,6 +142,8 @@ impl EngineConfig {
             segment_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
+            storage: StorageBackend::real(),
+            repair: false,
             metrics: Arc::default(),
         }
     }

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tidings_protocol::{Headers, QueueInfo, Text};
 
 use crate::queue::queue::Queue;
-use crate::queue::store::Range;
 use crate::queue::{QueueEngine, QueueError};
+use crate::storage::Range;
 
 /// Most messages one peek returns, whatever the limit asked for.
 pub const MAX_PEEK: u32 = 1_000;

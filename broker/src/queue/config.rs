@@ -4,10 +4,13 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default of [`EngineConfig::max_credit`].
 pub const DEFAULT_MAX_CREDIT: u32 = 1024;
+use crate::storage::StorageBackend;
+use crate::telemetry::StorageMetrics;
 
 /// When a write counts as durable, and so when a publisher confirm may go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -135,6 +138,15 @@ pub struct EngineConfig {
     /// A clock driven by hand, for deterministic tests; `None` (the default) is the
     /// system clock.
     pub clock: Option<crate::queue::ManualClock>,
+    /// Where the log and the index live: the real file system and sled, unless a
+    /// test simulates them.
+    pub storage: StorageBackend,
+    /// Repair mode: on damage in the queue log, cut the log there (reporting what was
+    /// dropped) instead of refusing to start (`tidings-broker --repair`).
+    pub repair: bool,
+    /// Where the store reports fsync latency, commit sizes, checkpoints and
+    /// failures (a fresh sink by default).
+    pub metrics: Arc<StorageMetrics>,
 }
 
 impl EngineConfig {
@@ -157,6 +169,9 @@ impl EngineConfig {
             checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
             clock: None,
+            storage: StorageBackend::real(),
+            repair: false,
+            metrics: Arc::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::queue::engine::{EngineInner, QueueEngine};
 use crate::queue::error::QueueError;
 use crate::queue::options::Settings;
 use crate::queue::record::{DeadInfo, Message};
-use crate::queue::store::{Loaded, Range, Ticket};
+use crate::storage::{Loaded, Range, Ticket};
 
 /// Most dead letters one `dead_letters` call returns, whatever the limit.
 pub const MAX_DEAD_LETTERS_LISTED: u32 = 10_000;

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use tidings_protocol::Delivery;
 
-use crate::queue::durable::{Departure, OldCopy, PendingEntry, Queue, State, delayed_slot};
+use crate::queue::durable::{Departure, PendingEntry, Queue, State, delayed_slot};
 use crate::queue::in_flight::{Consumer, Delivered};
 use crate::queue::link::SessionLink;
 use crate::queue::rates::Event;
 use crate::queue::record::Message;
-use crate::queue::store::Slot;
 use crate::queue::window::Entry;
+use crate::storage::Slot;
 
 /// How a returned delivery is requeued.
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +160,7 @@ impl Queue {
             *left = left.saturating_sub(1);
         }
         let consumer_id = consumer.id;
+        let entry_attempt = entry.msg.deliveries;
         let delivery = Delivery {
             reply_to: entry.msg.reply_to.clone(),
             message_id: entry.msg.message_id.clone(),
@@ -184,6 +185,9 @@ impl Queue {
             },
         );
         st.stats.count(Event::Delivered, now);
+        if entry_attempt > 1 {
+            st.stats.redelivered += 1;
+        }
         if !link.sink.deliver(delivery) {
             // The connection is gone; its session's drop (or the ack timeout) returns
             // what it holds. Stop feeding it meanwhile.
@@ -219,8 +223,10 @@ impl Queue {
             st.retry.push_back(Entry { slot, msg });
             return;
         }
-        // Two steps: the delayed copy is stored first; the ready one is removed once
-        // that is durable (`committed`), so a crash in between keeps at least one.
+        // One round: the delayed copy and the ready one's removal become durable
+        // together (the store applies a round to its index only once the round's
+        // log records are durable), so a crash leaves the message in exactly one
+        // place — never none, never both.
         let due = now.saturating_add(delay);
         let size = msg.size();
         let listener = self.listener();
@@ -228,11 +234,12 @@ impl Queue {
         st.c.next_seq += 1;
         st.c.d_count += 1;
         st.c.d_bytes += size;
-        st.doubled.0 += 1;
-        st.doubled.1 += size;
+        st.c.m_count = st.c.m_count.saturating_sub(1);
+        st.c.m_bytes = st.c.m_bytes.saturating_sub(size);
         let c = st.c;
         let epoch = self.store.batch(|b| {
             b.put_delayed(self.qid, due, new_seq, &msg);
+            b.remove_ready(self.qid, slot);
             b.set_counters(self.qid, c);
             b.listen(listener, &mut st.listen_epoch);
             b.epoch()
@@ -242,7 +249,7 @@ impl Queue {
             slot: delayed_slot(new_seq),
             due: Some(due),
             msg,
-            old: Some(OldCopy::Ready { slot, size }),
+            moved: true,
         });
     }
 
@@ -377,9 +384,8 @@ impl Queue {
         departures
     }
 
-    /// Delayed messages that are due move to the end of the ready queue, in two
-    /// steps: the ready copy is stored now, the delayed one removed once that is
-    /// durable (`committed`).
+    /// Delayed messages that are due move to the end of the ready queue: the ready
+    /// copy and the delayed one's removal go into one round, atomic after a crash.
     fn promote_due(&self, st: &mut State, now: u64) {
         let mut due_now = Vec::new();
         while st.delayed.first_key().is_some_and(|(due, _)| due <= now) {
@@ -398,15 +404,17 @@ impl Queue {
                 st.c.next_seq += 1;
                 st.c.m_count += 1;
                 st.c.m_bytes += size;
-                st.doubled.0 += 1;
-                st.doubled.1 += size;
+                st.c.d_count = st.c.d_count.saturating_sub(1);
+                st.c.d_bytes = st.c.d_bytes.saturating_sub(size);
+                // One round with the delayed copy's removal: atomic after a crash.
                 let slot = b.put_ready(self.qid, new_seq, &msg);
+                b.remove_delayed(self.qid, due, seq);
                 st.pending.push_back(PendingEntry {
                     epoch: b.epoch(),
                     slot,
                     due: None,
                     msg,
-                    old: Some(OldCopy::Delayed { due, seq, size }),
+                    moved: true,
                 });
             }
             b.set_counters(self.qid, st.c);

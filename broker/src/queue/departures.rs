@@ -5,8 +5,8 @@
 
 use crate::queue::durable::{Queue, State};
 use crate::queue::record::Message;
-use crate::queue::store::{Loaded, Slot};
 use crate::queue::window::Entry;
+use crate::storage::{Loaded, Slot};
 
 /// A message taken out of a dead-letter queue for a redrive.
 pub(crate) struct Claimed {
@@ -33,15 +33,23 @@ impl Queue {
     /// Gives a message back after its move failed: it is ready again.
     pub fn abort_departure(&self, slot: Slot, msg: Message) {
         let mut st = self.lock();
-        if !st.deleted {
-            st.retry.push_back(Entry { slot, msg });
-            self.serve(&mut st, self.clock.now_ms());
+        if st.deleted {
+            return;
         }
+        if msg.deliveries == 0 && slot.seq > st.marks.durable {
+            // Never delivered: back into the window in seq order, so that its first
+            // delivery waits for a durable mark like any other (retry would skip it).
+            st.skip.remove(&slot.seq);
+            st.ready.add((0, slot.seq), Entry { slot, msg });
+        } else {
+            st.retry.push_back(Entry { slot, msg });
+        }
+        self.serve(&mut st, self.clock.now_ms());
     }
 
     /// Whether a move within the queue is waiting for its new copy's commit.
     pub fn has_moves_pending(&self) -> bool {
-        self.lock().pending.iter().any(|p| p.old.is_some())
+        self.lock().pending.iter().any(|p| p.moved)
     }
 
     /// Takes the messages waiting to move out, for a caller that can hand them to

@@ -30,8 +30,8 @@ use crate::queue::in_flight::{Consumers, InFlight};
 use crate::queue::options::Settings;
 use crate::queue::rates::{Event, Stats};
 use crate::queue::record::Message;
-use crate::queue::store::{CommitListener, Counters, LoadedQueue, Slot, Store, Ticket};
 use crate::queue::window::{Entry, PagedWindow};
+use crate::storage::{CommitListener, Counters, LoadedQueue, Slot, Store, Ticket};
 
 /// What a publish did to one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,14 +62,6 @@ pub(crate) struct Departure {
     pub reason: &'static str,
 }
 
-/// The old copy of a message moved within its queue (delayed → ready, ready →
-/// delayed), removed once the new copy's batch is durable.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum OldCopy {
-    Delayed { due: u64, seq: u64, size: u64 },
-    Ready { slot: Slot, size: u64 },
-}
-
 /// A message stored by a batch that has not committed yet.
 pub(crate) struct PendingEntry {
     pub epoch: u64,
@@ -77,8 +69,9 @@ pub(crate) struct PendingEntry {
     pub slot: Slot,
     pub due: Option<u64>,
     pub msg: Message,
-    /// Set when this is the new copy of a move within the queue.
-    pub old: Option<OldCopy>,
+    /// Set when this is the new copy of a move within the queue (delayed to ready,
+    /// ready to delayed); its old copy's removal is in the same round.
+    pub moved: bool,
 }
 
 /// Which fresh messages the store has been told may be delivered (see store.rs on
@@ -117,9 +110,6 @@ pub(crate) struct State {
     /// Ready seqs taken out of the queue while not in memory (dropped while waiting
     /// for their commit, claimed by a redrive from the store): pages skip them.
     pub skip: BTreeSet<u64>,
-    /// Messages stored twice while a move within the queue completes: `(count,
-    /// bytes)` to take off the counters so each is counted once.
-    pub doubled: (u64, u64),
     /// Messages waiting for the engine to move them to another queue.
     pub departures: Vec<Departure>,
     /// The deadline registered with the engine's timer (`u64::MAX`: none).
@@ -262,7 +252,6 @@ impl Queue {
                 marks: Marks::default(),
                 committed_below: c.next_seq,
                 skip: BTreeSet::new(),
-                doubled: (0, 0),
                 departures: Vec::new(),
                 wake_at: u64::MAX,
                 dedup: Dedup::default(),
@@ -373,8 +362,9 @@ impl Queue {
         let listener = self.listener();
         let st = &mut *st;
         let ticket = self.store.batch(|b| {
-            if b.stopped() {
-                return Err(QueueError::ShuttingDown);
+            // Fail-stop: a failed store refuses with StorageFailure, never drops.
+            if let Some(refusal) = b.refusal() {
+                return Err(refusal);
             }
             if b.pending_bytes() > max_pending {
                 return Err(QueueError::Overloaded {
@@ -407,7 +397,7 @@ impl Queue {
                 slot,
                 due,
                 msg,
-                old: None,
+                moved: false,
             });
             Ok(b.ticket())
         })?;
@@ -422,10 +412,7 @@ impl Queue {
     /// Messages and bytes the queue holds: ready (in memory, in the store, waiting
     /// for their commit), delayed, in flight and on their way out, each once.
     pub(super) fn held(&self, st: &State) -> (u64, u64) {
-        (
-            (st.c.m_count + st.c.d_count).saturating_sub(st.doubled.0),
-            (st.c.m_bytes + st.c.d_bytes).saturating_sub(st.doubled.1),
-        )
+        (st.c.m_count + st.c.d_count, st.c.m_bytes + st.c.d_bytes)
     }
 
     /// Applies max_length / max_bytes before a message of `size` bytes is added.
@@ -486,7 +473,7 @@ impl Queue {
             let i = st
                 .pending
                 .iter()
-                .position(|p| p.due.is_none() && p.old.is_none())?;
+                .position(|p| p.due.is_none() && !p.moved)?;
             let p = st.pending.remove(i)?;
             st.skip.insert(p.slot.seq);
             return Some(Entry {
@@ -547,7 +534,7 @@ impl Queue {
             depth,
             bytes,
             in_flight: st.in_flight.len() as u64,
-            delayed: st.c.d_count.saturating_sub(self.delayed_doubled(&st)),
+            delayed: st.c.d_count,
             consumers: u32::try_from(st.consumers.len()).unwrap_or(u32::MAX),
             dead_lettered: st.stats.dead_lettered,
             published: st.stats.published,
@@ -557,14 +544,6 @@ impl Queue {
             deliver_rate,
             ack_rate,
         }
-    }
-
-    /// Delayed copies whose move to ready is waiting for its commit.
-    fn delayed_doubled(&self, st: &State) -> u64 {
-        st.pending
-            .iter()
-            .filter(|p| matches!(p.old, Some(OldCopy::Delayed { .. })))
-            .count() as u64
     }
 
     /// Figures beyond `QueueInfo`, for the stats frame.

@@ -26,7 +26,7 @@ use crate::queue::options::{Settings, StoredDefinition};
 use crate::queue::record::Message;
 use crate::queue::routing::Routes;
 use crate::queue::session::ConsumerSession;
-use crate::queue::store::{Store, Ticket};
+use crate::storage::{Store, Ticket};
 
 /// What [`QueueEngine::publish_now`] knows at once about a publish.
 pub enum Published {
@@ -317,7 +317,19 @@ impl QueueEngine {
                 out.push((format!("queue.{name}.{figure}"), v));
             }
         }
+        // 1 once the store has failed (fail-stop); the log names the path and error.
+        out.push((
+            "storage.failed".into(),
+            u64::from(self.storage_failure().is_some()),
+        ));
         out
+    }
+
+    /// Why the store stopped taking writes, once a write or sync failed (fail-stop):
+    /// the path and the OS error. Publishes that reach a queue, acks and confirms then
+    /// fail with `StorageFailure` until the broker is restarted.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.inner.store.failure().map(|e| e.to_string())
     }
 
     /// Waits until nothing is in motion: every write queued so far is durable and

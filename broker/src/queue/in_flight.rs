@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::queue::link::SessionLink;
 use crate::queue::record::Message;
-use crate::queue::store::Slot;
+use crate::storage::Slot;
 
 /// One outstanding delivery.
 pub(crate) struct Delivered {
@@ -122,6 +122,11 @@ pub(crate) struct Consumers {
 impl Consumers {
     pub fn add(&mut self, c: Consumer) {
         self.list.push(c);
+    }
+
+    /// Every attached consumer, in attach order.
+    pub fn iter(&self) -> impl Iterator<Item = &Consumer> {
+        self.list.iter()
     }
 
     /// Index of the next consumer with credit.

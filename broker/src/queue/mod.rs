@@ -2,7 +2,7 @@
 //! consumers with credit, acks and redelivery, dead letters and redrive.
 //!
 //! ```text
-//!  connection ──publish()──► QueueEngine (engine.rs) ──routes (routing.rs)──► Queue ──batch──► Store (store.rs)
+//!  connection ──publish()──► QueueEngine (engine.rs) ──routes (routing.rs)──► Queue ──batch──► Store (crate::storage)
 //!  connection ◄─DeliverySink (link.rs)── Queue ◄──commit / page-read callbacks (paging.rs)── Store
 //!  ConsumerSession (session.rs): consume / cancel / credit / ack / nack, per connection
 //!  Deadlines (deadlines.rs): the engine's one timer; runs each queue when it is due
@@ -66,17 +66,15 @@ mod durable;
 mod engine;
 mod error;
 mod in_flight;
+mod inspect;
 mod link;
-mod options;
+pub(crate) mod options;
 mod paging;
 mod rates;
-mod record;
+pub(crate) mod record;
 mod redrive;
 mod routing;
-mod segments;
 mod session;
-mod spares;
-mod store;
 mod window;
 
 pub use config::{DEFAULT_MAX_CREDIT, EngineConfig, FsyncPolicy, QueueDefaults};
@@ -86,6 +84,7 @@ pub use dead_letter::{
 pub use dedup::ID_OVERHEAD as DEDUP_ID_OVERHEAD;
 pub use engine::{PublishOutcome, Published, QueueEngine};
 pub use error::QueueError;
+pub use inspect::{ConsumerView, MAX_PEEK, PeekedMessage, QueueSettingsView, QueueView};
 pub use link::DeliverySink;
 pub use record::MESSAGE_OVERHEAD;
 pub use session::ConsumerSession;

@@ -2,9 +2,9 @@
 //! commit callback that makes stored messages visible and completes moves within
 //! the queue.
 
-use crate::queue::durable::{OldCopy, Queue, State};
-use crate::queue::store::{CommitListener, Loaded, Range, StoreError};
+use crate::queue::durable::{Queue, State};
 use crate::queue::window::{Entry, Key, PageVerdict};
+use crate::storage::{CommitListener, Loaded, Range, StoreError};
 
 impl Queue {
     /// Adds a page of stored ready messages read from `from` to the window, up to
@@ -185,29 +185,6 @@ impl Queue {
             },
         );
     }
-
-    /// Removes the old copy of a move within the queue, now that the new copy is
-    /// durable.
-    fn remove_old_copy(&self, st: &mut State, old: OldCopy) {
-        match old {
-            OldCopy::Delayed { due, seq, size } => {
-                st.c.d_count = st.c.d_count.saturating_sub(1);
-                st.c.d_bytes = st.c.d_bytes.saturating_sub(size);
-                st.doubled.0 = st.doubled.0.saturating_sub(1);
-                st.doubled.1 = st.doubled.1.saturating_sub(size);
-                let c = st.c;
-                self.store.batch(|b| {
-                    b.remove_delayed(self.qid, due, seq);
-                    b.set_counters(self.qid, c);
-                });
-            }
-            OldCopy::Ready { slot, size } => {
-                st.doubled.0 = st.doubled.0.saturating_sub(1);
-                st.doubled.1 = st.doubled.1.saturating_sub(size);
-                self.remove_stored(st, slot, size);
-            }
-        }
-    }
 }
 
 impl CommitListener for Queue {
@@ -226,18 +203,11 @@ impl CommitListener for Queue {
                 break;
             };
             st.committed_below = st.committed_below.max(p.slot.seq + 1);
-            if result.is_err() && p.old.is_none() {
+            if result.is_err() && !p.moved {
                 // A publish whose round failed may not be stored: forget its id, so
                 // that the publisher's retry is stored rather than called a duplicate.
                 if let Some(id) = &p.msg.message_id {
                     st.dedup.forget(id, p.msg.published_ms);
-                }
-            }
-            if let Some(old) = p.old {
-                // Only a durable new copy lets the old one go; after a failed commit
-                // both stay stored (a restart may bring the message back twice).
-                if result.is_ok() {
-                    self.remove_old_copy(&mut st, old);
                 }
             }
             let entry = Entry {
@@ -252,7 +222,11 @@ impl CommitListener for Queue {
         if let Some((mark_epoch, target)) = st.marks.pending {
             if mark_epoch <= epoch {
                 st.marks.pending = None;
-                st.marks.durable = st.marks.durable.max(target);
+                // A mark whose round failed is not on disk: nothing past the old one
+                // may be delivered as a first delivery (fail-stop).
+                if result.is_ok() {
+                    st.marks.durable = st.marks.durable.max(target);
+                }
             }
         }
         self.serve(&mut st, self.clock.now_ms());

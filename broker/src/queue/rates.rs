@@ -33,6 +33,8 @@ pub(crate) struct Stats {
     pub dropped: u64,
     pub expired: u64,
     pub duplicates: u64,
+    /// Deliveries with an attempt number above 1.
+    pub redelivered: u64,
     buckets: [Bucket; BUCKETS],
 }
 

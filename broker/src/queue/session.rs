@@ -82,6 +82,12 @@ impl ConsumerSession {
         Ok(())
     }
 
+    /// This session's id, as [`QueueEngine::consumers`](crate::queue::QueueEngine::consumers)
+    /// reports it.
+    pub fn id(&self) -> u64 {
+        self.link.id
+    }
+
     /// Raises a consumer's credit by `credit`, up to the engine's `max_credit`;
     /// returns the consumer's window now.
     pub fn credit(&self, consumer_id: u32, credit: u32) -> Result<u32, QueueError> {

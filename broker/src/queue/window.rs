@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use crate::queue::record::Message;
-use crate::queue::store::{Loaded, Slot};
+use crate::storage::{Loaded, Slot};
 
 /// A message of the window, with where it is stored.
 pub(crate) struct Entry {

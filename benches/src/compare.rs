@@ -153,6 +153,8 @@ pub struct Cell {
     pub p99_us: Option<f64>,
     /// Median peak RSS of the broker process over the runs that measured it, KiB.
     pub rss_kb: Option<f64>,
+    /// Median broker CPU per message published over the runs that measured it, µs.
+    pub cpu_us: Option<f64>,
     /// True when any run lost messages or failed.
     pub lost: bool,
 }
@@ -179,10 +181,15 @@ pub fn cell(reports: &[RunReport], errors: usize) -> Cell {
         .iter()
         .filter_map(|r| r.rss_peak_kb().map(|kb| kb as f64))
         .collect();
+    let mut cpu: Vec<f64> = reports
+        .iter()
+        .filter_map(RunReport::broker_cpu_us_per_msg)
+        .collect();
     Cell {
         msgs_per_sec: median(&mut rates).unwrap_or(0.0),
         p99_us: median(&mut p99s),
         rss_kb: median(&mut rss),
+        cpu_us: median(&mut cpu),
         lost: errors > 0 || reports.iter().any(RunReport::failed),
     }
 }
@@ -222,6 +229,27 @@ pub fn rss_ratio(tidings: Option<&Cell>, nats: Option<&Cell>) -> String {
     }
 }
 
+/// The CPU column: tidings' broker CPU per message against each peer's that was
+/// measured (issue 16 asks for <= Redis's on `queue`, <= 0.5x nats-server's on `fanin`).
+pub fn cpu_ratio(tidings: Option<&Cell>, peers: &[(System, &Cell)]) -> String {
+    let Some(t) = tidings.and_then(|c| c.cpu_us) else {
+        return "-".into();
+    };
+    let ratios: Vec<String> = peers
+        .iter()
+        .filter_map(|(s, c)| {
+            c.cpu_us
+                .filter(|p| *p > 0.0)
+                .map(|p| format!("{:.2}x {s}", t / p))
+        })
+        .collect();
+    if ratios.is_empty() {
+        "-".into()
+    } else {
+        ratios.join(" · ")
+    }
+}
+
 /// The markdown table: one row per workload, one column per system.
 pub fn table(
     systems: &[System],
@@ -230,13 +258,15 @@ pub fn table(
 ) -> String {
     let mut out = String::from("| workload |");
     for s in systems {
-        out.push_str(&format!(" {s} msgs/s · p99 µs · RSS MiB |"));
+        out.push_str(&format!(" {s} msgs/s · p99 µs · RSS MiB · CPU µs/msg |"));
     }
-    out.push_str(" tidings / best peer | RSS tidings / nats-server |\n|---|");
+    out.push_str(
+        " tidings / best peer | RSS tidings / nats-server | CPU/msg tidings / peer |\n|---|",
+    );
     for _ in systems {
         out.push_str("---:|");
     }
-    out.push_str("---:|---:|\n");
+    out.push_str("---:|---:|---:|\n");
     for (i, w) in workloads.iter().enumerate() {
         out.push_str(&format!("| {w} |"));
         let mut peers = Vec::new();
@@ -247,9 +277,10 @@ pub fn table(
                     let rss = c
                         .rss_kb
                         .map_or("-".into(), |kb| format!("{:.1}", kb / 1024.0));
+                    let cpu = c.cpu_us.map_or("-".into(), |us| format!("{us:.2}"));
                     let mark = if c.lost { " !" } else { "" };
                     out.push_str(&format!(
-                        " {} · {p99} · {rss}{mark} |",
+                        " {} · {p99} · {rss} · {cpu}{mark} |",
                         thousands(c.msgs_per_sec)
                     ));
                     if *s != System::Tidings {
@@ -264,7 +295,11 @@ pub fn table(
         let nats = rows
             .get(&(i, System::Nats))
             .or_else(|| rows.get(&(i, System::Jetstream)));
-        out.push_str(&format!(" {ratio} | {} |\n", rss_ratio(tidings, nats)));
+        out.push_str(&format!(
+            " {ratio} | {} | {} |\n",
+            rss_ratio(tidings, nats),
+            cpu_ratio(tidings, &peers)
+        ));
     }
     out
 }
@@ -364,11 +399,12 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
     println!(
         "\nmedians of {runs} run(s), scale {scale}; ! = messages lost or a run failed; \
          the ratio is msgs/s (latency: p99, lower is better) against the best peer; \
-         RSS = the broker process's peak resident memory during the run; tidings ran {}\n",
+         RSS = the broker process's peak resident memory during the run; CPU = the broker \
+         process's user+system CPU time over the run per message published; tidings ran {}\n",
         match launch {
             Launch::Process(_) => "as a separate tidings-broker process",
-            Launch::InProcess => "IN-PROCESS (its RSS is not measured)",
-            Launch::External(_) => "as an external broker (its RSS is not measured)",
+            Launch::InProcess => "IN-PROCESS (its RSS and CPU are not measured)",
+            Launch::External(_) => "as an external broker (its RSS and CPU are not measured)",
         }
     );
     println!("{}", table(&systems, &rows, &workloads));
@@ -401,6 +437,7 @@ mod tests {
             msgs_per_sec: rate,
             p99_us: Some(p99),
             rss_kb: None,
+            cpu_us: None,
             lost: false,
         }
     }
@@ -436,12 +473,12 @@ mod tests {
             &[Workload::Fanin, Workload::Queue],
         );
         assert!(
-            t.contains("| fanin | 1,200,000 · 900 · - | 1,000,000 · 800 · - ! | 1.20x nats | - |"),
+            t.contains("| fanin | 1,200,000 · 900 · - · - | 1,000,000 · 800 · - · - ! | 1.20x nats | - | - |"),
             "{t}"
         );
-        assert!(t.contains("| queue | n/a | n/a | - | - |"), "{t}");
+        assert!(t.contains("| queue | n/a | n/a | - | - | - |"), "{t}");
         assert!(
-            t.contains("| tidings / best peer | RSS tidings / nats-server |"),
+            t.contains("| nats msgs/s · p99 µs · RSS MiB · CPU µs/msg | tidings / best peer | RSS tidings / nats-server | CPU/msg tidings / peer |"),
             "{t}"
         );
     }
@@ -451,6 +488,7 @@ mod tests {
         let mut rows = BTreeMap::new();
         let with_rss = |rate, kb| Cell {
             rss_kb: Some(kb),
+            cpu_us: Some(kb / 10_240.0),
             ..c(rate, 100.0)
         };
         rows.insert((0, System::Tidings), with_rss(1000.0, 30_720.0));
@@ -464,13 +502,13 @@ mod tests {
         );
         assert!(
             t.contains(
-                "| fanin | 1,000 · 100 · 30.0 | 900 · 100 · 20.0 | n/a | 1.11x nats | 1.50x |"
+                "| fanin | 1,000 · 100 · 30.0 · 3.00 | 900 · 100 · 20.0 · 2.00 | n/a | 1.11x nats | 1.50x | 1.50x nats |"
             ),
             "{t}"
         );
         assert!(
             t.contains(
-                "| queue | 500 · 100 · 40.0 | n/a | 400 · 100 · 80.0 | 1.25x jetstream | 0.50x |"
+                "| queue | 500 · 100 · 40.0 · 4.00 | n/a | 400 · 100 · 80.0 · 8.00 | 1.25x jetstream | 0.50x | 0.50x jetstream |"
             ),
             "{t}"
         );

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
+use crate::cpu::{self, CpuMeter};
 use crate::driver::tidings::{Launch, TidingsDriver};
 use crate::driver::{Driver, System, Workload};
 use crate::report::{RunReport, whole};
@@ -145,8 +146,11 @@ pub async fn run(
     if system == System::Tidings {
         let driver = TidingsDriver::new(&target.launch).await?;
         let spawned = driver.broker_pid();
-        let sampler = spawned.or(target.broker_pid).map(Sampler::start);
+        let measured = spawned.or(target.broker_pid);
+        let sampler = measured.map(Sampler::start);
+        let meter = measured.map(CpuMeter::start);
         let report = run_with(&driver, job, &common).await;
+        let cpu = meter.and_then(CpuMeter::finish);
         let peak = match sampler {
             Some(s) => s.finish(spawned.is_some()).await,
             None => None,
@@ -154,19 +158,23 @@ pub async fn run(
         let stopped = driver.shutdown().await;
         let mut report = report?;
         describe(&mut report, target.launch.mode(), peak);
+        describe_cpu(&mut report, job, cpu);
         if let Err(e) = stopped {
             report.add_error(format!("{e:#}"));
         }
         return Ok(report);
     }
     let sampler = target.broker_pid.map(Sampler::start);
+    let meter = target.broker_pid.map(CpuMeter::start);
     let report = run_peer(system, target.server.as_deref(), job, &common).await;
+    let cpu = meter.and_then(CpuMeter::finish);
     let peak = match sampler {
         Some(s) => s.finish(false).await,
         None => None,
     };
     let mut report = report?;
     describe(&mut report, "external", peak);
+    describe_cpu(&mut report, job, cpu);
     Ok(report)
 }
 
@@ -179,6 +187,32 @@ fn describe(report: &mut RunReport, mode: &str, peak: Option<Peak>) {
         report
             .details
             .insert("rss_method".into(), peak.method.name().into());
+    }
+}
+
+/// Messages the run published (each counted once, whatever its fan-out), the
+/// denominator of the broker's CPU per message; requests for `reqrep`.
+pub fn messages_published(job: &Job, report: &RunReport) -> u64 {
+    match job {
+        Job::Fanin(p) => p.messages,
+        Job::Fanout(p) => p.messages,
+        Job::Queue(p) => p.messages,
+        Job::Reqrep(p) => p.requests,
+        // Paced by time: what went out is the achieved rate over the run.
+        Job::Latency(_) => whole(report.msgs_per_sec * report.duration_s),
+    }
+}
+
+/// Adds the broker's CPU time over the run, and per message, to `details`.
+fn describe_cpu(report: &mut RunReport, job: &Job, cpu: Option<Duration>) {
+    let Some(cpu) = cpu else { return };
+    report
+        .details
+        .insert("broker_cpu_s".into(), cpu.as_secs_f64().into());
+    if let Some(us) = cpu::us_per_message(cpu, messages_published(job, report)) {
+        report
+            .details
+            .insert("broker_cpu_us_per_msg".into(), us.into());
     }
 }
 

@@ -11,6 +11,7 @@
 mod broker_process;
 mod compare;
 mod control;
+mod cpu;
 mod driver;
 mod job;
 mod latency;

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
-use crate::outbox::{ConnId, Outbox, WriterEnd};
+use crate::outbox::{ConnId, Outbox, OutboxLimits, WriterEnd};
 use crate::shared::Shared;
 use session::Session;
 
@@ -67,8 +67,11 @@ pub(crate) async fn serve(
     // We coalesce writes ourselves; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let (outbox, receiver) =
-        Outbox::channel(conn, shared.config.max_pending_bytes, shared.stats.clone());
+    let limits = OutboxLimits::with_stall(
+        shared.config.max_pending_bytes,
+        shared.config.slow_consumer_stall,
+    );
+    let (outbox, receiver) = Outbox::with_limits(conn, limits, shared.stats.clone());
     let mut writer = tracker.spawn(receiver.write_to(write_half).instrument(Span::current()));
     let mut reader = Reader {
         half: read_half,

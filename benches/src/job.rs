@@ -9,6 +9,7 @@ use crate::driver::tidings::{Launch, TidingsDriver};
 use crate::driver::{Driver, System, Workload};
 use crate::report::{RunReport, whole};
 use crate::rss::{Peak, Sampler};
+use crate::workload::bursty::BurstyParams;
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
 use crate::workload::latency::LatencyParams;
@@ -29,6 +30,8 @@ pub enum Job {
     Latency(LatencyParams),
     /// See [`workload::reqrep`].
     Reqrep(ReqrepParams),
+    /// See [`workload::bursty`].
+    Bursty(BurstyParams),
 }
 
 impl Job {
@@ -40,6 +43,7 @@ impl Job {
             Job::Queue(_) => Workload::Queue,
             Job::Latency(_) => Workload::Latency,
             Job::Reqrep(_) => Workload::Reqrep,
+            Job::Bursty(_) => Workload::Bursty,
         }
     }
 
@@ -76,6 +80,13 @@ impl Job {
                 requests: n(100_000),
                 size: 128,
             }),
+            Workload::Bursty => Job::Bursty(BurstyParams {
+                rate: 100_000,
+                seconds: (10.0 * scale).clamp(0.5, 10.0),
+                size: 128,
+                pause_ms: 100,
+                every_ms: 1000,
+            }),
         }
     }
 
@@ -87,6 +98,7 @@ impl Job {
             Job::Queue(p) => p.validate(),
             Job::Latency(p) => p.validate(),
             Job::Reqrep(p) => p.validate(),
+            Job::Bursty(p) => p.validate(),
         }
     }
 }
@@ -99,6 +111,7 @@ pub async fn run_with<D: Driver>(driver: &D, job: &Job, common: &Common) -> Resu
         Job::Queue(p) => workload::queue::run(driver, p, common).await,
         Job::Latency(p) => workload::latency::run(driver, p, common).await,
         Job::Reqrep(p) => workload::reqrep::run(driver, p, common).await,
+        Job::Bursty(p) => workload::bursty::run(driver, p, common).await,
     }
 }
 
@@ -200,6 +213,8 @@ pub fn messages_published(job: &Job, report: &RunReport) -> u64 {
         Job::Reqrep(p) => p.requests,
         // Paced by time: what went out is the achieved rate over the run.
         Job::Latency(_) => whole(report.msgs_per_sec * report.duration_s),
+        // Two phases of rate × seconds each.
+        Job::Bursty(p) => 2 * whole(p.rate as f64 * p.seconds),
     }
 }
 

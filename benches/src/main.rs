@@ -32,6 +32,7 @@ use crate::compare::CompareArgs;
 use crate::driver::System;
 use crate::driver::tidings::Launch;
 use crate::job::Job;
+use crate::workload::bursty::BurstyParams;
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
 use crate::workload::latency::LatencyParams;
@@ -82,6 +83,14 @@ enum Command {
         target: Target,
         #[command(flatten)]
         params: ReqrepParams,
+    },
+    /// A fixed-rate publisher -> a subscriber pausing 100 ms every second, and a fast
+    /// one; missing messages and the fast one's p99 with and without the paused one.
+    Bursty {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        params: BurstyParams,
     },
     /// Every workload on every reachable system; one table with ratios to the best peer.
     Compare(CompareArgs),
@@ -188,6 +197,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Queue { target, params } => (target, Job::Queue(params)),
         Command::Latency { target, params } => (target, Job::Latency(params)),
         Command::Reqrep { target, params } => (target, Job::Reqrep(params)),
+        Command::Bursty { target, params } => (target, Job::Bursty(params)),
     };
     if !(target.deadline > 0.0 && target.deadline.is_finite()) {
         anyhow::bail!("--deadline must be a positive number of seconds");

@@ -204,6 +204,24 @@ impl RunReport {
                 p90.map_or("-".to_owned(), |v| format!("{v:.1}"))
             );
         }
+        // Workload extras that are neither rates nor errors (bursty's per-subscriber
+        // p99s and losses, say), one line each.
+        for (key, value) in &self.details {
+            let extra = (key.ends_with("_us") && key != "p90_us")
+                || key.ends_with("_missing")
+                || key.ends_with("_ratio");
+            if extra && let Some(v) = value.as_f64() {
+                let _ = writeln!(
+                    out,
+                    "  {key:<11} {}",
+                    if v.fract() == 0.0 {
+                        thousands(v)
+                    } else {
+                        format!("{v:.2}")
+                    }
+                );
+            }
+        }
         if let Some(line) = self.broker_line() {
             let _ = writeln!(out, "  broker      {line}");
         }

@@ -18,6 +18,7 @@ mod latency;
 mod payload;
 mod report;
 mod rss;
+mod scale;
 mod tracker;
 mod workload;
 
@@ -92,6 +93,9 @@ enum Command {
         #[command(flatten)]
         params: BurstyParams,
     },
+    /// Cost curves: sweeps one dimension (subscriptions, topics, queues,
+    /// connections, backlog), prints a table and writes a PNG plot per curve.
+    Scale(scale::ScaleArgs),
     /// Every workload on every reachable system; one table with ratios to the best peer.
     Compare(CompareArgs),
 }
@@ -192,6 +196,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<bool> {
     let (target, job) = match command {
         Command::Compare(args) => return compare::compare(args).await,
+        Command::Scale(args) => return scale::scale(args).await,
         Command::Fanin { target, params } => (target, Job::Fanin(params)),
         Command::Fanout { target, params } => (target, Job::Fanout(params)),
         Command::Queue { target, params } => (target, Job::Queue(params)),

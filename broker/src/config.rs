@@ -332,6 +332,11 @@ impl Config {
         if self.max_pending_bytes < 1024 {
             return invalid("max_pending_bytes", "must be at least 1KiB");
         }
+        if self.slow_consumer_stall > Duration::from_secs(60) {
+            // A stalled publisher's connection reads nothing meanwhile, heartbeats
+            // and shutdown included.
+            return invalid("slow_consumer_stall", "must be at most 60s");
+        }
         if self.missed_heartbeats == 0 {
             return invalid("missed_heartbeats", "must be at least 1");
         }
@@ -499,6 +504,17 @@ mod tests {
             Config::load_from(["tidings-broker", "--config", path.to_str().unwrap()]).unwrap();
         read.config = None;
         assert_eq!(read, config);
+    }
+
+    #[test]
+    fn the_slow_consumer_stall_is_a_bounded_duration() {
+        let config =
+            Config::load_from(["tidings-broker", "--slow-consumer-stall", "250ms"]).unwrap();
+        assert_eq!(config.slow_consumer_stall, Duration::from_millis(250));
+        let off = Config::load_from(["tidings-broker", "--slow-consumer-stall", "0s"]).unwrap();
+        assert!(off.slow_consumer_stall.is_zero());
+        assert!(Config::load_from(["tidings-broker", "--slow-consumer-stall", "2m"]).is_err());
+        assert!(Config::load_from(["tidings-broker", "--slow-consumer-stall", "5"]).is_err());
     }
 
     #[test]

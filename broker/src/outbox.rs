@@ -637,4 +637,61 @@ mod tests {
         let mut codec = FrameCodec::default();
         while let Ok(Some(_)) = codec.decode(&mut got) {}
     }
+
+    #[tokio::test]
+    async fn a_stall_ends_when_the_reader_catches_up_or_cuts_off_at_the_bound() {
+        let limits = OutboxLimits {
+            max_pending: 1 << 20,
+            high_water: 4096,
+            stall: Duration::from_millis(200),
+        };
+        // Catches up: the peer reads everything, the pressure goes, the stall ends
+        // (a generous bound, so that a busy machine cannot make it a cut-off).
+        let patient = OutboxLimits {
+            stall: Duration::from_secs(30),
+            ..limits
+        };
+        let (outbox, rx) = Outbox::with_limits(ConnId(4), patient, Arc::new(Stats::default()));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(rx.write_to(server));
+        for _ in 0..20 {
+            outbox.send(message(1000)).unwrap();
+        }
+        assert!(outbox.is_pressured());
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+            sink.len()
+        });
+        outbox.stall().await;
+        assert!(!outbox.is_closed(), "caught up within the bound");
+        assert!(!outbox.is_pressured());
+        outbox.close(None);
+        assert_eq!(writer.await.unwrap(), WriterEnd::Flushed);
+        assert!(reader.await.unwrap() > 20_000);
+
+        // Never reads: the stall ends at the bound with a slow-consumer cut-off.
+        let stats = Arc::new(Stats::default());
+        let (outbox, rx) = Outbox::with_limits(ConnId(5), limits, stats.clone());
+        let (_client, server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(rx.write_to(server));
+        for _ in 0..20 {
+            outbox.send(message(1000)).unwrap();
+        }
+        outbox.stall().await;
+        assert!(outbox.is_closed(), "cut off at the bound");
+        assert_eq!(stats.errors(ErrorCode::SlowConsumer), 1);
+        assert_eq!(writer.await.unwrap(), WriterEnd::Aborted);
+
+        // Without a stall bound nothing is ever pressured.
+        let (outbox, _rx) = Outbox::with_limits(
+            ConnId(6),
+            OutboxLimits::unstalled(1 << 20),
+            Arc::new(Stats::default()),
+        );
+        for _ in 0..20 {
+            outbox.send(message(1000)).unwrap();
+        }
+        assert!(!outbox.is_pressured());
+    }
 }

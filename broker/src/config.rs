@@ -9,11 +9,14 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use thiserror::Error;
 
+use crate::limits::Limits;
 use crate::queue::FsyncPolicy;
+use crate::security::{SecurityConfig, SecurityConfigError};
 
 /// Room in a frame beyond its payload for the topic, reply-to, headers and fixed
-/// fields; the codec's maximum frame length is `max_payload` plus this.
-pub const FRAME_OVERHEAD: usize = 64 * 1024;
+/// fields; the codec's maximum frame length is `max_payload` plus this (the
+/// protocol's rule, so that no frame the broker sends exceeds what it announces).
+pub const FRAME_OVERHEAD: usize = tidings_protocol::FRAME_OVERHEAD;
 
 /// Largest `--max-payload` accepted: keeps `max_payload + FRAME_OVERHEAD` inside the
 /// protocol's `u32` length prefix with room to spare.
@@ -59,6 +62,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A TLS, user or authentication setting is incomplete or wrong.
+    #[error("invalid security setting: {0}")]
+    Security(#[from] SecurityConfigError),
     /// The command line or environment did not parse (also `--help`/`--version`).
     #[error(transparent)]
     Cli(#[from] clap::Error),
@@ -83,7 +89,10 @@ pub enum ConfigError {
     long_about = "The tidings event broker: pub/sub, request/reply and durable queues over TCP.\n\n\
         Every option can also be set through its TIDINGS_* environment variable or in a TOML \
         file given with --config, with keys named like the flags. Precedence: flag, then \
-        environment, then file, then default."
+        environment, then file, then default.\n\n\
+        `tidings-broker hash-password < file` prints an argon2id hash of the password on the \
+        file's first line, for the `password_hash` of a [[users]] entry in the config file. \
+        SIGHUP reloads --tls-cert and --tls-key."
 )]
 pub struct Config {
     /// TOML file with settings; flags and TIDINGS_* variables override it.
@@ -153,8 +162,10 @@ pub struct Config {
     )]
     pub missed_heartbeats: u32,
 
-    /// Shared secret clients must present in HELLO; unset: no authentication
-    /// [default: unset].
+    /// Shared secret clients must present in HELLO: the simple mode, one secret for
+    /// every client, everything allowed. For per-service secrets and permissions
+    /// use `[[users]]` in the config file instead (not both) [default: unset: no
+    /// authentication].
     #[arg(long, env = "TIDINGS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
 
@@ -191,6 +202,14 @@ pub struct Config {
         hide_default_value = true
     )]
     pub queue_window: usize,
+
+    /// TLS, users and pre-authentication limits.
+    #[command(flatten)]
+    pub security: SecurityConfig,
+
+    /// Limits on what one client may make the broker hold.
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -211,6 +230,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             fsync: FsyncPolicy::Always,
             queue_window: 4096,
+            security: SecurityConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -264,6 +285,13 @@ impl Config {
                 key: key.clone(),
                 message,
             };
+            if id == "users" {
+                // `[[users]]`: only the file can give them; see `auth::users`.
+                self.security.users = value
+                    .try_into()
+                    .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
+                continue;
+            }
             let known = Config::command().get_arguments().any(|a| {
                 a.get_id().as_str() == id && !matches!(id.as_str(), "config" | "print_config")
             });
@@ -310,7 +338,13 @@ impl Config {
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
             "fsync" => self.fsync = raw.parse()?,
             "queue_window" => self.queue_window = num(raw)?,
-            _ => return Err("unknown setting".into()),
+            _ => {
+                return self
+                    .security
+                    .set(id, raw)
+                    .or_else(|| self.limits.set(id, raw))
+                    .unwrap_or_else(|| Err("unknown setting".into()));
+            }
         }
         Ok(())
     }
@@ -349,6 +383,10 @@ impl Config {
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
         }
+        if let Err((name, message)) = self.limits.validate() {
+            return invalid(name, &message);
+        }
+        self.security.validate(self.auth_token.as_deref())?;
         Ok(())
     }
 
@@ -392,6 +430,14 @@ impl Config {
         );
         line("fsync", quoted(&self.fsync.to_string()));
         line("queue-window", self.queue_window.to_string());
+        self.security.toml_lines(&mut line);
+        self.limits.toml_lines(&mut line);
+        if !self.security.users.is_empty() {
+            out.push_str(&format!(
+                "# [[users]]: {} entries, not printed (they hold secrets)\n",
+                self.security.users.len()
+            ));
+        }
         out
     }
 }

@@ -48,15 +48,19 @@
 //! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod limits;
 pub mod memory;
 pub mod outbox;
 pub mod queue;
 pub mod router;
+pub mod security;
 mod server;
 mod shared;
 mod stats;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,7 +71,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use config::{Config, ConfigError};
-pub use server::run;
+pub use limits::Limits;
+pub use security::SecurityConfig;
+pub use server::{run, run_with_tls};
 pub use stats::Stats;
 
 /// Why the broker could not start or stopped with an error.
@@ -95,6 +101,9 @@ pub enum BrokerError {
     /// The durable-queue store could not be opened.
     #[error("cannot open the queue store: {0}")]
     Queues(#[from] queue::QueueError),
+    /// The TLS certificate, key or client CA could not be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Some other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -111,11 +120,15 @@ impl Broker {
         prepare_data_dir(&config)?;
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
+        let tls = tls::Tls::from_config(&config.security)?;
         let token = CancellationToken::new();
         let stop = token.clone();
-        let join = tokio::spawn(run(listener, config, async move { stop.cancelled().await }));
+        let join = tokio::spawn(run_with_tls(listener, config, tls.clone(), async move {
+            stop.cancelled().await
+        }));
         Ok(BrokerHandle {
             local_addr,
+            tls,
             token: token.clone(),
             _guard: token.drop_guard(),
             join,
@@ -128,6 +141,7 @@ impl Broker {
 #[derive(Debug)]
 pub struct BrokerHandle {
     local_addr: SocketAddr,
+    tls: Option<tls::Tls>,
     token: CancellationToken,
     _guard: DropGuard,
     join: JoinHandle<Result<(), BrokerError>>,
@@ -137,6 +151,11 @@ impl BrokerHandle {
     /// The address the broker listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The listener's TLS, to [`tls::Tls::reload`] it; `None` when plaintext.
+    pub fn tls(&self) -> Option<&tls::Tls> {
+        self.tls.as_ref()
     }
 
     /// Graceful shutdown: stop accepting, let connections finish, flush, wait (bounded).

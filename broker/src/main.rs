@@ -1,5 +1,7 @@
 //! `tidings-broker`: reads the configuration, sets up logging, binds and serves
-//! until SIGINT or SIGTERM, then shuts down gracefully and exits 0.
+//! until SIGINT or SIGTERM, then shuts down gracefully and exits 0. SIGHUP
+//! reloads the TLS certificate and key. `tidings-broker hash-password` makes an
+//! argon2id hash for a `[[users]]` entry.
 
 use std::io::IsTerminal;
 
@@ -10,6 +12,12 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "hash-password")
+    {
+        return hash_password();
+    }
     tidings_broker::memory::tune_allocator();
     let config = match Config::load() {
         Ok(config) => config,
@@ -37,8 +45,68 @@ async fn main() -> anyhow::Result<()> {
         data_dir = %config.data_dir.display(),
         "listening on {addr}"
     );
-    tidings_broker::run(listener, config, shutdown_signal()).await?;
+    let tls = tidings_broker::tls::Tls::from_config(&config.security)
+        .context("loading the TLS certificate and key")?;
+    if let Some(tls) = tls.clone() {
+        tokio::spawn(reload_on_sighup(tls));
+    }
+    tidings_broker::run_with_tls(listener, config, tls, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `tidings-broker hash-password`: reads a password from the first line of
+/// standard input and prints its argon2id PHC string for `password_hash`.
+fn hash_password() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    if let Some(arg) = std::env::args_os().nth(2) {
+        let help = arg == "--help" || arg == "-h";
+        eprintln!(
+            "usage: tidings-broker hash-password < password-file\n\n\
+             Reads one password from the first line of standard input and prints an\n\
+             argon2id hash (19 MiB, 2 passes) for the `password_hash` key of [[users]]."
+        );
+        std::process::exit(if help { 0 } else { 2 });
+    }
+    if std::io::stdin().is_terminal() {
+        eprint!("password (echoed; pipe it in to keep it off the screen): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    let phc = tidings_broker::auth::hash_password(password)
+        .map_err(anyhow::Error::msg)
+        .context("hashing the password")?;
+    println!("{phc}");
+    Ok(())
+}
+
+/// Reloads the TLS files on each SIGHUP; a failed reload keeps the old ones.
+async fn reload_on_sighup(tls: tidings_broker::tls::Tls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGHUP; TLS reload is off");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the old certificate")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Resolves on SIGINT (ctrl-c) or SIGTERM.

@@ -2,7 +2,7 @@
 //! it: frames encoded as they are queued into one buffer bounded in bytes, which
 //! the writer takes whole for each write.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,9 @@ struct Shared {
     /// Set when the cut-off was for staying above the high-water mark too long,
     /// rather than for passing the hard bound.
     stayed_behind: AtomicBool,
+    /// The session's minor protocol version (0 until the handshake says more):
+    /// what frames built for many connections (fan-out, deliveries) may carry.
+    minor: AtomicU16,
     stats: Arc<Stats>,
 }
 
@@ -223,6 +226,7 @@ impl Outbox {
             abort: CancellationToken::new(),
             slow: AtomicBool::new(false),
             stayed_behind: AtomicBool::new(false),
+            minor: AtomicU16::new(0),
             stats,
         });
         (
@@ -237,6 +241,17 @@ impl Outbox {
     /// The connection this outbox writes to.
     pub fn conn_id(&self) -> ConnId {
         self.shared.conn
+    }
+
+    /// Records the minor protocol version the handshake agreed on.
+    pub fn set_protocol_minor(&self, minor: u16) {
+        self.shared.minor.store(minor, Ordering::Relaxed);
+    }
+
+    /// The session's minor protocol version: 0 for a 1.0 session, which must not
+    /// be sent the fields 1.1 added.
+    pub fn protocol_minor(&self) -> u16 {
+        self.shared.minor.load(Ordering::Relaxed)
     }
 
     /// Queues a frame. Never waits. Fails when the connection is closed or closing,

@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field, info, info_span, warn};
 
+use crate::auth::Authenticator;
 use crate::connection::{self, Signals};
 use crate::outbox::ConnId;
 use crate::router::Router;
 use crate::shared::{BrokerQueues, Shared};
 use crate::stats::Stats;
+use crate::tls::Tls;
 use crate::{BrokerError, Config};
 
 /// How long a refused connection gets to read its error frame.
@@ -34,18 +36,37 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 /// Serves connections on `listener` until `shutdown` resolves, then stops accepting,
 /// asks every connection to finish the frame in hand and flush what is queued, and
 /// waits for them (at most `config.shutdown_timeout`, then cuts them off).
+///
+/// TLS, when configured, is loaded here; use [`run_with_tls`] to keep a handle for
+/// reloading it.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
     config.validate()?;
+    let tls = Tls::from_config(&config.security)?;
+    run_with_tls(listener, config, tls, shutdown).await
+}
+
+/// [`run`] with TLS already loaded (`None`: plaintext), so the caller can keep a
+/// clone of `tls` and [`Tls::reload`] it (on SIGHUP, say).
+pub async fn run_with_tls(
+    listener: TcpListener,
+    config: Config,
+    tls: Option<Tls>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    config.validate()?;
+    let auth = Authenticator::new(config.auth_token.as_deref(), &config.security.users)
+        .map_err(|e| crate::ConfigError::Security(e.into()))?;
     let stats = Arc::new(Stats::default());
     let queues = BrokerQueues::open(&config)?;
     let shared = Arc::new(Shared {
         router: Router::new(stats.clone()),
         stats,
         queues,
+        auth,
         config,
     });
     let signals = Signals {
@@ -81,14 +102,70 @@ pub async fn run(
             continue;
         };
         let conn = ConnId(next_id.fetch_add(1, Ordering::Relaxed));
-        let span = info_span!("conn", id = conn.0, %peer, client = field::Empty);
+        let span =
+            info_span!("conn", id = conn.0, %peer, client = field::Empty, user = field::Empty);
         let shared = shared.clone();
         let signals = signals.clone();
         let inner_tracker = tracker.clone();
+        let acceptor = tls.as_ref().map(Tls::acceptor);
         tracker.spawn(
             async move {
                 shared.stats.connection_opened();
-                connection::serve(stream, conn, shared.clone(), signals, inner_tracker).await;
+                // We coalesce writes ourselves; Nagle would only add latency.
+                let _ = stream.set_nodelay(true);
+                let peer = Some(peer);
+                match acceptor {
+                    None => {
+                        let (read, write) = stream.into_split();
+                        let transport = connection::Transport {
+                            read,
+                            write,
+                            peer,
+                            certificate_names: Vec::new(),
+                        };
+                        connection::serve(transport, conn, shared.clone(), signals, inner_tracker)
+                            .await;
+                    }
+                    Some(acceptor) => {
+                        // The TLS handshake counts against the handshake timeout, so
+                        // a plaintext client (or a silent one) is closed within it.
+                        let timeout = shared.config.handshake_timeout;
+                        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => {
+                                let certificate_names = tls_stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| chain.first())
+                                    .map(crate::tls::certificate_names)
+                                    .unwrap_or_default();
+                                let (read, write) = tokio::io::split(tls_stream);
+                                let transport = connection::Transport {
+                                    read,
+                                    write,
+                                    peer,
+                                    certificate_names,
+                                };
+                                connection::serve(
+                                    transport,
+                                    conn,
+                                    shared.clone(),
+                                    signals,
+                                    inner_tracker,
+                                )
+                                .await;
+                            }
+                            Ok(Err(err)) => {
+                                shared.stats.error(ErrorCode::HandshakeRequired);
+                                info!(error = %err, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                shared.stats.error(ErrorCode::HandshakeTimeout);
+                                info!(?timeout, "TLS handshake timed out");
+                            }
+                        }
+                    }
+                }
                 shared.stats.connection_closed();
                 drop(permit);
             }

@@ -1,9 +1,10 @@
 //! `Shared`: the broker-wide state every connection sees (config, router, stats,
-//! durable queues), built by the server at start. It sits below both the server
+//! durable queues, authenticator), built by the server at start. It sits below both the server
 //! and the connections so that neither has to import the other for it.
 
 use std::sync::Arc;
 
+use crate::auth::Authenticator;
 use crate::queue::{EngineConfig, QueueEngine};
 use crate::router::Router;
 use crate::stats::Stats;
@@ -16,6 +17,7 @@ pub(crate) struct Shared {
     pub(crate) router: Router,
     pub(crate) stats: Arc<Stats>,
     pub(crate) queues: BrokerQueues,
+    pub(crate) auth: Authenticator,
 }
 
 /// The broker-wide queue state: the engine, opened by the server at start and

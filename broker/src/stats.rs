@@ -145,8 +145,11 @@ impl Stats {
             ("messages.out", self.messages_out.load(Relaxed)),
             ("bytes.in", self.bytes_in.load(Relaxed)),
             ("bytes.out", self.bytes_out.load(Relaxed)),
-            ("subscriptions", self.subscriptions.load(Relaxed)),
-            ("slow_consumers", self.slow_consumers.load(Relaxed)),
+            ("subscriptions.current", self.subscriptions.load(Relaxed)),
+            (
+                "connections.slow_consumers",
+                self.slow_consumers.load(Relaxed),
+            ),
             (
                 "outbound.pending_bytes_peak",
                 self.pending_bytes_peak.load(Relaxed),

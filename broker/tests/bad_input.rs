@@ -70,6 +70,7 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
     c.send(Frame::Welcome(Welcome {
+        minor: None,
         version: 1,
         server_version: "x".into(),
         max_frame_len: 1,
@@ -79,9 +80,11 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
     c.send(Frame::Hello(Hello {
+        minor: None,
         version: PROTOCOL_VERSION,
         client_name: "again".into(),
         token: None,
+        user: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;
@@ -150,7 +153,7 @@ async fn invalid_topic_and_pattern() {
     let stats = c.stats().await;
     assert_eq!(stats.get("errors.invalid_topic"), Some(6));
     assert_eq!(stats.get("errors.invalid_pattern"), Some(4));
-    assert_eq!(stats.get("subscriptions"), Some(0));
+    assert_eq!(stats.get("subscriptions.current"), Some(0));
 }
 
 #[tokio::test]
@@ -201,9 +204,11 @@ async fn unsupported_version_closes() {
     let broker = start().await;
     let mut c = Client::connect(broker.addr).await;
     c.send(Frame::Hello(Hello {
+        minor: None,
         version: PROTOCOL_VERSION + 1,
         client_name: "future".into(),
         token: None,
+        user: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnsupportedVersion).await;
@@ -216,9 +221,11 @@ async fn token_is_required_when_configured() {
     for token in [None, Some("wrong"), Some("s3cre"), Some("")] {
         let mut c = Client::connect(broker.addr).await;
         c.send(Frame::Hello(Hello {
+            minor: None,
             version: PROTOCOL_VERSION,
             client_name: "c".into(),
             token: token.map(Into::into),
+            user: None,
         }))
         .await;
         c.expect_error(ErrorCode::AuthFailed).await;

@@ -70,7 +70,7 @@ async fn read_all(client: &mut Client) -> u64 {
 
 async fn slow_consumers(broker: &TestBroker) -> Option<u64> {
     let mut observer = Client::hello(broker.addr, "observer").await;
-    observer.stats().await.get("slow_consumers")
+    observer.stats().await.get("connections.slow_consumers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +129,7 @@ async fn a_subscriber_that_never_reads_is_cut_off_and_nobody_else_is_harmed() {
     );
     let stats = publisher.stats().await;
     assert_eq!(
-        stats.get("slow_consumers"),
+        stats.get("connections.slow_consumers"),
         Some(1),
         "the stuck one is cut off"
     );

@@ -97,9 +97,11 @@ impl Conn {
             codec: FrameCodec::default(),
         };
         conn.send(&[Frame::Hello(Hello {
+            minor: None,
             version: PROTOCOL_VERSION,
             client_name: "crash-test".into(),
             token: None,
+            user: None,
         })])
         .await?;
         match conn.recv().await? {
@@ -205,6 +207,7 @@ async fn hold_deliveries(addr: SocketAddr, delivered: Arc<Mutex<HashSet<String>>
         return;
     };
     let consume = Frame::Consume(Consume {
+        limit: None,
         request_id: 1,
         consumer_id: 1,
         queue: "crash".into(),
@@ -309,6 +312,7 @@ async fn confirmed_messages_survive_repeated_sigkill() {
         confirmed.len()
     );
     c.send(&[Frame::Consume(Consume {
+        limit: None,
         request_id: 2,
         consumer_id: 7,
         queue: "crash".into(),

@@ -68,7 +68,7 @@ async fn slow_consumer_is_cut_off_while_fast_one_gets_everything() {
             published += 1;
         }
         let stats = publisher.stats().await;
-        if stats.get("slow_consumers") == Some(1) {
+        if stats.get("connections.slow_consumers") == Some(1) {
             cut_off = true;
             break;
         }
@@ -102,7 +102,7 @@ async fn slow_consumer_is_cut_off_while_fast_one_gets_everything() {
     }
 
     let stats = publisher.stats().await;
-    assert_eq!(stats.get("slow_consumers"), Some(1));
+    assert_eq!(stats.get("connections.slow_consumers"), Some(1));
     assert_eq!(stats.get("errors.slow_consumer"), Some(1));
     let peak = stats.get("outbound.pending_bytes_peak").unwrap();
     assert!(
@@ -197,7 +197,7 @@ async fn a_thousand_connections_subscribe_and_receive() {
     within("all subscriptions", ready.wait()).await;
     let mut publisher = Client::hello(addr, "pub").await;
     assert_eq!(
-        publisher.stats().await.get("subscriptions"),
+        publisher.stats().await.get("subscriptions.current"),
         Some(2 * N as u64)
     );
     for i in 0..N {

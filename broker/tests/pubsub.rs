@@ -36,7 +36,7 @@ async fn fan_out_reaches_every_subscriber_in_order() {
     let stats = publisher.stats().await;
     assert_eq!(stats.get("messages.in"), Some(100));
     assert_eq!(stats.get("messages.out"), Some(300));
-    assert_eq!(stats.get("subscriptions"), Some(3));
+    assert_eq!(stats.get("subscriptions.current"), Some(3));
     assert_eq!(stats.get("connections.current"), Some(4));
     broker.handle.shutdown().await;
 }
@@ -193,7 +193,7 @@ async fn subscriptions_end_with_their_connection() {
     let mut a = Client::hello(broker.addr, "a").await;
     a.subscribe(1, "t", None).await;
     let mut b = Client::hello(broker.addr, "b").await;
-    assert_eq!(b.stats().await.get("subscriptions"), Some(1));
+    assert_eq!(b.stats().await.get("subscriptions.current"), Some(1));
     drop(a);
     // The broker notices the close asynchronously; its gauge says when.
     within("the subscription to go", async {

@@ -1,6 +1,7 @@
 //! `Client`: the cheap, cloneable handle every task uses to talk to the one
 //! connection task that owns the socket.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -43,6 +44,8 @@ struct ClientInner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
+    /// Set by [`Client::with_timeout`]: the bound on every call through this handle.
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -78,6 +81,7 @@ impl Client {
                 handle,
                 _close: close.drop_guard(),
             }),
+            timeout: None,
         })
     }
 
@@ -136,6 +140,14 @@ impl Client {
     /// Publishes and waits for the broker's confirm: the message is durable in every
     /// queue it was routed to.
     ///
+    /// A confirm that says the message is not stored anywhere is an error: with no
+    /// queue bound to the topic, [`PublishError::Unroutable`]; when a queue refused
+    /// it for being full (overflow reject-publish), [`PublishError::QueueFull`] with
+    /// the counts. For publishes that may legitimately reach no queue, say so with
+    /// [`ConfirmOptions::allow_unroutable`] and [`Client::publish_confirmed_with`].
+    /// Bounded by the confirm timeout ([`ClientBuilder::confirm_timeout`],
+    /// overridden by [`Client::with_timeout`]).
+    ///
     /// ```no_run
     /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::PublishError> {
     /// use tidings_client::Message;
@@ -144,27 +156,115 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn publish_confirmed(&self, message: Message) -> Result<Confirmation, PublishError> {
+        self.publish_confirmed_with(message, ConfirmOptions::new())
+            .await
+    }
+
+    /// [`Client::publish_confirmed`] with options: what counts as success.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::PublishError> {
+    /// use tidings_client::{ConfirmOptions, Message};
+    /// // An audit event: stored if some queue wants it, fine if none does.
+    /// let options = ConfirmOptions::new().allow_unroutable();
+    /// let confirm = client.publish_confirmed_with(Message::new("audit.login", "u7"), options).await?;
+    /// # let _ = confirm;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_confirmed_with(
+        &self,
+        message: Message,
+        options: ConfirmOptions,
+    ) -> Result<Confirmation, PublishError> {
+        self.enqueue_confirmed_with(message, options).await?.await
+    }
+
+    /// Queues a publish that asks for a confirm and returns at once with a future
+    /// of that confirm: send now, await later. Awaiting the [`PendingConfirm`]
+    /// gives what [`Client::publish_confirmed`] would have. Any number may be in
+    /// flight; publishes are written in the order they were enqueued and the
+    /// broker confirms them as they become durable (group commits make many
+    /// durable at once). The confirm timeout counts from the enqueue.
+    ///
+    /// This `async fn` waits only while the connection is down (up to the offline
+    /// wait); its result says whether the publish was queued. Dropping the
+    /// [`PendingConfirm`] does not take the publish back.
+    ///
+    /// A producer keeping 256 confirms in flight:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::PublishError> {
+    /// use futures::stream::{FuturesUnordered, StreamExt};
+    /// use tidings_client::Message;
+    ///
+    /// let mut in_flight = FuturesUnordered::new();
+    /// for n in 0..100_000u32 {
+    ///     if in_flight.len() == 256 {
+    ///         // Wait for one confirm before sending more; `?` stops at the first
+    ///         // failure (unroutable, queue full, timeout, connection lost …).
+    ///         in_flight.next().await.expect("256 in flight")?;
+    ///     }
+    ///     let message = Message::new("orders.created", n.to_string()).id(format!("order-{n}"));
+    ///     in_flight.push(client.enqueue_confirmed(message).await?);
+    /// }
+    /// while let Some(confirm) = in_flight.next().await {
+    ///     confirm?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue_confirmed(
+        &self,
+        message: Message,
+    ) -> Result<PendingConfirm, PublishError> {
+        self.enqueue_confirmed_with(message, ConfirmOptions::new())
+            .await
+    }
+
+    /// [`Client::enqueue_confirmed`] with options: what counts as success.
+    pub async fn enqueue_confirmed_with(
+        &self,
+        message: Message,
+        options: ConfirmOptions,
+    ) -> Result<PendingConfirm, PublishError> {
+        let handle = self.handle();
         let mut publish = message.to_publish();
-        self.handle().check_publish(&publish)?;
+        handle.check_publish(&publish)?;
         publish.confirm = true;
-        let answer = self
-            .handle()
-            .call(|id| {
-                publish.request_id = Some(id);
-                Frame::Publish(publish)
-            })
-            .await?;
-        match answer {
-            Frame::Confirm(c) => Ok(Confirmation {
+        let timeout = self.timeout(TimeoutKind::Confirm);
+        if *handle.shared.state.borrow() != ConnState::Connected {
+            handle.ready(handle.offline_deadline()).await?;
+        }
+        let id = handle.shared.next_id();
+        publish.request_id = Some(id);
+        let topic = publish.topic.to_string();
+        let (reply, answer) = oneshot::channel();
+        handle.send(Command::Call {
+            id,
+            frame: Frame::Publish(publish),
+            reply,
+        })?;
+        let confirm = async move {
+            let answer = match tokio::time::timeout(timeout, answer).await {
+                Err(_) => return Err(PublishError::TimedOut { after: timeout }),
+                Ok(Err(_)) => return Err(PublishError::ConnectionLost),
+                Ok(Ok(answer)) => answer?,
+            };
+            let Frame::Confirm(c) = answer else {
+                return Err(PublishError::Server(ServerError {
+                    raw_code: tidings_protocol::ErrorCode::UnexpectedFrame as u16,
+                    message: format!("expected CONFIRM, got {}", answer.name()),
+                }));
+            };
+            let confirmation = Confirmation {
                 queues: c.queues,
                 rejected: c.rejected,
                 duplicate: c.duplicate,
-            }),
-            other => Err(PublishError::Server(ServerError {
-                raw_code: tidings_protocol::ErrorCode::UnexpectedFrame as u16,
-                message: format!("expected CONFIRM, got {}", other.name()),
-            })),
-        }
+            };
+            options.check(topic, confirmation)
+        };
+        Ok(PendingConfirm {
+            inner: Box::pin(confirm),
+        })
     }
 
     /// Waits until everything queued so far is written to the socket.
@@ -175,7 +275,7 @@ impl Client {
             .await?;
         let (tx, rx) = oneshot::channel();
         handle.send(Command::Flush { reply: tx })?;
-        let timeout = handle.shared.opts.request_timeout;
+        let timeout = self.timeout(TimeoutKind::Confirm);
         match tokio::time::timeout(timeout, rx).await {
             Err(_) => Err(PublishError::TimedOut { after: timeout }),
             Ok(Err(_)) | Ok(Ok(false)) => Err(PublishError::ConnectionLost),
@@ -187,7 +287,9 @@ impl Client {
     pub async fn stats(&self) -> Result<Stats, QueueError> {
         match self
             .handle()
-            .call(|request_id| Frame::Stats(StatsFrame { request_id }))
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
+                Frame::Stats(StatsFrame { request_id })
+            })
             .await?
         {
             Frame::StatsReply(reply) => Ok(Stats {
@@ -203,9 +305,134 @@ impl Client {
         }
     }
 
-    /// The default request timeout, also the bound on answers from the broker.
+    /// A handle to the same connection whose every call (requests, confirms,
+    /// subscribe, queue operations, flush, and the calls of the subscriptions and
+    /// consumers it creates) is bounded by `timeout` instead of the per-kind
+    /// defaults of the [`ClientBuilder`]: a per-call override.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::Error> {
+    /// use std::time::Duration;
+    /// use tidings_client::Message;
+    /// // This one confirm may take up to a minute; the client's default stays.
+    /// let slow = client.with_timeout(Duration::from_secs(60));
+    /// slow.publish_confirmed(Message::new("reports.big", "…")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            timeout: Some(timeout),
+        }
+    }
+
+    /// The bound on a call of this kind through this handle.
+    pub(crate) fn timeout(&self, kind: TimeoutKind) -> Duration {
+        if let Some(timeout) = self.timeout {
+            return timeout;
+        }
+        let opts = &self.handle().shared.opts;
+        match kind {
+            TimeoutKind::Request => opts.request_timeout,
+            TimeoutKind::Confirm => opts.confirm_timeout,
+            TimeoutKind::Subscribe => opts.subscribe_timeout,
+            TimeoutKind::Queue => opts.queue_timeout,
+        }
+    }
+
+    /// The timeout [`Client::request`] uses through this handle.
     pub fn default_request_timeout(&self) -> Duration {
-        self.handle().shared.opts.request_timeout
+        self.timeout(TimeoutKind::Request)
+    }
+}
+
+/// Which default timeout of the [`ClientBuilder`] bounds a call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TimeoutKind {
+    /// Waiting for a reply to a request.
+    Request,
+    /// Waiting for a publish confirm, or for a flush.
+    Confirm,
+    /// Waiting for the broker to take a subscribe or unsubscribe.
+    Subscribe,
+    /// Queue operations: declare, delete, bind, info, consume, cancel, acks
+    /// awaited, dead letters, stats.
+    Queue,
+}
+
+/// What a confirmed publish counts as success; by default only a message stored
+/// in at least one queue, refused by none.
+///
+/// ```
+/// use std::time::Duration;
+/// use tidings_client::ConfirmOptions;
+/// let options = ConfirmOptions::new().allow_unroutable().allow_queue_full();
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfirmOptions {
+    allow_unroutable: bool,
+    allow_queue_full: bool,
+}
+
+impl ConfirmOptions {
+    /// The default: no queue taking the message is [`PublishError::Unroutable`],
+    /// a queue refusing it is [`PublishError::QueueFull`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A confirm with no queue bound to the topic (`queues == 0`) is a success:
+    /// for publishes that may legitimately reach no queue (events some services
+    /// may or may not store).
+    pub fn allow_unroutable(mut self) -> Self {
+        self.allow_unroutable = true;
+        self
+    }
+
+    /// A confirm in which some queues refused the message for being full is a
+    /// success (the counts are in the [`Confirmation`]).
+    pub fn allow_queue_full(mut self) -> Self {
+        self.allow_queue_full = true;
+        self
+    }
+
+    fn check(self, topic: String, c: Confirmation) -> Result<Confirmation, PublishError> {
+        if c.rejected > 0 && !self.allow_queue_full {
+            return Err(PublishError::QueueFull {
+                topic,
+                queues: c.queues,
+                rejected: c.rejected,
+            });
+        }
+        if c.queues == 0 && c.rejected == 0 && !self.allow_unroutable {
+            return Err(PublishError::Unroutable { topic });
+        }
+        Ok(c)
+    }
+}
+
+/// A confirm on its way: the future [`Client::enqueue_confirmed`] returns. It
+/// resolves to what [`Client::publish_confirmed`] would have returned.
+#[must_use = "a pending confirm does nothing unless awaited; dropping it does not take the publish back"]
+pub struct PendingConfirm {
+    inner: std::pin::Pin<Box<dyn Future<Output = Result<Confirmation, PublishError>> + Send>>,
+}
+
+impl std::fmt::Debug for PendingConfirm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingConfirm").finish_non_exhaustive()
+    }
+}
+
+impl Future for PendingConfirm {
+    type Output = Result<Confirmation, PublishError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use tidings_protocol::{Frame, Publish, Text};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::consumer::Delivery;
+use crate::consumer::ConsumerSink;
 use crate::error::CallError;
 use crate::message::Message;
 use crate::sub_buffer::SubBuffer;
@@ -56,7 +56,8 @@ pub(crate) enum Command {
         cid: u32,
         queue: Text,
         prefetch: u32,
-        tx: mpsc::Sender<Delivery>,
+        limit: Option<u32>,
+        sink: ConsumerSink,
         reply: Reply,
     },
     Cancel {

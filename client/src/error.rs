@@ -1,5 +1,9 @@
 //! The client's errors: one small enum per operation family, so that callers can
 //! match the cases they handle (no responders, timed out, queue not found …).
+//!
+//! Each message states its cause once: a cause is either part of the message or
+//! the error's `source()`, never both, so that a reporter walking the chain (such
+//! as anyhow's `{:#}`) does not print it twice. Causes are part of the message.
 
 use std::time::Duration;
 
@@ -43,12 +47,12 @@ impl From<&ErrorReply> for ServerError {
 #[derive(Debug, Error)]
 pub enum ConnectError {
     /// The TCP connection could not be opened.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {error}")]
     Io {
         /// The address dialled.
         addr: String,
-        /// The socket error.
-        source: std::io::Error,
+        /// The socket error (in the message, not repeated as a `source`).
+        error: std::io::Error,
     },
     /// Connecting and the handshake took longer than the connect timeout.
     #[error("connecting to {addr} timed out after {after:?}")]
@@ -67,12 +71,12 @@ pub enum ConnectError {
         error: ServerError,
     },
     /// The broker sent bytes that are not a valid frame.
-    #[error("broker at {addr} sent an invalid frame: {source}")]
+    #[error("broker at {addr} sent an invalid frame: {error}")]
     Protocol {
         /// The address dialled.
         addr: String,
         /// What was wrong.
-        source: ProtocolError,
+        error: ProtocolError,
     },
     /// The broker answered the handshake with something other than WELCOME.
     #[error("broker at {addr} answered HELLO with {frame} instead of WELCOME")]
@@ -88,18 +92,27 @@ pub enum ConnectError {
         /// The address dialled.
         addr: String,
     },
+    /// TLS could not be set up: unreadable CA or certificate files, or the TLS
+    /// handshake failed (an untrusted or expired certificate, a wrong name).
+    #[error("TLS with {addr}: {message}")]
+    Tls {
+        /// The address dialled.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// Why a publish failed.
 #[derive(Debug, Error)]
 pub enum PublishError {
     /// The topic is not a valid topic (wildcards, empty tokens, whitespace …).
-    #[error("invalid topic `{topic}`: {source}")]
+    #[error("invalid topic `{topic}`: {reason}")]
     InvalidTopic {
         /// The topic given.
         topic: String,
-        /// The rule it broke.
-        source: TopicError,
+        /// The rule it broke (in the message, not repeated as a `source`).
+        reason: TopicError,
     },
     /// The payload is larger than the broker accepts (learned in the handshake).
     #[error("payload of {size} bytes exceeds the broker's maximum of {max} bytes")]
@@ -107,6 +120,15 @@ pub enum PublishError {
         /// The payload's size.
         size: usize,
         /// The broker's limit.
+        max: usize,
+    },
+    /// Topic, reply topic, message id and headers take more room than a publish
+    /// may spend beside its payload (`tidings_protocol::MAX_ENVELOPE_LEN`).
+    #[error("topic, reply_to, message id and headers take {size} bytes; at most {max} are allowed")]
+    EnvelopeTooLarge {
+        /// Their encoded size.
+        size: usize,
+        /// The protocol's limit.
         max: usize,
     },
     /// The connection was down and did not come back within the offline wait.
@@ -125,6 +147,25 @@ pub enum PublishError {
         /// The timeout.
         after: Duration,
     },
+    /// The broker confirmed, but no queue is bound to the topic: the message is
+    /// stored nowhere. Allow it with [`crate::ConfirmOptions::allow_unroutable`].
+    #[error("no queue is bound to `{topic}`: the confirmed publish is stored nowhere")]
+    Unroutable {
+        /// The topic published to.
+        topic: String,
+    },
+    /// The broker confirmed, but some queues refused the message because they
+    /// were full (overflow reject-publish). Allow it with
+    /// [`crate::ConfirmOptions::allow_queue_full`].
+    #[error("{rejected} full queue(s) refused the publish to `{topic}` ({queues} stored it)")]
+    QueueFull {
+        /// The topic published to.
+        topic: String,
+        /// Queues that stored the message.
+        queues: u32,
+        /// Queues that refused it.
+        rejected: u32,
+    },
     /// The broker refused the publish.
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -140,12 +181,12 @@ pub enum PublishError {
 #[derive(Debug, Error)]
 pub enum SubscribeError {
     /// The pattern is not valid.
-    #[error("invalid pattern `{pattern}`: {source}")]
+    #[error("invalid pattern `{pattern}`: {reason}")]
     InvalidPattern {
         /// The pattern given.
         pattern: String,
-        /// The rule it broke.
-        source: TopicError,
+        /// The rule it broke (in the message, not repeated as a `source`).
+        reason: TopicError,
     },
     /// The connection was down and did not come back within the offline wait.
     #[error("not connected to the broker (waited {waited:?} for a reconnect)")]
@@ -209,12 +250,12 @@ pub enum QueueError {
     #[error(transparent)]
     Server(#[from] ServerError),
     /// A binding pattern is not valid.
-    #[error("invalid pattern `{pattern}`: {source}")]
+    #[error("invalid pattern `{pattern}`: {reason}")]
     InvalidPattern {
         /// The pattern given.
         pattern: String,
-        /// The rule it broke.
-        source: TopicError,
+        /// The rule it broke (in the message, not repeated as a `source`).
+        reason: TopicError,
     },
     /// The connection was down and did not come back within the offline wait.
     #[error("not connected to the broker (waited {waited:?} for a reconnect)")]
@@ -252,13 +293,68 @@ impl QueueError {
     }
 }
 
-/// Why an ack or nack could not be sent.
+/// Why a consumer's stream ended other than by the caller: the typed end of
+/// [`crate::Consumer::try_next`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConsumerError {
+    /// The broker cancelled the consumer (CONSUMER_CANCELLED): its queue was
+    /// deleted (`reason` 1), or another reason a newer broker gives.
+    #[error("the broker cancelled the consumer of `{queue}`: {message}")]
+    Cancelled {
+        /// The queue consumed.
+        queue: String,
+        /// The wire reason (1: queue deleted); see `tidings_protocol::CancelReason`.
+        reason: u8,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// After a reconnect the broker refused to start the consumer again (for
+    /// example the queue was deleted while the connection was down).
+    #[error("the consumer of `{queue}` could not be restored after a reconnect: {error}")]
+    NotRestored {
+        /// The queue consumed.
+        queue: String,
+        /// What the broker said.
+        error: ServerError,
+    },
+}
+
+impl ConsumerError {
+    /// True when the consumer ended because its queue no longer exists.
+    pub fn queue_deleted(&self) -> bool {
+        match self {
+            ConsumerError::Cancelled { reason, .. } => {
+                *reason == tidings_protocol::CancelReason::QueueDeleted as u8
+            }
+            ConsumerError::NotRestored { error, .. } => {
+                error.code() == Some(ErrorCode::QueueNotFound)
+            }
+        }
+    }
+}
+
+/// Why an ack or nack could not be sent, or (for the `_confirmed` variants) was
+/// not confirmed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AckError {
     /// The delivery came over a connection that has since dropped; the broker
     /// redelivers it, so there is nothing left to acknowledge.
     #[error("the delivery's connection was lost; the broker will redeliver it")]
     Stale,
+    /// The broker refused the ack or nack (for example `UnknownDelivery`: the
+    /// delivery is no longer outstanding, its consumer having been cancelled).
+    #[error(transparent)]
+    Refused(ServerError),
+    /// The connection dropped before the broker answered; the broker redelivers
+    /// the delivery unless the ack reached it first.
+    #[error("connection lost before the broker confirmed the ack")]
+    ConnectionLost,
+    /// No answer within the queue timeout.
+    #[error("no answer to the ack within {after:?}")]
+    TimedOut {
+        /// The timeout.
+        after: Duration,
+    },
     /// The client has shut down.
     #[error("the client is closed")]
     Closed,
@@ -285,6 +381,9 @@ pub enum Error {
     /// See [`AckError`].
     #[error(transparent)]
     Ack(#[from] AckError),
+    /// See [`ConsumerError`].
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
 }
 
 /// How anything that talks to the connection task can fail, before it is mapped

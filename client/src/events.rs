@@ -11,8 +11,9 @@ use tokio::sync::broadcast;
 /// Something that happened to the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The connection came back after a drop; subscriptions and consumers have been
-    /// re-sent to the broker.
+    /// The connection came back after a drop, and the broker has answered the
+    /// restored subscriptions and consumers: a message published after this event
+    /// reaches them.
     Reconnected {
         /// Failed attempts before this one succeeded.
         attempts: u32,
@@ -22,6 +23,14 @@ pub enum Event {
     Disconnected {
         /// Why, in words.
         reason: String,
+    },
+    /// The broker cut the connection off as a slow consumer (ERROR `SlowConsumer`):
+    /// the client did not read fast enough, and messages for its subscriptions
+    /// were lost. [`Event::Disconnected`] follows; each subscription marks the
+    /// place with [`crate::Interruption::SlowConsumer`].
+    SlowConsumer {
+        /// The broker's explanation.
+        message: String,
     },
     /// The client gave up reconnecting (or was dropped) and is closed for good.
     Closed,

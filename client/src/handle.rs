@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tidings_protocol::{Frame, Publish, Topic};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
@@ -33,7 +34,9 @@ pub(crate) struct Shared {
     /// acks for a dead connection are refused instead of confusing the new one.
     pub(crate) epoch: AtomicU64,
     pub(crate) max_payload: AtomicUsize,
-    /// `_INBOX.<random>`: the prefix of every reply topic of this client.
+    /// `_INBOX.<random>`, or `_INBOX.<user>.<random>` when logged in as a user
+    /// (the broker always lets a user read `_INBOX.<user>.>`): the prefix of every
+    /// reply topic of this client.
     pub(crate) inbox: String,
     /// Payload bytes queued but not yet written (see `max_buffered_bytes`).
     pub(crate) budget: Arc<Semaphore>,
@@ -54,7 +57,10 @@ impl Shared {
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(1),
             max_payload: AtomicUsize::new(max_payload),
-            inbox: format!("_INBOX.{}", random_token()),
+            inbox: match &opts.user {
+                Some(user) => format!("_INBOX.{user}.{}", random_token()),
+                None => format!("_INBOX.{}", random_token()),
+            },
             budget: Arc::new(Semaphore::new(opts.max_buffered_bytes)),
             events,
             opts,
@@ -127,10 +133,17 @@ impl Handle {
     }
 
     pub(crate) fn check_publish(&self, publish: &Publish) -> Result<(), PublishError> {
-        Topic::validate(&publish.topic).map_err(|source| PublishError::InvalidTopic {
+        Topic::validate(&publish.topic).map_err(|reason| PublishError::InvalidTopic {
             topic: publish.topic.to_string(),
-            source,
+            reason,
         })?;
+        let envelope = publish.envelope_len();
+        if envelope > tidings_protocol::MAX_ENVELOPE_LEN {
+            return Err(PublishError::EnvelopeTooLarge {
+                size: envelope,
+                max: tidings_protocol::MAX_ENVELOPE_LEN,
+            });
+        }
         let max = self.shared.max_payload.load(Ordering::Relaxed);
         if publish.payload.len() > max {
             return Err(PublishError::PayloadTooLarge {
@@ -177,10 +190,14 @@ impl Handle {
         Ok(())
     }
 
-    /// Sends a frame that the broker answers, and waits for the answer (bounded by
-    /// the request timeout).
-    pub(crate) async fn call(&self, make: impl FnOnce(u32) -> Frame) -> Result<Frame, CallError> {
-        self.call_with(|id, reply| Command::Call {
+    /// Sends a frame that the broker answers, and waits for the answer, at most
+    /// `timeout`.
+    pub(crate) async fn call(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(u32) -> Frame,
+    ) -> Result<Frame, CallError> {
+        self.call_with(timeout, |id, reply| Command::Call {
             id,
             frame: make(id),
             reply,
@@ -191,9 +208,9 @@ impl Handle {
     /// Like [`Handle::call`], for commands that carry more than a frame.
     pub(crate) async fn call_with(
         &self,
+        timeout: Duration,
         make: impl FnOnce(u32, Reply) -> Command,
     ) -> Result<Frame, CallError> {
-        let timeout = self.shared.opts.request_timeout;
         self.ready(self.offline_deadline()).await?;
         let id = self.shared.next_id();
         let (reply_tx, reply_rx) = oneshot::channel();

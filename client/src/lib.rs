@@ -51,6 +51,27 @@
 //! `ConnectionLost` (the broker may or may not have acted on them). Watch
 //! [`Client::events`] to see it happen.
 //!
+//! # Timeouts
+//!
+//! Each kind of call has its own default bound on the broker's answer:
+//! [`ClientBuilder::request_timeout`] (replies to requests),
+//! [`ClientBuilder::confirm_timeout`] (publish confirms and flush),
+//! [`ClientBuilder::subscribe_timeout`] and [`ClientBuilder::queue_timeout`] (queue
+//! operations, consume, close, awaited acks). [`Client::with_timeout`] gives a
+//! handle whose calls all use one bound instead: a per-call override.
+//!
+//! # Confirms, acks and losses
+//!
+//! A confirm that stored the message nowhere is an error
+//! ([`PublishError::Unroutable`], [`PublishError::QueueFull`]) unless
+//! [`ConfirmOptions`] allows it; [`Client::enqueue_confirmed`] sends now and
+//! returns the confirm as a future. [`Delivery::ack`] only queues the ack;
+//! [`Delivery::ack_confirmed`] and [`Consumer::close`] wait for the broker. A
+//! subscription reports where messages may have been lost (an [`Interruption`]
+//! from [`Subscription::try_next`], [`Event::SlowConsumer`] on [`Client::events`]);
+//! a consumer the broker ended says why ([`ConsumerError`] from
+//! [`Consumer::try_next`]).
+//!
 //! # Cancel safety
 //!
 //! [`Subscription`], [`Consumer`] and [`Events`] are streams whose `next()` is
@@ -78,16 +99,18 @@ mod queue;
 mod request;
 mod sub_buffer;
 mod subscriber;
+mod tls;
 
-pub use client::{Client, Confirmation, Stats};
+pub use client::{Client, ConfirmOptions, Confirmation, PendingConfirm, Stats};
 pub use consumer::{Consumer, Delivery};
 pub use error::{
-    AckError, ConnectError, Error, PublishError, QueueError, RequestError, ServerError,
-    SubscribeError,
+    AckError, ConnectError, ConsumerError, Error, PublishError, QueueError, RequestError,
+    ServerError, SubscribeError,
 };
 pub use events::{Event, Events};
 pub use message::Message;
 pub use options::{ClientBuilder, ReconnectPolicy};
 pub use queue::{DeadLetter, QueueConfig};
-pub use subscriber::Subscription;
+pub use subscriber::{Interruption, Subscription};
 pub use tidings_protocol::{ErrorCode, Overflow, QueueInfo, Text, TopicError};
+pub use tls::{ClientTls, TLS_SCHEME};

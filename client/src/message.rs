@@ -126,7 +126,8 @@ impl Message {
         self.reply_to.as_deref()
     }
 
-    /// The message id set by the publisher (outgoing messages only).
+    /// The message id set by the publisher. Received messages carry it when the
+    /// broker speaks protocol 1.1.
     pub fn message_id(&self) -> Option<&str> {
         self.id.as_deref()
     }
@@ -176,7 +177,7 @@ impl Message {
             payload: frame.payload,
             headers: frame.headers,
             reply_to: frame.reply_to,
-            id: None,
+            id: frame.message_id,
             delay: None,
             responder,
         }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::client::Client;
 use crate::error::ConnectError;
+use crate::tls::ClientTls;
 
 /// How the client reconnects after the connection drops.
 ///
@@ -98,8 +99,13 @@ pub struct ClientBuilder {
     pub(crate) addr: String,
     pub(crate) name: String,
     pub(crate) token: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) tls: Option<ClientTls>,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) confirm_timeout: Duration,
+    pub(crate) subscribe_timeout: Duration,
+    pub(crate) queue_timeout: Duration,
     pub(crate) reconnect: ReconnectPolicy,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) subscription_capacity: usize,
@@ -108,7 +114,8 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// A builder for the broker at `addr` (`host:port`), with every default.
+    /// A builder for the broker at `addr` (`host:port`, or `tls://host:port` for
+    /// TLS), with every default.
     ///
     /// ```
     /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878");
@@ -118,8 +125,13 @@ impl ClientBuilder {
             addr: addr.into(),
             name: String::new(),
             token: None,
+            user: None,
+            tls: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            confirm_timeout: Duration::from_secs(10),
+            subscribe_timeout: Duration::from_secs(5),
+            queue_timeout: Duration::from_secs(5),
             reconnect: ReconnectPolicy::default(),
             max_buffered_bytes: 8 * 1024 * 1024,
             subscription_capacity: 4096,
@@ -148,6 +160,46 @@ impl ClientBuilder {
         self
     }
 
+    /// The user to log in as, for brokers with `[[users]]`; pair it with
+    /// [`ClientBuilder::password`] (or a token), or with a client certificate
+    /// ([`ClientBuilder::tls`]) that names the user. It also names the client's
+    /// reply inbox `_INBOX.<user>.…`, which the broker always lets the user
+    /// read. Default: none.
+    ///
+    /// ```
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .user("billing")
+    ///     .password("correct horse battery staple");
+    /// ```
+    pub fn user(mut self, name: impl Into<String>) -> Self {
+        self.user = Some(name.into());
+        self
+    }
+
+    /// The user's password or token (the same HELLO field as
+    /// [`ClientBuilder::token`]). Default: none.
+    ///
+    /// ```
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878").user("u").password("pw");
+    /// ```
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.token = Some(password.into());
+        self
+    }
+
+    /// Speak TLS with these settings. A `tls://host:port` address turns TLS on
+    /// with [`ClientTls::system_roots`] when this is not called. Default: plain
+    /// TCP for `host:port`.
+    ///
+    /// ```
+    /// use tidings_client::{ClientBuilder, ClientTls};
+    /// let builder = ClientBuilder::new("broker.internal:7878").tls(ClientTls::ca_file("ca.pem"));
+    /// ```
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// How long opening the TCP connection plus the handshake may take, for the
     /// first connect and each reconnect attempt. Default: 5 s.
     ///
@@ -161,8 +213,11 @@ impl ClientBuilder {
         self
     }
 
-    /// The timeout of [`Client::request`], and the bound on waiting for any answer
-    /// from the broker (confirms, queue operations, subscribe). Default: 5 s.
+    /// How long [`Client::request`] waits for a reply. Default: 5 s. Each kind of
+    /// call has its own default ([`ClientBuilder::confirm_timeout`],
+    /// [`ClientBuilder::subscribe_timeout`], [`ClientBuilder::queue_timeout`]);
+    /// [`Client::with_timeout`] overrides them for the calls through one handle,
+    /// and [`Client::request_timeout`] for one request.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -171,6 +226,47 @@ impl ClientBuilder {
     /// ```
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// How long a publish confirm ([`Client::publish_confirmed`],
+    /// [`Client::enqueue_confirmed`]) or a [`Client::flush`] may take. Confirms
+    /// wait for the disk, so the default is longer: 10 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .confirm_timeout(Duration::from_secs(30));
+    /// ```
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long the broker may take to answer a subscribe or unsubscribe.
+    /// Default: 5 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .subscribe_timeout(Duration::from_secs(2));
+    /// ```
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.subscribe_timeout = timeout;
+        self
+    }
+
+    /// How long the broker may take to answer a queue operation: declare,
+    /// delete, bind, info, consume, cancel or close, an awaited ack, dead
+    /// letters, redrive, stats. Default: 5 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = tidings_client::ClientBuilder::new("127.0.0.1:7878")
+    ///     .queue_timeout(Duration::from_secs(15));
+    /// ```
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = timeout;
         self
     }
 

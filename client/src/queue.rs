@@ -8,7 +8,7 @@ use tidings_protocol::{
     QueueInfoRequest, QueueList, QueueOptions, QueueUnbind, Redrive, Text,
 };
 
-use crate::client::Client;
+use crate::client::{Client, TimeoutKind};
 use crate::consumer::expect_ok;
 use crate::error::QueueError;
 
@@ -125,9 +125,9 @@ pub type DeadLetter = tidings_protocol::DeadLetter;
 fn check_pattern(pattern: &str) -> Result<(), QueueError> {
     Pattern::new(pattern)
         .map(|_| ())
-        .map_err(|source| QueueError::InvalidPattern {
+        .map_err(|reason| QueueError::InvalidPattern {
             pattern: pattern.to_owned(),
-            source,
+            reason,
         })
 }
 
@@ -147,7 +147,7 @@ impl Client {
         }
         let answer = self
             .handle()
-            .call(|request_id| {
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
                 Frame::QueueDeclare(QueueDeclare {
                     request_id,
                     name: config.name,
@@ -163,7 +163,9 @@ impl Client {
         let name = name.into();
         let answer = self
             .handle()
-            .call(|request_id| Frame::QueueDelete(QueueDelete { request_id, name }))
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
+                Frame::QueueDelete(QueueDelete { request_id, name })
+            })
             .await?;
         expect_ok(answer)
     }
@@ -178,7 +180,7 @@ impl Client {
         check_pattern(&pattern)?;
         let answer = self
             .handle()
-            .call(|request_id| {
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
                 Frame::QueueBind(QueueBind {
                     request_id,
                     name,
@@ -198,7 +200,7 @@ impl Client {
         let (name, pattern) = (queue.into(), pattern.into());
         let answer = self
             .handle()
-            .call(|request_id| {
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
                 Frame::QueueUnbind(QueueUnbind {
                     request_id,
                     name,
@@ -214,10 +216,47 @@ impl Client {
         let name = name.into();
         match self
             .handle()
-            .call(|request_id| Frame::QueueInfoRequest(QueueInfoRequest { request_id, name }))
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
+                Frame::QueueInfoRequest(QueueInfoRequest { request_id, name })
+            })
             .await?
         {
             Frame::QueueInfo(reply) => Ok(reply.info),
+            other => Err(QueueError::UnexpectedReply {
+                frame: other.name(),
+            }),
+        }
+    }
+
+    /// A queue's name and options as the broker holds them, defaults filled in
+    /// (from QUEUE_INFO; the broker must speak protocol 1.1): declaring the result
+    /// again is a match.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::QueueError> {
+    /// let config = client.queue_config("billing").await?;
+    /// println!("{:?}", config.options().max_deliveries);
+    /// # Ok(()) }
+    /// ```
+    pub async fn queue_config(&self, name: impl Into<Text>) -> Result<QueueConfig, QueueError> {
+        let name = name.into();
+        let queue = name.clone();
+        match self
+            .handle()
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
+                Frame::QueueInfoRequest(QueueInfoRequest { request_id, name })
+            })
+            .await?
+        {
+            Frame::QueueInfo(reply) => match reply.options {
+                Some(options) => Ok(QueueConfig {
+                    name: queue,
+                    options: *options,
+                }),
+                None => Err(QueueError::UnexpectedReply {
+                    frame: "QUEUE_INFO_REPLY without options (a 1.0 broker)",
+                }),
+            },
             other => Err(QueueError::UnexpectedReply {
                 frame: other.name(),
             }),
@@ -228,7 +267,9 @@ impl Client {
     pub async fn list_queues(&self) -> Result<Vec<QueueInfo>, QueueError> {
         match self
             .handle()
-            .call(|request_id| Frame::QueueList(QueueList { request_id }))
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
+                Frame::QueueList(QueueList { request_id })
+            })
             .await?
         {
             Frame::QueueListReply(reply) => Ok(reply.queues),
@@ -247,7 +288,7 @@ impl Client {
         let queue = queue.into();
         match self
             .handle()
-            .call(|request_id| {
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
                 Frame::DeadLetters(DeadLetters {
                     request_id,
                     queue,
@@ -277,7 +318,7 @@ impl Client {
         let queue = queue.into();
         match self
             .handle()
-            .call(|request_id| {
+            .call(self.timeout(TimeoutKind::Queue), |request_id| {
                 Frame::Redrive(Redrive {
                     request_id,
                     queue,

@@ -12,6 +12,14 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 
 use crate::message::Message;
+use crate::subscriber::Interruption;
+
+/// What a subscription takes from its buffer: a message, or the place in the
+/// stream where messages may have been lost.
+pub(crate) enum Item {
+    Message(Message),
+    Gap(Interruption),
+}
 
 /// What pushing a message did.
 pub(crate) enum Push {
@@ -24,7 +32,7 @@ pub(crate) enum Push {
 }
 
 struct State {
-    items: VecDeque<Message>,
+    items: VecDeque<Item>,
     /// Messages and bytes held: those in `items` plus the batch the subscription
     /// took and has not finished yet.
     count: usize,
@@ -97,10 +105,26 @@ impl SubBuffer {
             self.producer_waiting.store(true, Ordering::Release);
             return Push::Full(m);
         }
-        state.items.push_back(m);
+        state.items.push_back(Item::Message(m));
         state.count += 1;
         state.bytes += size;
         Push::Queued(state.waker.take())
+    }
+
+    /// Marks a gap after everything buffered so far. Always taken, whatever the
+    /// bounds (it weighs nothing, and at most one comes per lost connection).
+    pub(crate) fn push_gap(&self, gap: Interruption) {
+        let waker = {
+            let mut state = self.state();
+            if state.gone {
+                return;
+            }
+            state.items.push_back(Item::Gap(gap));
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Resolves after room was made (or the subscription dropped) since the last
@@ -158,7 +182,7 @@ pub(crate) struct Consumed {
 
 /// The subscription's side: the batch it took and works through without locking.
 pub(crate) struct Taker {
-    batch: VecDeque<Message>,
+    batch: VecDeque<Item>,
     consumed: Consumed,
 }
 
@@ -174,28 +198,30 @@ impl Taker {
         &mut self,
         buf: &SubBuffer,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Message>> {
-        if let Some(m) = self.batch.pop_front() {
-            self.consumed.count += 1;
-            self.consumed.bytes += weight(&m);
-            if buf.producer_waiting.load(Ordering::Acquire) {
-                buf.release(&mut buf.state(), &mut self.consumed);
+    ) -> Poll<Option<Item>> {
+        if let Some(item) = self.batch.pop_front() {
+            if let Item::Message(m) = &item {
+                self.consumed.count += 1;
+                self.consumed.bytes += weight(m);
+                if buf.producer_waiting.load(Ordering::Acquire) {
+                    buf.release(&mut buf.state(), &mut self.consumed);
+                }
             }
-            return Poll::Ready(Some(m));
+            return Poll::Ready(Some(item));
         }
         let mut state = buf.state();
         buf.release(&mut state, &mut self.consumed);
         if !state.items.is_empty() {
             std::mem::swap(&mut self.batch, &mut state.items);
-            let m = self.batch.pop_front();
-            if let Some(m) = &m {
+            let item = self.batch.pop_front();
+            if let Some(Item::Message(m)) = &item {
                 self.consumed.count += 1;
                 self.consumed.bytes += weight(m);
                 if buf.producer_waiting.load(Ordering::Acquire) {
                     buf.release(&mut state, &mut self.consumed);
                 }
             }
-            return Poll::Ready(m);
+            return Poll::Ready(item);
         }
         if state.ended || state.gone {
             return Poll::Ready(None);
@@ -228,18 +254,45 @@ mod tests {
             panic!("expected full");
         };
         // Taking one hands back its room at once, since the producer waits.
-        let first = poll_fn(|cx| taker.poll_next(&buf, cx)).await.unwrap();
+        let first = next_message(&mut taker, &buf).await.unwrap();
         assert_eq!(first.payload()[0], 0);
         tokio::time::timeout(std::time::Duration::from_secs(5), buf.space())
             .await
             .unwrap();
         assert!(matches!(buf.push(back), Push::Queued(_)));
         for i in 1..4 {
-            let m = poll_fn(|cx| taker.poll_next(&buf, cx)).await.unwrap();
+            let m = next_message(&mut taker, &buf).await.unwrap();
             assert_eq!(m.payload()[0], i);
         }
         buf.end();
         assert!(poll_fn(|cx| taker.poll_next(&buf, cx)).await.is_none());
+    }
+
+    async fn next_message(taker: &mut Taker, buf: &SubBuffer) -> Option<Message> {
+        match poll_fn(|cx| taker.poll_next(buf, cx)).await? {
+            Item::Message(m) => Some(m),
+            Item::Gap(_) => panic!("unexpected gap"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gap_comes_in_order_even_when_full_and_weighs_nothing() {
+        let buf = SubBuffer::new(1, 1 << 20);
+        let mut taker = Taker::new();
+        assert!(matches!(buf.push(msg(0)), Push::Queued(_)));
+        buf.push_gap(Interruption::Disconnected {
+            reason: "test".into(),
+        });
+        assert!(matches!(buf.push(msg(1)), Push::Full(_)));
+        assert_eq!(
+            next_message(&mut taker, &buf).await.unwrap().payload()[0],
+            0
+        );
+        assert!(matches!(
+            poll_fn(|cx| taker.poll_next(&buf, cx)).await,
+            Some(Item::Gap(Interruption::Disconnected { .. }))
+        ));
+        assert!(matches!(buf.push(msg(1)), Push::Queued(_)));
     }
 
     #[test]

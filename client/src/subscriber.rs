@@ -8,11 +8,11 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tidings_protocol::{Pattern, Text};
 
-use crate::client::Client;
+use crate::client::{Client, TimeoutKind};
 use crate::command::Command;
 use crate::error::SubscribeError;
 use crate::message::Message;
-use crate::sub_buffer::{SubBuffer, Taker};
+use crate::sub_buffer::{Item, SubBuffer, Taker};
 
 impl Client {
     /// Subscribes to every topic matching `pattern` (`*` matches one token, `>` one
@@ -50,9 +50,9 @@ impl Client {
         pattern: Text,
         group: Option<Text>,
     ) -> Result<Subscription, SubscribeError> {
-        Pattern::new(pattern.as_str()).map_err(|source| SubscribeError::InvalidPattern {
+        Pattern::new(pattern.as_str()).map_err(|reason| SubscribeError::InvalidPattern {
             pattern: pattern.to_string(),
-            source,
+            reason,
         })?;
         let handle = self.handle();
         let sid = handle.shared.next_sid();
@@ -63,14 +63,16 @@ impl Client {
         ));
         let stalls = Arc::new(AtomicU64::new(0));
         handle
-            .call_with(|id, reply| Command::Subscribe {
-                id,
-                sid,
-                pattern: pattern.clone(),
-                group,
-                buffer: buffer.clone(),
-                stalls: stalls.clone(),
-                reply,
+            .call_with(self.timeout(TimeoutKind::Subscribe), |id, reply| {
+                Command::Subscribe {
+                    id,
+                    sid,
+                    pattern: pattern.clone(),
+                    group,
+                    buffer: buffer.clone(),
+                    stalls: stalls.clone(),
+                    reply,
+                }
             })
             .await?;
         Ok(Subscription {
@@ -79,10 +81,35 @@ impl Client {
             buffer,
             taker: Taker::new(),
             stalls,
+            interruptions: 0,
             client: self.clone(),
             active: true,
         })
     }
+}
+
+/// A place in a subscription's stream where messages may have been lost, from
+/// [`Subscription::try_next`]. Subscriptions are at-most-once: what was published
+/// while the connection was down is not received. The subscription goes on after
+/// it (restored with the reconnect).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Interruption {
+    /// The broker cut the connection off as a slow consumer: its outbound buffer
+    /// for this client overflowed because the client did not read fast enough.
+    /// Messages queued for this client then, and those published until the
+    /// reconnect, were lost.
+    #[error("the broker cut the connection off as a slow consumer ({message}); messages were lost")]
+    SlowConsumer {
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The connection was lost for another reason; messages published until the
+    /// reconnect were not received.
+    #[error("the connection to the broker was lost ({reason}); messages may have been missed")]
+    Disconnected {
+        /// Why, in words.
+        reason: String,
+    },
 }
 
 /// The messages of one subscription, as a [`Stream`].
@@ -108,7 +135,10 @@ impl Client {
 /// matters.
 ///
 /// After a reconnect the subscription is restored with the same id; messages
-/// published while the connection was down are not seen.
+/// published while the connection was down are not seen. The stream marks the
+/// place: [`Subscription::try_next`] returns an [`Interruption`] there (saying
+/// whether the broker cut the client off as a slow consumer), and
+/// [`crate::Client::events`] reports it too.
 ///
 /// # Cancel safety
 ///
@@ -123,6 +153,8 @@ pub struct Subscription {
     buffer: Arc<SubBuffer>,
     taker: Taker,
     stalls: Arc<AtomicU64>,
+    /// Gaps passed over by `next`/`next_message` (which yield messages only).
+    interruptions: u64,
     client: Client,
     active: bool,
 }
@@ -161,8 +193,55 @@ impl Subscription {
     }
 
     /// The next message, or `None` once the subscription has ended. Cancel safe.
+    /// Passes over interruptions (counted in [`Subscription::interruptions`]);
+    /// [`Subscription::try_next`] reports them.
     pub async fn next_message(&mut self) -> Option<Message> {
-        std::future::poll_fn(|cx| self.taker.poll_next(&self.buffer, cx)).await
+        std::future::poll_fn(|cx| self.poll_message(cx)).await
+    }
+
+    /// The next message, `Ok(None)` once the subscription has ended, or `Err` at
+    /// the place where messages may have been lost: the broker cut the connection
+    /// off as a slow consumer ([`Interruption::SlowConsumer`]) or the connection
+    /// dropped ([`Interruption::Disconnected`]). The subscription goes on after an
+    /// `Err`; call again for the messages since the reconnect. Cancel safe.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::SubscribeError> {
+    /// use tidings_client::Interruption;
+    /// let mut prices = client.subscribe("prices.>").await?;
+    /// loop {
+    ///     match prices.try_next().await {
+    ///         Ok(Some(msg)) => println!("{}", msg.topic()),
+    ///         Ok(None) => break,
+    ///         Err(Interruption::SlowConsumer { .. }) => eprintln!("too slow: prices were lost"),
+    ///         Err(gap) => eprintln!("{gap}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_next(&mut self) -> Result<Option<Message>, Interruption> {
+        match std::future::poll_fn(|cx| self.taker.poll_next(&self.buffer, cx)).await {
+            Some(Item::Message(m)) => Ok(Some(m)),
+            Some(Item::Gap(gap)) => Err(gap),
+            None => Ok(None),
+        }
+    }
+
+    /// How many interruptions `next` and [`Subscription::next_message`] passed
+    /// over (those [`Subscription::try_next`] returned are not counted).
+    pub fn interruptions(&self) -> u64 {
+        self.interruptions
+    }
+
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        loop {
+            match self.taker.poll_next(&self.buffer, cx) {
+                Poll::Ready(Some(Item::Message(m))) => return Poll::Ready(Some(m)),
+                Poll::Ready(Some(Item::Gap(_))) => self.interruptions += 1,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     /// Ends the subscription and waits for the broker to confirm.
@@ -171,9 +250,11 @@ impl Subscription {
         let sid = self.sid;
         self.client
             .handle()
-            .call_with(|_, reply| Command::Unsubscribe {
-                sid,
-                reply: Some(reply),
+            .call_with(self.client.timeout(TimeoutKind::Subscribe), |_, reply| {
+                Command::Unsubscribe {
+                    sid,
+                    reply: Some(reply),
+                }
             })
             .await?;
         Ok(())
@@ -184,8 +265,7 @@ impl Stream for Subscription {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        let this = &mut *self;
-        this.taker.poll_next(&this.buffer, cx)
+        self.poll_message(cx)
     }
 }
 

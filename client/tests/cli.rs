@@ -152,12 +152,60 @@ async fn errors_are_one_clear_line() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&addr), "{err}");
+    // Each cause once: not "…: connection refused: connection refused".
+    assert_eq!(err.to_lowercase().matches("refused").count(), 1, "{err}");
+    assert_eq!(err.matches(&addr).count(), 1, "{err}");
 
     let broker = TestBroker::start().await;
     let out = run(&broker.addr(), &["pub", "bad..topic", "y"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid topic"));
+    let out = run(&broker.addr(), &["pub", "bad topic", "y"]).await;
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("invalid topic `bad topic`"), "{err}");
+    assert_eq!(err.matches("whitespace").count(), 1, "{err}");
     let out = run(&broker.addr(), &["queue", "declare", "q", "--ttl", "5"]).await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no unit"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("time unit needed"));
+}
+
+/// `sub` says on stderr when messages may have been lost (here: the broker
+/// restarted under it), and goes on with the restored subscription.
+#[tokio::test]
+async fn sub_warns_when_its_stream_is_interrupted() {
+    let mut broker = TestBroker::start().await;
+    let child = tidings(&broker.addr())
+        .args(["sub", "alerts", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    async fn subscribed(broker: &TestBroker) {
+        let probe = broker.client().await;
+        let deadline = tokio::time::Instant::now() + BOUND;
+        while within(probe.stats())
+            .await
+            .unwrap()
+            .get("subscriptions.current")
+            != Some(1)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+            tokio::task::yield_now().await;
+        }
+    }
+    subscribed(&broker).await;
+    broker.stop().await;
+    broker.start_again().await;
+    subscribed(&broker).await;
+    let publisher = broker.client().await;
+    within(publisher.publish("alerts", "after")).await.unwrap();
+    within(publisher.flush()).await.unwrap();
+    let out = within(child.wait_with_output()).await.unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "alerts after\n");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("warning: the connection to the broker was lost"),
+        "{err}"
+    );
 }

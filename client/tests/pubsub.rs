@@ -113,7 +113,11 @@ async fn unsubscribe_and_drop_end_subscriptions() {
     assert_eq!(within(live.next()).await.unwrap().topic(), "news.today");
     // The broker's count shows only the live subscription remains.
     let stats = within(client.stats()).await.unwrap();
-    assert_eq!(stats.get("subscriptions"), Some(1), "stats: {stats:?}");
+    assert_eq!(
+        stats.get("subscriptions.current"),
+        Some(1),
+        "stats: {stats:?}"
+    );
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{TestBroker, within};
 use futures::StreamExt;
-use tidings_client::{ErrorCode, Message, QueueConfig};
+use tidings_client::{ConfirmOptions, ErrorCode, Message, PublishError, QueueConfig};
 
 #[tokio::test]
 async fn declare_publish_confirmed_consume_ack() {
@@ -31,9 +31,20 @@ async fn declare_publish_confirmed_consume_ack() {
         .unwrap();
         assert_eq!((c.queues, c.rejected, c.duplicate), (1, 0, false));
     }
-    let c = within(client.publish_confirmed(Message::new("orders.other", "x")))
+    // No queue bound: an error by default, a success when allowed.
+    let err = within(client.publish_confirmed(Message::new("orders.other", "x")))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Unroutable { topic } if topic == "orders.other"),
+        "{err}"
+    );
+    let c = within(client.publish_confirmed_with(
+        Message::new("orders.other", "x"),
+        ConfirmOptions::new().allow_unroutable(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(c.queues, 0);
 
     let info = within(client.queue_info("billing")).await.unwrap();
@@ -109,7 +120,7 @@ async fn dead_letters_and_redrive() {
     let dead = within(dlq.next()).await.unwrap();
     assert_eq!(&dead.payload()[..], b"bad");
     // Handing it back (cancel) leaves it in the dead-letter queue for inspection.
-    within(dlq.cancel()).await.unwrap();
+    within(dlq.close()).await.unwrap();
     let letters = within(client.dead_letters("poison", 0)).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(&letters[0].payload[..], b"bad");
@@ -156,10 +167,10 @@ async fn bind_unbind_delete_and_typed_errors() {
         .unwrap();
     assert_eq!(c.queues, 1);
     within(client.unbind("q", "a.*")).await.unwrap();
-    let c = within(client.publish_confirmed(Message::new("a.b", "x")))
+    let err = within(client.publish_confirmed(Message::new("a.b", "x")))
         .await
-        .unwrap();
-    assert_eq!(c.queues, 0);
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
     within(client.delete_queue("q")).await.unwrap();
     let err = within(client.queue_info("q")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::QueueNotFound), "{err}");
@@ -322,4 +333,100 @@ async fn deliver_at_holds_the_message_until_its_time() {
         started.elapsed()
     );
     d.ack().await.unwrap();
+}
+
+/// `consume --count 1 --nack` uses exactly one delivery attempt: with
+/// max_deliveries 2 the message is still in the queue afterwards, on its second
+/// attempt, not dead-lettered.
+#[tokio::test]
+async fn cli_consume_count_uses_only_the_attempts_it_prints() {
+    let broker = TestBroker::start().await;
+    let addr = broker.addr();
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("once").bind("once").max_deliveries(2)))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        within(client.publish_confirmed(Message::new("once", format!("m{i}"))))
+            .await
+            .unwrap();
+    }
+    let out = within(
+        tidings(&addr)
+            .args(["consume", "once", "--count", "1", "--nack"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "once m0 (attempt 1)\n"
+    );
+    let info = within(client.queue_info("once")).await.unwrap();
+    assert_eq!(
+        (info.depth, info.dead_lettered, info.delivered),
+        (3, 0, 1),
+        "one delivery, nothing abandoned: {info:?}"
+    );
+    let out = within(
+        tidings(&addr)
+            .args(["consume", "once", "--count", "3"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.contains("m0 (attempt 2)"), "{text}");
+    let info = within(client.queue_info("once")).await.unwrap();
+    assert_eq!((info.depth, info.dead_lettered), (0, 0));
+}
+
+/// `pub --confirm` to a topic no queue is bound to fails and says why, unless
+/// `--allow-unroutable`.
+#[tokio::test]
+async fn cli_pub_confirm_to_an_unbound_topic_fails_unless_allowed() {
+    let broker = TestBroker::start().await;
+    let addr = broker.addr();
+    let out = within(
+        tidings(&addr)
+            .args(["pub", "no.queue.here", "x", "--confirm"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("no queue is bound to `no.queue.here`"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = within(
+        tidings(&addr)
+            .args([
+                "pub",
+                "no.queue.here",
+                "x",
+                "--confirm",
+                "--allow-unroutable",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "confirmed: queues=0 rejected=0 duplicate=false\n"
+    );
 }

@@ -4,14 +4,32 @@ use bytes::{Buf, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::ProtocolError;
-use crate::frame::Frame;
+use crate::frame::{Direction, Frame};
 
 /// Bytes before the body: `len:u32 type:u8 flags:u8`.
 pub const HEADER_LEN: usize = 6;
 
-/// Default largest frame (value of the length prefix): 1 MiB of payload plus room
-/// for topic, headers and fields.
-pub const DEFAULT_MAX_FRAME_LEN: usize = 1024 * 1024 + 64 * 1024;
+/// Default largest PUBLISH payload: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// What a maximum frame holds beyond a maximum payload: `max_frame_len =
+/// max_payload + FRAME_OVERHEAD` (64 KiB). It is larger than any envelope
+/// ([`MAX_ENVELOPE_LEN`]) plus the fields a MESSAGE or DELIVERY adds (a queue name of
+/// at most 1,024 bytes, ids), so no frame a server sends for a publish it accepted is
+/// larger than the `max_frame_len` it announced.
+pub const FRAME_OVERHEAD: usize = 64 * 1024;
+
+/// The most bytes a PUBLISH may spend on everything but its payload: the body
+/// length minus the payload length (request id, topic, reply_to, message_id,
+/// delay and headers, with their length prefixes): 60 KiB, room for the largest
+/// headers a broker may be configured to allow (48 KiB) plus topic, reply_to and
+/// message_id. More is refused with
+/// `EnvelopeTooLarge`.
+pub const MAX_ENVELOPE_LEN: usize = 60 * 1024;
+
+/// Default largest frame (value of the length prefix): the default payload plus
+/// [`FRAME_OVERHEAD`].
+pub const DEFAULT_MAX_FRAME_LEN: usize = DEFAULT_MAX_PAYLOAD + FRAME_OVERHEAD;
 
 /// Reads and writes frames, refusing any whose length prefix exceeds
 /// `max_frame_len` before a byte of it is buffered.
@@ -49,6 +67,11 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 1024 * 1024 + 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_frame_len: usize,
+    /// Set by [`FrameCodec::for_server`]: frames only a server sends are refused
+    /// from their type byte, before their flags or body are looked at.
+    server: bool,
+    /// The request id of the frame the last failed decode was reading.
+    failed_request_id: Option<u32>,
 }
 
 impl Default for FrameCodec {
@@ -60,7 +83,32 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// A codec with this maximum frame length.
     pub fn new(max_frame_len: usize) -> Self {
-        Self { max_frame_len }
+        Self {
+            max_frame_len,
+            server: false,
+            failed_request_id: None,
+        }
+    }
+
+    /// A codec for the server's side of a connection: besides everything
+    /// [`FrameCodec::new`] checks, a frame type only a server sends (WELCOME,
+    /// MESSAGE, DELIVERY, OK, …) is refused from its type byte with the non-fatal
+    /// [`ProtocolError::UnexpectedFrame`], and the frame skipped, before its flags or
+    /// body are read. The order of checks is: length, type known, type allowed from
+    /// a client, flags, body.
+    pub fn for_server(max_frame_len: usize) -> Self {
+        Self {
+            server: true,
+            ..Self::new(max_frame_len)
+        }
+    }
+
+    /// After a decode error about a whole frame (unknown flags, malformed body,
+    /// unexpected type): the request id of that frame, when its type carries one
+    /// and it could be read; `None` otherwise. The ERROR answering the problem
+    /// carries it, so that a client can match the error to its request.
+    pub fn failed_request_id(&self) -> Option<u32> {
+        self.failed_request_id
     }
 
     /// The maximum frame length.
@@ -74,6 +122,7 @@ impl Decoder for FrameCodec {
     type Error = ProtocolError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        self.failed_request_id = None;
         let Some(prefix) = src.get(..4) else {
             return Ok(None);
         };
@@ -106,7 +155,15 @@ impl Decoder for FrameCodec {
         frame.advance(4);
         let kind = frame.get_u8();
         let flags = frame.get_u8();
-        Frame::parse(kind, flags, frame).map(Some)
+        if self.server && Frame::direction_of(kind) == Some(Direction::ServerToClient) {
+            return Err(ProtocolError::UnexpectedFrame {
+                frame: Frame::name_of(kind).unwrap_or("?"),
+            });
+        }
+        let request_id = Frame::peek_request_id(kind, flags, &frame);
+        Frame::parse(kind, flags, frame).map(Some).inspect_err(|_| {
+            self.failed_request_id = request_id;
+        })
     }
 }
 

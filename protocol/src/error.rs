@@ -31,6 +31,13 @@ pub enum ProtocolError {
         /// The type byte.
         kind: u8,
     },
+    /// A frame type only a server sends arrived at a server
+    /// ([`crate::FrameCodec::for_server`]). The frame was skipped unread.
+    #[error("{frame} is sent only by the server")]
+    UnexpectedFrame {
+        /// Frame name.
+        frame: &'static str,
+    },
     /// A flag bit this version does not define was set. The frame was skipped.
     #[error("unknown flags 0x{flags:02x} on {frame} frame")]
     UnknownFlags {
@@ -107,7 +114,9 @@ impl ProtocolError {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            ProtocolError::UnknownFrameType { .. } | ProtocolError::UnknownFlags { .. }
+            ProtocolError::UnknownFrameType { .. }
+                | ProtocolError::UnknownFlags { .. }
+                | ProtocolError::UnexpectedFrame { .. }
         )
     }
 
@@ -117,6 +126,7 @@ impl ProtocolError {
             ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             ProtocolError::UnknownFrameType { .. } => ErrorCode::UnknownFrameType,
             ProtocolError::UnknownFlags { .. } => ErrorCode::UnknownFlags,
+            ProtocolError::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
             _ => ErrorCode::MalformedFrame,
         }
     }
@@ -225,6 +235,15 @@ error_codes! {
     QueueFull = 36, false;
     /// The store could not make the message durable (for example the disk is full).
     StorageFailure = 37, false;
+    /// The user's permissions do not allow the operation; the message names the
+    /// operation, the topic, pattern or queue, and the deciding rule.
+    PermissionDenied = 40, false;
+    /// A configured limit refused the request; the message names the limit's flag
+    /// and its value.
+    LimitExceeded = 41, false;
+    /// A PUBLISH spends more than `MAX_ENVELOPE_LEN` bytes on everything but its
+    /// payload (topic, reply_to, message_id, headers).
+    EnvelopeTooLarge = 45, false;
     /// An unexpected server fault; the message says more.
     Internal = 99, false;
 }

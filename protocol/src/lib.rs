@@ -25,12 +25,21 @@ mod text;
 mod topic;
 mod wire;
 
-pub use codec::{DEFAULT_MAX_FRAME_LEN, FrameCodec, HEADER_LEN};
+pub use codec::{
+    DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PAYLOAD, FRAME_OVERHEAD, FrameCodec, HEADER_LEN,
+    MAX_ENVELOPE_LEN,
+};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::*;
 pub use text::Text;
 pub use topic::{MAX_TOPIC_DEPTH, MAX_TOPIC_LEN, Pattern, PatternToken, Topic, TopicError};
 
-/// The protocol version this crate speaks. A server refuses any other version in the
-/// handshake with [`ErrorCode::UnsupportedVersion`].
+/// The protocol's major version, HELLO's `version` field. A server refuses any other
+/// major version in the handshake with [`ErrorCode::UnsupportedVersion`].
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The protocol's minor version this crate speaks: `1` for protocol 1.1. A client
+/// announces it in HELLO (flag `MINOR`) and the server answers, in WELCOME, the
+/// minor version the session uses (the lower of the two); without the flag a
+/// session is 1.0 and the server sends nothing 1.0 does not define.
+pub const PROTOCOL_MINOR: u16 = 1;

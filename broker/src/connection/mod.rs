@@ -7,19 +7,22 @@
 //! which drains the connection's [`Outbox`]. Everything sent to the client, from
 //! replies to fan-out, goes through the outbox.
 
+mod authorize;
+mod handshake;
+mod limits;
 mod queue_state;
 mod session;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tidings_protocol::{
-    ErrorCode, ErrorReply, Frame, FrameCodec, Hello, PROTOCOL_VERSION, Ping, ProtocolError, Welcome,
+    ErrorCode, ErrorReply, Frame, FrameCodec, Hello, PROTOCOL_MINOR, PROTOCOL_VERSION, Ping,
+    ProtocolError, Welcome,
 };
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +35,15 @@ use session::Session;
 
 /// Read-buffer space made available before each read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Read-buffer space before the HELLO is accepted: small, so that thousands of
+/// unauthenticated connections hold little (the pre-auth frame limit bounds the
+/// rest).
+const PRE_AUTH_READ_CHUNK: usize = 1024;
 /// After the last frame is written, how long to keep reading (and discarding) so
 /// the peer sees our final frame before a reset caused by its unread data.
 const LINGER: Duration = Duration::from_millis(500);
+/// HELLOs with unknown flags answered before the handshake gives up.
+const MAX_HELLO_PROBES: usize = 8;
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -55,32 +64,53 @@ enum Ending {
     Error(ErrorReply),
 }
 
+/// An accepted connection's two halves (TCP's own, or TLS split), and what the
+/// accept learned about the peer.
+pub(crate) struct Transport<R, W> {
+    pub(crate) read: R,
+    pub(crate) write: W,
+    pub(crate) peer: Option<SocketAddr>,
+    /// Names in the client certificate TLS verified (empty without mutual TLS).
+    pub(crate) certificate_names: Vec<String>,
+}
+
 /// Serves one accepted connection until it closes. Spawned once per connection,
 /// inside a span carrying the peer address and (after the handshake) client name.
-pub(crate) async fn serve(
-    stream: TcpStream,
+pub(crate) async fn serve<R, W>(
+    transport: Transport<R, W>,
     conn: ConnId,
     shared: Arc<Shared>,
     signals: Signals,
     tracker: TaskTracker,
-) {
-    // We coalesce writes ourselves; Nagle would only add latency.
-    let _ = stream.set_nodelay(true);
-    let (read_half, write_half) = stream.into_split();
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let limits = OutboxLimits::with_stall(
         shared.config.max_pending_bytes,
         shared.config.slow_consumer_stall,
     );
     let (outbox, receiver) = Outbox::with_limits(conn, limits, shared.stats.clone());
-    let mut writer = tracker.spawn(receiver.write_to(write_half).instrument(Span::current()));
+    let mut writer = tracker.spawn(
+        receiver
+            .write_to(transport.write)
+            .instrument(Span::current()),
+    );
+    // Until the HELLO is accepted only a small frame may come, and only a small
+    // buffer is held for it.
     let mut reader = Reader {
-        half: read_half,
-        buf: BytesMut::with_capacity(READ_CHUNK),
-        codec: FrameCodec::new(shared.config.max_frame_len()),
+        half: transport.read,
+        buf: BytesMut::with_capacity(PRE_AUTH_READ_CHUNK),
+        chunk: PRE_AUTH_READ_CHUNK,
+        codec: FrameCodec::for_server(shared.config.security.pre_auth_max_frame),
         activity: false,
+        peer: transport.peer,
+        certificate_names: transport.certificate_names,
     };
     let mut session = Session {
         conn,
+        principal: crate::auth::Principal::Unrestricted,
+        subscriptions: 0,
         outbox: outbox.clone(),
         shared: shared.clone(),
         queues: queue_state::QueueState::default(),
@@ -123,12 +153,16 @@ pub(crate) async fn serve(
     debug!("connection closed");
 }
 
-struct Reader {
-    half: OwnedReadHalf,
+struct Reader<R> {
+    half: R,
     buf: BytesMut,
+    /// Space made available before each read.
+    chunk: usize,
     codec: FrameCodec,
     /// Bytes arrived since the last heartbeat tick.
     activity: bool,
+    peer: Option<SocketAddr>,
+    certificate_names: Vec<String>,
 }
 
 enum Read {
@@ -138,7 +172,7 @@ enum Read {
     Closed,
 }
 
-impl Reader {
+impl<R: AsyncRead + Unpin> Reader<R> {
     /// The next frame, or the end of the stream. Cancel safe: partial frames stay
     /// in `buf`, and `read_buf` either reads or does not.
     async fn next(&mut self, stats: &crate::stats::Stats) -> Result<Read, ProtocolError> {
@@ -149,8 +183,8 @@ impl Reader {
                 Err(err) if !err.is_fatal() => return Ok(Read::Skipped(err)),
                 Err(err) => return Err(err),
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
+            if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
+                self.buf.reserve(self.chunk);
             }
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(Read::Closed),
@@ -168,14 +202,14 @@ impl Reader {
         let config = &shared.config;
 
         // Handshake: HELLO first, within the timeout.
-        let hello = tokio::select! {
+        let hello: Hello = tokio::select! {
             biased;
             _ = signals.shutdown.cancelled() => return shutting_down(),
             _ = session.outbox.aborted() => return Ending::Quiet,
             _ = tokio::time::sleep(config.handshake_timeout) => {
                 return close(ErrorCode::HandshakeTimeout, format!("no HELLO within {:?}", config.handshake_timeout));
             }
-            hello = self.handshake(stats) => match hello {
+            hello = self.handshake(stats, &session.outbox) => match hello {
                 Ok(hello) => hello,
                 Err(ending) => return ending,
             },
@@ -189,15 +223,32 @@ impl Reader {
                 ),
             );
         }
-        if let Some(expected) = &config.auth_token {
-            let given = hello.token.as_deref().unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-                info!("authentication failed");
-                return close(ErrorCode::AuthFailed, "missing or wrong token");
-            }
-        }
+        let arrived = Instant::now();
+        session.principal = match handshake::authenticate(
+            &shared,
+            &hello,
+            self.peer,
+            &self.certificate_names,
+            arrived,
+            signals,
+        )
+        .await
+        {
+            Ok(principal) => principal,
+            Err(ending) => return ending,
+        };
+        // Authenticated: frames up to the full size from now on.
+        self.codec = FrameCodec::for_server(config.max_frame_len());
+        self.chunk = READ_CHUNK;
         Span::current().record("client", hello.client_name.as_str());
-        debug!("handshake complete");
+        if let Some(user) = session.principal.user_name() {
+            Span::current().record("user", user);
+        }
+        // The session speaks the lower of the two minor versions; a HELLO without
+        // one is a 1.0 client, which is sent nothing 1.0 does not define.
+        let minor = hello.minor.map(|m| m.min(PROTOCOL_MINOR));
+        session.outbox.set_protocol_minor(minor.unwrap_or(0));
+        debug!(minor = minor.unwrap_or(0), "handshake complete");
         session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
@@ -205,6 +256,7 @@ impl Reader {
             max_frame_len: u32::try_from(config.max_frame_len()).unwrap_or(u32::MAX),
             max_payload: u32::try_from(config.max_payload).unwrap_or(u32::MAX),
             heartbeat_ms: u32::try_from(config.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            minor,
         }));
 
         // Established: frames until the peer leaves, an error closes, or shutdown.
@@ -243,9 +295,16 @@ impl Reader {
             loop {
                 match read {
                     Ok(Read::Frame(frame)) => session.dispatch(frame).await,
-                    Ok(Read::Skipped(err)) => session.reply_error(0, err.code(), err.to_string()),
+                    Ok(Read::Skipped(err)) => session.reply_error(
+                        self.codec.failed_request_id().unwrap_or(0),
+                        err.code(),
+                        err.to_string(),
+                    ),
                     Ok(Read::Closed) => return Ending::Quiet,
-                    Err(err) => return close(err.code(), err.to_string()),
+                    Err(err) => {
+                        let request_id = self.codec.failed_request_id().unwrap_or(0);
+                        return close_for(request_id, err.code(), err.to_string());
+                    }
                 }
                 read = match self.codec.decode(&mut self.buf) {
                     Ok(Some(frame)) => Ok(Read::Frame(frame)),
@@ -257,21 +316,46 @@ impl Reader {
         }
     }
 
-    /// Reads until the HELLO. Anything else first closes the connection.
-    async fn handshake(&mut self, stats: &crate::stats::Stats) -> Result<Hello, Ending> {
-        match self.next(stats).await {
-            Ok(Read::Frame(Frame::Hello(hello))) => Ok(hello),
-            Ok(Read::Frame(other)) => Err(close(
-                ErrorCode::HandshakeRequired,
-                format!("{} before HELLO; the handshake comes first", other.name()),
-            )),
-            Ok(Read::Skipped(err)) => Err(close(
-                ErrorCode::HandshakeRequired,
-                format!("{err} before HELLO"),
-            )),
-            Ok(Read::Closed) => Err(Ending::Quiet),
-            Err(err) => Err(close(err.code(), err.to_string())),
+    /// Reads until the HELLO. Anything else first closes the connection, except a
+    /// HELLO with flags this server does not know: it is answered `UnknownFlags`
+    /// and the client may send another HELLO (so that newer fields can be probed),
+    /// a few times, within the handshake timeout.
+    async fn handshake(
+        &mut self,
+        stats: &crate::stats::Stats,
+        outbox: &Outbox,
+    ) -> Result<Hello, Ending> {
+        for _ in 0..MAX_HELLO_PROBES {
+            match self.next(stats).await {
+                Ok(Read::Frame(Frame::Hello(hello))) => return Ok(hello),
+                Ok(Read::Frame(other)) => {
+                    return Err(close(
+                        ErrorCode::HandshakeRequired,
+                        format!("{} before HELLO; the handshake comes first", other.name()),
+                    ));
+                }
+                Ok(Read::Skipped(err @ ProtocolError::UnknownFlags { frame: "HELLO", .. })) => {
+                    stats.error(err.code());
+                    let _ = outbox.send(Frame::Error(ErrorReply::new(
+                        0,
+                        err.code(),
+                        err.to_string(),
+                    )));
+                }
+                Ok(Read::Skipped(err)) => {
+                    return Err(close(
+                        ErrorCode::HandshakeRequired,
+                        format!("{err} before HELLO"),
+                    ));
+                }
+                Ok(Read::Closed) => return Err(Ending::Quiet),
+                Err(err) => return Err(close(err.code(), err.to_string())),
+            }
         }
+        Err(close(
+            ErrorCode::HandshakeRequired,
+            format!("{MAX_HELLO_PROBES} HELLOs with unknown flags; no usable HELLO"),
+        ))
     }
 
     /// After the final frame went out: read and discard until the peer closes or a
@@ -298,18 +382,15 @@ impl Reader {
 }
 
 fn close(code: ErrorCode, message: impl Into<String>) -> Ending {
+    close_for(0, code, message)
+}
+
+/// Closing because of the frame with this request id (0 if none).
+fn close_for(request_id: u32, code: ErrorCode, message: impl Into<String>) -> Ending {
     let message: String = message.into();
-    Ending::Error(ErrorReply::new(0, code, message))
+    Ending::Error(ErrorReply::new(request_id, code, message))
 }
 
 fn shutting_down() -> Ending {
     close(ErrorCode::ShuttingDown, "the server is shutting down")
-}
-
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidings_protocol::{
-    Confirm, DeadLettersReply, Delivery, ErrorReply, Frame, OkReply, Publish, QueueInfoReply,
-    QueueListReply, RedriveReply, Text,
+    Confirm, DeadLettersReply, Delivery, ErrorCode, ErrorReply, Frame, OkReply, Publish,
+    QueueInfoReply, QueueListReply, RedriveReply, Text,
 };
 use tokio::sync::mpsc;
 
@@ -24,16 +24,16 @@ use crate::outbox::Outbox;
 use crate::queue::{DeliverySink, PublishOutcome, Published, QueueError};
 use crate::shared::BrokerQueues;
 
-/// Publishes of one connection whose storage is still in progress. Past this the
-/// connection stops reading until some are durable, so a fast publisher feels the
-/// store's pace instead of growing the broker's memory.
-const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
-
 /// Hands DELIVERY frames to a connection's outbox.
 struct OutboxSink(Outbox);
 
 impl DeliverySink for OutboxSink {
-    fn deliver(&self, delivery: Delivery) -> bool {
+    fn deliver(&self, mut delivery: Delivery) -> bool {
+        if self.0.protocol_minor() == 0 {
+            // A 1.0 session does not know DELIVERY's reply_to and message_id.
+            delivery.reply_to = None;
+            delivery.message_id = None;
+        }
         self.0.send(Frame::Delivery(delivery)).is_ok()
     }
 }
@@ -76,6 +76,20 @@ impl QueueState {
 /// Serves one queue command from the connection's client.
 pub(crate) async fn handle(session: &mut Session, frame: Frame) {
     let request_id = frame.request_id().unwrap_or(0);
+    if let Err(denied) = super::authorize::queue_command(&session.principal, &frame) {
+        return session.permission_denied(request_id, &denied);
+    }
+    if let Some(queues) = session.queues.inner.as_ref()
+        && let Err(message) = super::limits::check_queue_command(
+            &session.shared.config.limits,
+            &session.shared.queues.engine,
+            queues,
+            &frame,
+        )
+        .await
+    {
+        return session.reply_error(request_id, ErrorCode::LimitExceeded, message);
+    }
     let engine = &session.shared.queues.engine;
     let Some(queues) = session.queues.inner.as_ref() else {
         return;
@@ -94,16 +108,34 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             .unbind(&f.name, &f.pattern)
             .await
             .map(|()| ok(request_id)),
+        // Options only for 1.1 sessions: a 1.0 client would read them as
+        // trailing bytes.
+        Frame::QueueInfoRequest(f) if session.outbox.protocol_minor() >= 1 => engine
+            .info_with_options(&f.name)
+            .await
+            .map(|(info, options)| {
+                Frame::QueueInfo(QueueInfoReply {
+                    request_id: f.request_id,
+                    info,
+                    options: Some(Box::new(options)),
+                })
+            }),
         Frame::QueueInfoRequest(f) => engine.info(&f.name).await.map(|info| {
             Frame::QueueInfo(QueueInfoReply {
                 request_id: f.request_id,
                 info,
+                options: None,
             })
         }),
-        Frame::QueueList(f) => Ok(Frame::QueueListReply(QueueListReply {
-            request_id: f.request_id,
-            queues: engine.list().await,
-        })),
+        Frame::QueueList(f) => {
+            // A user sees only the queues it has some right on.
+            let mut queues = engine.list().await;
+            queues.retain(|q| session.principal.sees_queue(&q.name));
+            Ok(Frame::QueueListReply(QueueListReply {
+                request_id: f.request_id,
+                queues,
+            }))
+        }
         Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
             Frame::DeadLettersReply(DeadLettersReply {
                 request_id: f.request_id,
@@ -117,7 +149,7 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             })
         }),
         Frame::Consume(f) => queues
-            .consume(f.consumer_id, &f.queue, f.credit)
+            .consume_limited(f.consumer_id, &f.queue, f.credit, f.limit)
             .await
             .map(|()| ok(request_id)),
         Frame::Cancel(f) => queues.cancel(f.consumer_id).await.map(|()| ok(request_id)),
@@ -157,7 +189,7 @@ fn ok(request_id: u32) -> Frame {
 /// become durable together, so their confirms reach the outbox back to back and
 /// leave in one write, without a task or a wake-up per publish. Group commits
 /// complete in order, so waiting in publish order delays no confirm. Past
-/// `MAX_PUBLISHES_IN_FLIGHT` the read loop waits, so a fast publisher feels the
+/// `--max-pending-requests` the read loop waits, so a fast publisher feels the
 /// store's pace.
 pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     if session.queues.inner.is_none() {
@@ -176,7 +208,7 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
     let confirms = match &session.queues.confirms {
         Some(tx) => tx,
         None => {
-            let (tx, rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
+            let (tx, rx) = mpsc::channel(session.shared.config.limits.max_pending_requests);
             tokio::spawn(send_confirms(
                 rx,
                 session.outbox.clone(),

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use tidings_protocol::{
-    Direction, ErrorCode, ErrorReply, Frame, Message, OkReply, Pattern, Pong, Publish, StatsReply,
-    Subscribe, Topic, Unsubscribe,
+    Direction, ErrorCode, ErrorReply, Frame, MAX_ENVELOPE_LEN, Message, OkReply, Pattern, Pong,
+    Publish, StatsReply, Subscribe, Topic, Unsubscribe,
 };
 use tracing::debug;
 
 use super::queue_state::{self, QueueState};
+use crate::Limits;
+use crate::auth::{Denied, Principal};
 use crate::outbox::{ConnId, Outbox};
 use crate::router::{RouteMemo, RouterError};
 use crate::shared::Shared;
@@ -20,6 +22,10 @@ use crate::shared::Shared;
 /// state.
 pub(crate) struct Session {
     pub(crate) conn: ConnId,
+    /// Who the client is and what it may do (set by the handshake).
+    pub(crate) principal: Principal,
+    /// Subscriptions this connection holds (for `--max-subscriptions`).
+    pub(crate) subscriptions: usize,
     pub(crate) outbox: Outbox,
     pub(crate) shared: Arc<Shared>,
     pub(crate) queues: QueueState,
@@ -33,7 +39,8 @@ pub(crate) struct Session {
 impl Session {
     /// Queues a reply. A failure means the connection is closing, which the read
     /// loop notices on its own.
-    pub(crate) fn reply(&self, frame: Frame) {
+    pub(crate) fn reply(&self, mut frame: Frame) {
+        fit_to_frame(&mut frame, self.shared.config.max_frame_len());
         let _ = self.outbox.send(frame);
     }
 
@@ -44,6 +51,11 @@ impl Session {
         debug!(conn = %self.conn, code = code.name(), %message, "request refused");
         self.shared.stats.error(code);
         self.reply(Frame::Error(ErrorReply::new(request_id, code, message)));
+    }
+
+    /// Answers a refused operation with PermissionDenied; the connection stays open.
+    pub(crate) fn permission_denied(&self, request_id: u32, denied: &Denied) {
+        self.reply_error(request_id, ErrorCode::PermissionDenied, denied.to_string());
     }
 
     /// Handles one frame from an established connection.
@@ -96,14 +108,21 @@ impl Session {
         let request_id = p.request_id.unwrap_or(0);
         // The memo holds only a topic that was valid: the same topic again (the
         // common case) needs no second check.
-        if !self.memo.is_last(&p.topic)
-            && let Err(err) = Topic::validate(&p.topic)
-        {
-            return self.reply_error(
-                request_id,
-                ErrorCode::InvalidTopic,
-                format!("topic `{}`: {err}", p.topic),
-            );
+        // It was also allowed: a denied publish never reaches the memo.
+        if !self.memo.is_last(&p.topic) {
+            if let Err(err) = Topic::validate(&p.topic) {
+                return self.reply_error(
+                    request_id,
+                    ErrorCode::InvalidTopic,
+                    format!("topic `{}`: {err}", p.topic),
+                );
+            }
+            if let Err(denied) = self.principal.check_publish(&p.topic) {
+                return self.permission_denied(request_id, &denied);
+            }
+        }
+        if let Err(message) = super::limits::check_publish(&self.shared.config.limits, &p) {
+            return self.reply_error(request_id, ErrorCode::LimitExceeded, message);
         }
         if let Some(reply_to) = &p.reply_to {
             if let Err(err) = Topic::validate(reply_to) {
@@ -125,6 +144,16 @@ impl Session {
                 ),
             );
         }
+        let envelope = p.envelope_len();
+        if envelope > MAX_ENVELOPE_LEN {
+            return self.reply_error(
+                request_id,
+                ErrorCode::EnvelopeTooLarge,
+                format!(
+                    "topic, reply_to, message_id and headers take {envelope} bytes; at most {MAX_ENVELOPE_LEN} are allowed"
+                ),
+            );
+        }
         let route = self.shared.router.route_memo(&p.topic, &mut self.memo);
         if p.check_responders && route.is_empty() {
             return self.reply_error(
@@ -135,6 +164,7 @@ impl Session {
         }
         if !route.is_empty() {
             let message = Message {
+                message_id: p.message_id.clone(),
                 sid: 0,
                 topic: p.topic.clone(),
                 reply_to: p.reply_to.clone(),
@@ -173,23 +203,40 @@ impl Session {
                 );
             }
         }
+        if let Err(denied) = self.principal.check_subscribe(&pattern) {
+            return self.permission_denied(s.request_id, &denied);
+        }
+        let max = self.shared.config.limits.max_subscriptions;
+        if self.subscriptions >= max {
+            return self.reply_error(
+                s.request_id,
+                ErrorCode::LimitExceeded,
+                Limits::exceeded("max-subscriptions", max, "subscriptions on this connection"),
+            );
+        }
         match self
             .shared
             .router
             .subscribe(&self.outbox, s.sid, pattern, s.group.as_deref())
         {
-            Ok(()) => self.reply(Frame::Ok(OkReply {
-                request_id: s.request_id,
-            })),
+            Ok(()) => {
+                self.subscriptions += 1;
+                self.reply(Frame::Ok(OkReply {
+                    request_id: s.request_id,
+                }))
+            }
             Err(err) => self.router_error(s.request_id, err),
         }
     }
 
     fn unsubscribe(&mut self, u: Unsubscribe) {
         match self.shared.router.unsubscribe(self.conn, u.sid) {
-            Ok(()) => self.reply(Frame::Ok(OkReply {
-                request_id: u.request_id,
-            })),
+            Ok(()) => {
+                self.subscriptions = self.subscriptions.saturating_sub(1);
+                self.reply(Frame::Ok(OkReply {
+                    request_id: u.request_id,
+                }))
+            }
             Err(err) => self.router_error(u.request_id, err),
         }
     }
@@ -200,5 +247,76 @@ impl Session {
             RouterError::UnknownSubscription { .. } => ErrorCode::UnknownSubscription,
         };
         self.reply_error(request_id, code, err.to_string());
+    }
+}
+
+/// Drops entries from the end of a list reply (DEAD_LETTERS_REPLY,
+/// QUEUE_LIST_REPLY, STATS_REPLY) until the frame is no longer than `max`, the
+/// largest frame announced in WELCOME: no frame the server sends may exceed it.
+/// Other frames are left alone; they fit by construction (PROTOCOL.md, section 5).
+pub(crate) fn fit_to_frame(frame: &mut Frame, max: usize) {
+    if !matches!(
+        frame,
+        Frame::DeadLettersReply(_) | Frame::QueueListReply(_) | Frame::StatsReply(_)
+    ) {
+        return;
+    }
+    loop {
+        let mut buf = BytesMut::new();
+        if frame.encode(&mut buf).is_err() {
+            return;
+        }
+        let len = buf.len() - 4;
+        if len <= max {
+            return;
+        }
+        // Keep the share of entries that fits at the current average size, and at
+        // least one fewer than now, so that this ends.
+        let keep = |n: usize| (n * max / len).min(n.saturating_sub(1));
+        match frame {
+            Frame::DeadLettersReply(r) => r.letters.truncate(keep(r.letters.len())),
+            Frame::QueueListReply(r) => r.queues.truncate(keep(r.queues.len())),
+            Frame::StatsReply(r) => r.entries.truncate(keep(r.entries.len())),
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidings_protocol::{QueueInfo, QueueListReply, Text};
+
+    use super::*;
+
+    #[test]
+    fn list_replies_are_cut_to_the_max_frame() {
+        let queues: Vec<QueueInfo> = (0..1000)
+            .map(|i| QueueInfo {
+                name: Text::from(format!("queue.{i}")),
+                ..QueueInfo::default()
+            })
+            .collect();
+        for max in [200, 4096, 50_000] {
+            let mut frame = Frame::QueueListReply(QueueListReply {
+                request_id: 1,
+                queues: queues.clone(),
+            });
+            fit_to_frame(&mut frame, max);
+            let mut buf = BytesMut::new();
+            frame.encode(&mut buf).unwrap();
+            assert!(buf.len() - 4 <= max, "{} > {max}", buf.len() - 4);
+            let Frame::QueueListReply(reply) = frame else {
+                unreachable!()
+            };
+            assert!(!reply.queues.is_empty() || max < 300);
+            assert_eq!(reply.queues[..], queues[..reply.queues.len()], "a prefix");
+        }
+        // Small enough already: untouched.
+        let mut frame = Frame::QueueListReply(QueueListReply {
+            request_id: 1,
+            queues: queues.clone(),
+        });
+        fit_to_frame(&mut frame, usize::MAX);
+        assert!(matches!(frame, Frame::QueueListReply(r) if r.queues.len() == 1000));
     }
 }

@@ -243,9 +243,26 @@ impl QueueEngine {
             .await
     }
 
+    /// How many queues exist (for `--max-queues`).
+    pub fn queue_count(&self) -> usize {
+        self.inner.read().queues.len()
+    }
+
     /// One queue's figures.
     pub async fn info(&self, name: &str) -> Result<QueueInfo, QueueError> {
         Ok(self.inner.queue(name)?.info())
+    }
+
+    /// A queue's figures and its options, defaults filled in (bindings as in the
+    /// figures).
+    pub async fn info_with_options(
+        &self,
+        name: &str,
+    ) -> Result<(QueueInfo, QueueOptions), QueueError> {
+        let q = self.inner.queue(name)?;
+        let info = q.info();
+        let options = q.settings.to_options(info.bindings.clone());
+        Ok((info, options))
     }
 
     /// Every queue's figures, by name.
@@ -680,6 +697,7 @@ impl EngineInner {
                 headers: msg.headers.clone(),
                 payload: msg.payload.clone(),
                 message_id: msg.message_id.clone(),
+                reply_to: msg.reply_to.clone(),
                 published_ms: now,
                 deliveries: 0,
                 dead: None,

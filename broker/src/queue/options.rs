@@ -117,6 +117,28 @@ impl Settings {
         None
     }
 
+    /// The options as QUEUE_DECLARE states them, every default filled in: declaring
+    /// them again is a match. `max_length`, `max_bytes` and `ttl_ms` stay absent
+    /// when unlimited.
+    pub fn to_options(&self, bindings: Vec<tidings_protocol::Text>) -> QueueOptions {
+        QueueOptions {
+            bindings,
+            max_deliveries: Some(self.max_deliveries),
+            ack_timeout_ms: Some(self.ack_timeout_ms),
+            backoff_ms: Some(self.backoff_ms.clone()),
+            max_length: self.max_length,
+            max_bytes: self.max_bytes,
+            overflow: Some(if self.drop_head {
+                Overflow::DropHead
+            } else {
+                Overflow::RejectPublish
+            }),
+            ttl_ms: self.ttl_ms,
+            dedup_window_ms: Some(self.dedup_window_ms),
+            dead_letter: Some(self.dead_letter.as_str().into()),
+        }
+    }
+
     /// Delay before redelivery after `deliveries` failed attempts (1 = first failure).
     pub fn backoff_after(&self, deliveries: u32) -> u64 {
         let Some(last) = self.backoff_ms.len().checked_sub(1) else {

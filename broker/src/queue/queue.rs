@@ -97,13 +97,16 @@ struct Consumer {
     id: u32,
     window: u32,
     outstanding: u32,
+    /// Deliveries it may still get in all (CONSUME's `limit`), `None` unlimited.
+    remaining: Option<u32>,
     alive: bool,
 }
 
 impl Consumer {
     fn available(&self) -> u32 {
         if self.alive {
-            self.window.saturating_sub(self.outstanding)
+            let window = self.window.saturating_sub(self.outstanding);
+            self.remaining.map_or(window, |left| window.min(left))
         } else {
             0
         }
@@ -838,8 +841,13 @@ impl Queue {
         };
         entry.msg.deliveries = entry.msg.deliveries.saturating_add(1);
         consumer.outstanding += 1;
+        if let Some(left) = &mut consumer.remaining {
+            *left = left.saturating_sub(1);
+        }
         let consumer_id = consumer.id;
         let delivery = Delivery {
+            reply_to: entry.msg.reply_to.clone(),
+            message_id: entry.msg.message_id.clone(),
             consumer_id,
             delivery_id,
             attempt: entry.msg.deliveries,
@@ -990,13 +998,20 @@ impl Queue {
 
     // ---------------------------------------------------------------- consumers
 
-    pub fn add_consumer(&self, session: &Arc<SessionInner>, id: u32, credit: u32) {
+    pub fn add_consumer(
+        &self,
+        session: &Arc<SessionInner>,
+        id: u32,
+        credit: u32,
+        limit: Option<u32>,
+    ) {
         let mut st = self.lock();
         st.consumers.push(Consumer {
             session: session.clone(),
             id,
             window: credit,
             outstanding: 0,
+            remaining: limit,
             alive: true,
         });
         self.dispatch(&mut st, now_ms());

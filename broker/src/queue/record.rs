@@ -1,9 +1,11 @@
 //! `Message`: a queued message in memory, and the byte layout it is stored with.
 //!
 //! Layout (big-endian): `version:u8=1 published_ms:u64 deliveries:u32 flags:u8
-//! topic:str [message_id:str] [reason:str attempts:u32] headers:(count:u16 × key:str
-//! value:str) payload` where `str` is `len:u16 bytes`, flag `0x01` marks a message id
-//! and `0x02` a dead letter, and the payload is every remaining byte.
+//! topic:str [message_id:str] [reason:str attempts:u32] [reply_to:str]
+//! headers:(count:u16 × key:str value:str) payload` where `str` is `len:u16 bytes`,
+//! flag `0x01` marks a message id, `0x02` a dead letter and `0x04` a reply topic,
+//! and the payload is every remaining byte. Records written before reply topics were
+//! stored simply lack flag `0x04`.
 
 use bytes::{Buf, Bytes};
 use tidings_protocol::{Headers, Text};
@@ -11,6 +13,7 @@ use tidings_protocol::{Headers, Text};
 const VERSION: u8 = 1;
 const FLAG_MESSAGE_ID: u8 = 0x01;
 const FLAG_REASON: u8 = 0x02;
+const FLAG_REPLY_TO: u8 = 0x04;
 
 /// A message held by a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,8 @@ pub(crate) struct Message {
     pub headers: Headers,
     pub payload: Bytes,
     pub message_id: Option<Text>,
+    /// Where the publisher wants answers (request/reply through a queue).
+    pub reply_to: Option<Text>,
     /// Wall-clock milliseconds when it was first stored (TTL counts from here).
     pub published_ms: u64,
     /// Deliveries made so far; the next delivery's attempt number is this plus one.
@@ -63,6 +68,7 @@ impl Message {
             + self.topic.len()
             + self.message_id.as_ref().map_or(0, |m| m.len() + 2)
             + self.dead.as_ref().map_or(0, |d| d.reason.len() + 6)
+            + self.reply_to.as_ref().map_or(0, |r| r.len() + 2)
             + 2
             + headers_len
             + self.payload.len()
@@ -82,6 +88,9 @@ impl Message {
         if self.dead.is_some() {
             flags |= FLAG_REASON;
         }
+        if self.reply_to.is_some() {
+            flags |= FLAG_REPLY_TO;
+        }
         out.push(flags);
         put_str(out, &self.topic);
         if let Some(id) = &self.message_id {
@@ -90,6 +99,9 @@ impl Message {
         if let Some(dead) = &self.dead {
             put_str(out, &dead.reason);
             out.extend_from_slice(&dead.attempts.to_be_bytes());
+        }
+        if let Some(reply_to) = &self.reply_to {
+            put_str(out, reply_to);
         }
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&count.to_be_bytes());
@@ -126,6 +138,11 @@ impl Message {
         } else {
             None
         };
+        let reply_to = if flags & FLAG_REPLY_TO != 0 {
+            Some(get_str(&mut buf)?)
+        } else {
+            None
+        };
         if buf.remaining() < 2 {
             return None;
         }
@@ -141,6 +158,7 @@ impl Message {
             headers,
             payload: buf,
             message_id,
+            reply_to,
             published_ms,
             deliveries,
             dead,
@@ -172,6 +190,7 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_truncation() {
         let m = Message {
+            reply_to: Some(Text::from("_INBOX.a.1")),
             topic: Text::from("orders.created"),
             headers: vec![(Text::from("content-type"), Text::from("json"))],
             payload: Bytes::from_static(b"{\"id\":7}"),

@@ -84,6 +84,11 @@ impl QueueSession {
         }
     }
 
+    /// How many consumers this connection has (for `--max-consumers`).
+    pub fn consumer_count(&self) -> usize {
+        self.inner.lock().consumers.len()
+    }
+
     /// Starts consumer `consumer_id` on `queue` with `credit` deliveries outstanding
     /// at most. Errors: `DuplicateConsumer`, `NotFound`, `InvalidArgument` (credit 0).
     pub async fn consume(
@@ -92,6 +97,23 @@ impl QueueSession {
         queue: &str,
         credit: u32,
     ) -> Result<(), QueueError> {
+        self.consume_limited(consumer_id, queue, credit, None).await
+    }
+
+    /// [`QueueSession::consume`] for at most `limit` deliveries in all (`None`:
+    /// unlimited); past it the consumer gets nothing more until cancelled.
+    pub async fn consume_limited(
+        &self,
+        consumer_id: u32,
+        queue: &str,
+        credit: u32,
+        limit: Option<u32>,
+    ) -> Result<(), QueueError> {
+        if limit == Some(0) {
+            return Err(QueueError::InvalidArgument(
+                "limit must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
         if credit == 0 {
             return Err(QueueError::InvalidArgument(
                 "credit must be at least 1".into(),
@@ -105,7 +127,7 @@ impl QueueSession {
             }
             st.consumers.insert(consumer_id, q.clone());
         }
-        q.add_consumer(&self.inner, consumer_id, credit);
+        q.add_consumer(&self.inner, consumer_id, credit, limit);
         Ok(())
     }
 

@@ -51,10 +51,24 @@ pub struct Target {
 }
 
 impl Target {
-    /// Queues the encoded MESSAGE with this subscription's id.
-    fn send(&self, encoded: &[u8]) -> bool {
-        self.outbox.send_message(encoded, self.sid).is_ok()
+    /// Queues the encoded MESSAGE with this subscription's id, in the form its
+    /// session's protocol version reads.
+    fn send(&self, encoded: &Encoded<'_>) -> bool {
+        let bytes = match encoded.v1_0 {
+            Some(v1_0) if self.outbox.protocol_minor() == 0 => v1_0,
+            _ => encoded.current,
+        };
+        self.outbox.send_message(bytes, self.sid).is_ok()
     }
+}
+
+/// A MESSAGE encoded once for every subscriber.
+struct Encoded<'a> {
+    /// The 1.1 form.
+    current: &'a [u8],
+    /// The 1.0 form, without the fields 1.1 added, when it differs (the message
+    /// has an id).
+    v1_0: Option<&'a [u8]>,
 }
 
 /// The members of one group (same pattern, same group name) as of the route's
@@ -109,20 +123,31 @@ impl Route {
     /// copying those bytes to each destination.
     pub fn deliver_with(&self, message: &Message, scratch: &mut BytesMut) -> usize {
         scratch.clear();
-        let frame = Frame::Message(Message {
+        let mut frame = Message {
             sid: 0,
             topic: message.topic.clone(),
             reply_to: message.reply_to.clone(),
+            message_id: message.message_id.clone(),
             headers: message.headers.clone(),
             payload: message.payload.clone(),
-        });
-        if let Err(err) = frame.encode(scratch) {
+        };
+        if let Err(err) = Frame::Message(frame.clone()).encode(scratch) {
             // Messages are built from decoded PUBLISH frames within limits, so
             // this is a broker bug.
             tracing::error!(error = %err, "cannot encode MESSAGE");
             return 0;
         }
-        let message: &[u8] = scratch;
+        // Only a message with an id reads differently in 1.0; it gets its second
+        // form here, once, when some subscriber may need it.
+        let mut v1_0 = BytesMut::new();
+        if frame.message_id.take().is_some() && Frame::Message(frame).encode(&mut v1_0).is_err() {
+            return 0;
+        }
+        let message = Encoded {
+            current: scratch,
+            v1_0: (!v1_0.is_empty()).then_some(&v1_0[..]),
+        };
+        let message = &message;
         let mut sent = 0;
         for target in &self.subscribers {
             sent += usize::from(target.send(message));

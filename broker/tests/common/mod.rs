@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -82,14 +84,39 @@ impl Client {
     }
 
     pub async fn handshake(&mut self, name: &str, token: Option<&str>) {
+        self.handshake_minor(name, token, None).await;
+    }
+
+    /// Connects and completes a handshake announcing this minor version.
+    pub async fn hello_minor(addr: SocketAddr, name: &str, minor: Option<u16>) -> Client {
+        let mut c = Client::connect(addr).await;
+        c.handshake_minor(name, None, minor).await;
+        c
+    }
+
+    /// HELLO with this minor version (`None`: a 1.0 client). From the WELCOME on,
+    /// frames are decoded with the announced `max_frame_len` as their limit, so
+    /// every test also checks that no server frame exceeds it.
+    pub async fn handshake_minor(
+        &mut self,
+        name: &str,
+        token: Option<&str>,
+        minor: Option<u16>,
+    ) -> tidings_protocol::Welcome {
         self.send(Frame::Hello(Hello {
             version: PROTOCOL_VERSION,
             client_name: name.into(),
             token: token.map(Into::into),
+            minor,
+            user: None,
         }))
         .await;
         match self.recv().await {
-            Some(Frame::Welcome(w)) => assert_eq!(w.version, PROTOCOL_VERSION),
+            Some(Frame::Welcome(w)) => {
+                assert_eq!(w.version, PROTOCOL_VERSION);
+                self.codec = FrameCodec::new(w.max_frame_len as usize);
+                w
+            }
             other => panic!("expected WELCOME, got {other:?}"),
         }
     }

@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
-use tidings_client::{Client, ClientBuilder, Message, Overflow, QueueConfig};
+use tidings_client::{
+    Client, ClientBuilder, ClientTls, ConfirmOptions, Interruption, Message, Overflow, QueueConfig,
+};
 
 use duration::{parse_duration, parse_size};
 use output::{display_payload, print_info, print_queue_table, print_stats};
@@ -24,7 +25,8 @@ use output::{display_payload, print_info, print_queue_table, print_stats};
     about = "Poke a tidings broker from the shell: publish, subscribe, request, manage durable queues, show stats"
 )]
 pub struct Cli {
-    /// Broker address (host:port).
+    /// Broker address (host:port, or tls://host:port for TLS with the system's
+    /// roots unless --tls-ca is given).
     #[arg(
         long,
         global = true,
@@ -32,9 +34,35 @@ pub struct Cli {
         default_value = "127.0.0.1:7878"
     )]
     server: String,
-    /// Shared secret, when the broker requires one.
+    /// Shared secret, when the broker requires one; with --user, that user's
+    /// password or token.
     #[arg(long, global = true, env = "TIDINGS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// User name, for brokers with `[[users]]` (with --token, or a client
+    /// certificate that names the user).
+    #[arg(long, global = true, env = "TIDINGS_USER")]
+    user: Option<String>,
+    /// PEM file of the CA certificates to trust; turns TLS on.
+    #[arg(long, global = true, env = "TIDINGS_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM file of a client certificate (mutual TLS); needs --tls-key; turns TLS on.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,9 +105,13 @@ struct PubArgs {
     /// Deliver from queues no sooner than this (e.g. 5s).
     #[arg(long, value_parser = parse_duration)]
     delay: Option<Duration>,
-    /// Wait for the broker's durable confirm and print it.
+    /// Wait for the broker's durable confirm and print it. Fails (exit 1) when no
+    /// queue is bound to the topic or a full queue refused the message.
     #[arg(long)]
     confirm: bool,
+    /// With --confirm: a topic no queue is bound to is fine (exit 0).
+    #[arg(long, requires = "confirm")]
+    allow_unroutable: bool,
     /// Publish this many copies.
     #[arg(long, default_value_t = 1)]
     count: u64,
@@ -180,10 +212,11 @@ struct DeclareArgs {
 struct ConsumeArgs {
     /// Queue name.
     queue: String,
-    /// Exit after this many deliveries.
+    /// Exit after this many deliveries. The broker is asked for no more than
+    /// that, so none is taken and abandoned (each would use up a delivery attempt).
     #[arg(long)]
-    count: Option<u64>,
-    /// Credit window: unacked deliveries at once.
+    count: Option<u32>,
+    /// Credit window: unacked deliveries at once (at most --count).
     #[arg(long, default_value_t = 16)]
     prefetch: u32,
     /// Acknowledge each delivery (the default).
@@ -200,10 +233,21 @@ pub async fn run(cli: Cli) -> Result<()> {
     if let Some(token) = &cli.token {
         builder = builder.token(token);
     }
-    let client = builder
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the broker at {}", cli.server))?;
+    if let Some(user) = &cli.user {
+        builder = builder.user(user);
+    }
+    if cli.tls_ca.is_some() || cli.tls_cert.is_some() {
+        let mut tls = match &cli.tls_ca {
+            Some(ca) => ClientTls::ca_file(ca),
+            None => ClientTls::system_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            tls = tls.client_cert_files(cert, key);
+        }
+        builder = builder.tls(tls);
+    }
+    // The connect error names the address already.
+    let client = builder.connect().await.context("cannot reach the broker")?;
     match cli.command {
         Command::Pub(args) => publish(&client, args).await,
         Command::Sub(args) => subscribe(&client, args, false).await,
@@ -243,10 +287,14 @@ async fn publish(client: &Client, args: PubArgs) -> Result<()> {
         message = message.delay(delay);
     }
     let mut out = std::io::stdout().lock();
+    let mut options = ConfirmOptions::new();
+    if args.allow_unroutable {
+        options = options.allow_unroutable();
+    }
     for _ in 0..args.count {
         if args.confirm {
             let c = client
-                .publish_confirmed(message.clone())
+                .publish_confirmed_with(message.clone(), options)
                 .await
                 .context("publish failed")?;
             writeln!(
@@ -279,8 +327,17 @@ async fn subscribe(client: &Client, args: SubArgs, echo: bool) -> Result<()> {
     let mut seen = 0u64;
     let mut out = std::io::stdout();
     while args.count.is_none_or(|n| seen < n) {
-        let Some(msg) = sub.next().await else {
-            bail!("the subscription ended (connection closed)");
+        let msg = match sub.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => bail!("the subscription ended (connection closed)"),
+            Err(gap @ Interruption::SlowConsumer { .. }) => {
+                eprintln!("warning: {gap}; reconnected and subscribed again");
+                continue;
+            }
+            Err(gap) => {
+                eprintln!("warning: {gap}");
+                continue;
+            }
         };
         if echo {
             if msg.reply_to_topic().is_none() {
@@ -398,15 +455,26 @@ async fn queue(client: &Client, cmd: QueueCommand) -> Result<()> {
 }
 
 async fn consume(client: &Client, args: ConsumeArgs) -> Result<()> {
-    let mut consumer = client
-        .consume(args.queue.as_str(), args.prefetch)
-        .await
-        .with_context(|| format!("cannot consume from `{}`", args.queue))?;
+    // With --count the broker sends no more than that many (the consumer's limit):
+    // a delivery taken and never printed would use up one of the message's
+    // attempts when it is handed back.
+    let consumer = match args.count {
+        Some(0) => return Ok(()),
+        Some(n) => {
+            client
+                .consume_limited(args.queue.as_str(), args.prefetch.min(n), n)
+                .await
+        }
+        None => client.consume(args.queue.as_str(), args.prefetch).await,
+    };
+    let mut consumer = consumer.with_context(|| format!("cannot consume from `{}`", args.queue))?;
     let mut out = std::io::stdout();
-    let mut seen = 0u64;
+    let mut seen = 0u32;
     while args.count.is_none_or(|n| seen < n) {
-        let Some(delivery) = consumer.next().await else {
-            bail!("the consumer ended (connection closed)");
+        let delivery = match consumer.try_next().await {
+            Ok(Some(delivery)) => delivery,
+            Ok(None) => bail!("the consumer ended (connection closed)"),
+            Err(ended) => return Err(ended).context("the consumer ended"),
         };
         seen += 1;
         writeln!(
@@ -423,8 +491,7 @@ async fn consume(client: &Client, args: ConsumeArgs) -> Result<()> {
             delivery.ack().await.context("ack failed")?;
         }
     }
-    // Acks are batched: make sure the last ones are written before exiting.
-    client.flush().await.context("flush failed")?;
-    consumer.cancel().await.context("cancel failed")?;
+    // The broker has applied the acks and nacks once the close is answered.
+    consumer.close().await.context("cancel failed")?;
     Ok(())
 }

@@ -1,17 +1,19 @@
 //! Dialling the broker and the HELLO → WELCOME handshake.
 
 use bytes::BytesMut;
-use tidings_protocol::{Frame, FrameCodec, Hello, PROTOCOL_VERSION, Text, Welcome};
+use tidings_protocol::{
+    ErrorCode, Frame, FrameCodec, Hello, PROTOCOL_MINOR, PROTOCOL_VERSION, Text, Welcome,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
 use crate::error::{ConnectError, ServerError};
 use crate::options::ClientBuilder;
+use crate::tls::{self, Transport};
 
-/// A connected, handshaken socket.
+/// A connected, handshaken socket (plain TCP or TLS).
 pub(crate) struct Opened {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Transport,
     pub(super) welcome: Welcome,
     pub(super) rbuf: BytesMut,
 }
@@ -20,21 +22,34 @@ impl Opened {
     pub(crate) fn max_payload(&self) -> usize {
         usize::try_from(self.welcome.max_payload).unwrap_or(usize::MAX)
     }
+
+    /// The largest frame the broker said it sends or accepts.
+    pub(crate) fn max_frame_len(&self) -> usize {
+        usize::try_from(self.welcome.max_frame_len).unwrap_or(usize::MAX)
+    }
 }
 
-/// Dials the broker and performs the handshake, all under the connect timeout.
+/// Dials the broker and performs the handshake, all under the connect timeout. The
+/// HELLO announces protocol 1.1; a 1.0 broker refuses the unknown flag (with
+/// `HandshakeRequired`, closing), and is dialled again with a 1.0 HELLO.
 pub(crate) async fn open(opts: &ClientBuilder) -> Result<Opened, ConnectError> {
-    let addr = opts.addr.clone();
+    match open_with(opts, Some(PROTOCOL_MINOR)).await {
+        Err(ConnectError::Refused { error, .. })
+            if matches!(
+                error.code(),
+                Some(ErrorCode::HandshakeRequired | ErrorCode::UnknownFlags)
+            ) =>
+        {
+            open_with(opts, None).await
+        }
+        other => other,
+    }
+}
+
+async fn open_with(opts: &ClientBuilder, minor: Option<u16>) -> Result<Opened, ConnectError> {
     let attempt = async {
-        let mut stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| ConnectError::Io {
-                addr: addr.clone(),
-                source,
-            })?;
-        // Requests and acks are small; Nagle would add latency to every one of them.
-        let _ = stream.set_nodelay(true);
-        let (welcome, rbuf) = handshake(&mut stream, opts).await?;
+        let mut stream = tls::dial(opts).await?;
+        let (welcome, rbuf) = handshake(&mut stream, opts, minor).await?;
         Ok(Opened {
             stream,
             welcome,
@@ -54,22 +69,25 @@ pub(crate) async fn open(opts: &ClientBuilder) -> Result<Opened, ConnectError> {
 pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     opts: &ClientBuilder,
+    minor: Option<u16>,
 ) -> Result<(Welcome, BytesMut), ConnectError> {
     let addr = &opts.addr;
     let hello = Frame::Hello(Hello {
+        minor,
         version: PROTOCOL_VERSION,
         client_name: Text::from(opts.name.as_str()),
         token: opts.token.as_deref().map(Text::from),
+        user: opts.user.as_deref().map(Text::from),
     });
     let mut wbuf = BytesMut::new();
-    let protocol = |source| ConnectError::Protocol {
+    let protocol = |error| ConnectError::Protocol {
         addr: addr.clone(),
-        source,
+        error,
     };
     hello.encode(&mut wbuf).map_err(protocol)?;
-    let io_err = |source| ConnectError::Io {
+    let io_err = |error| ConnectError::Io {
         addr: addr.clone(),
-        source,
+        error,
     };
     io.write_all(&wbuf).await.map_err(io_err)?;
     io.flush().await.map_err(io_err)?;

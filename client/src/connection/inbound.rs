@@ -4,10 +4,10 @@
 use std::sync::atomic::Ordering;
 
 use tidings_protocol::{ErrorCode, Frame, Pong};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::consumer::Delivery;
-use crate::error::{CallError, ServerError};
+use crate::error::{CallError, ConsumerError, ServerError};
 use crate::message::Message;
 use crate::sub_buffer::Push;
 
@@ -23,11 +23,23 @@ impl Task {
             Frame::Message(m) if m.sid == INBOX_SID => self.inbox_message(m),
             Frame::Message(m) => self.sub_message(m),
             Frame::Delivery(d) => self.delivery(d),
+            Frame::ConsumerCancelled(c) => {
+                // The broker ended it: no more deliveries, its id is free. The stream
+                // ends with the reason once it has handed out what it holds.
+                if let Some(consumer) = self.consumers.remove(&c.consumer_id) {
+                    info!(cid = c.consumer_id, reason = c.reason, message = %c.message, "consumer cancelled by the broker");
+                    consumer.sink.end(ConsumerError::Cancelled {
+                        queue: consumer.queue.to_string(),
+                        reason: c.reason,
+                        message: c.message.to_string(),
+                    });
+                }
+            }
             Frame::Error(e) if !self.pending.contains_key(&e.request_id) => {
                 let error = ServerError::from(&e);
                 warn!(request_id = e.request_id, %error, "error from the broker");
                 if e.error_code().is_some_and(ErrorCode::closes_connection) {
-                    return Err(SessionEnd::Lost(error.to_string()));
+                    return Err(SessionEnd::CutOff(error));
                 }
             }
             Frame::Error(e) => {
@@ -52,6 +64,9 @@ impl Task {
                 let _ = reply.send(result);
             }
             Pending::Subscribe { sid, reply } => {
+                if reply.is_none() {
+                    self.restored_one();
+                }
                 if let Err(error) = &result {
                     self.remove_sub(sid);
                     if reply.is_none() {
@@ -63,10 +78,19 @@ impl Task {
                 }
             }
             Pending::Consume { cid, reply } => {
+                if reply.is_none() {
+                    self.restored_one();
+                }
                 if let Err(error) = &result {
-                    self.consumers.remove(&cid);
+                    let consumer = self.consumers.remove(&cid);
                     if reply.is_none() {
                         warn!(cid, ?error, "could not restore consumer; ending it");
+                        if let (Some(consumer), CallError::Server(error)) = (consumer, error) {
+                            consumer.sink.end(ConsumerError::NotRestored {
+                                queue: consumer.queue.to_string(),
+                                error: error.clone(),
+                            });
+                        }
                     }
                 }
                 if let Some(reply) = reply {
@@ -125,6 +149,7 @@ impl Task {
             Push::Full(m) => {
                 sub.stalls.fetch_add(1, Ordering::Relaxed);
                 let buffer = sub.buffer.clone();
+                self.stalled_this_session = true;
                 self.read = ReadState::Stalled {
                     sid,
                     message: m,
@@ -158,11 +183,18 @@ impl Task {
 
     pub(super) fn delivery(&mut self, d: tidings_protocol::Delivery) {
         let delivery_id = d.delivery_id;
-        let refused = match self.consumers.get(&d.consumer_id) {
-            Some(consumer) => consumer
-                .tx
-                .try_send(Delivery::new(d, self.epoch, self.handle.clone()))
-                .is_err(),
+        let refused = match self.consumers.get_mut(&d.consumer_id) {
+            Some(consumer) => {
+                // The broker counts every delivery against the limit, taken or not.
+                if let Some(left) = &mut consumer.remaining {
+                    *left = left.saturating_sub(1);
+                }
+                consumer
+                    .sink
+                    .tx
+                    .try_send(Delivery::new(d, self.epoch, self.handle.clone()))
+                    .is_err()
+            }
             None => true,
         };
         if refused {

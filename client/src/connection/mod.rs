@@ -23,19 +23,21 @@ use std::task::Waker;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tidings_protocol::{Consume, Frame, FrameCodec, Subscribe, Text};
+use tidings_protocol::{Consume, ErrorCode, Frame, FrameCodec, Subscribe, Text};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::command::{Command, Reply};
-use crate::consumer::Delivery;
-use crate::error::CallError;
+use crate::consumer::ConsumerSink;
+use crate::error::{CallError, ServerError};
 use crate::events::Event;
 use crate::handle::{ConnState, Handle};
 use crate::message::Message;
 use crate::sub_buffer::SubBuffer;
+use crate::subscriber::Interruption;
 
+use crate::tls::Transport;
 #[cfg(test)]
 pub(crate) use dial::handshake;
 pub(crate) use dial::{Opened, open};
@@ -70,6 +72,9 @@ pub(crate) enum SessionEnd {
     Closed,
     /// The connection failed; reconnect if the policy allows.
     Lost(String),
+    /// The broker sent an ERROR whose code closes the connection (slow consumer,
+    /// shutting down, heartbeat timeout …); reconnect if the policy allows.
+    CutOff(ServerError),
 }
 
 enum Pending {
@@ -108,7 +113,9 @@ struct ConsumerEntry {
     queue: Text,
     /// The whole credit window, including CREDIT top-ups, re-sent on reconnect.
     window: u32,
-    tx: mpsc::Sender<Delivery>,
+    /// Deliveries it may still get (CONSUME `limit`), re-sent on reconnect.
+    remaining: Option<u32>,
+    sink: ConsumerSink,
 }
 
 /// Whether the task reads frames from the socket.
@@ -147,6 +154,15 @@ pub(crate) struct Task {
     epoch: u64,
     /// Whether frames are read, or wait for a full subscription.
     read: ReadState,
+    /// A full subscription held reading back during this connection: a drop
+    /// without an ERROR is then most likely the broker's slow-consumer cut-off,
+    /// whose ERROR could not reach a client that was not reading.
+    stalled_this_session: bool,
+    /// Restore requests (SUBSCRIBE, CONSUME) of this connection still unanswered.
+    restoring: usize,
+    /// Failed attempts before the current connection, while its
+    /// [`Event::Reconnected`] waits for the restore to be answered.
+    reconnected: Option<u32>,
     /// Subscriptions to wake once the current read is handled.
     wakers: Vec<Waker>,
 }
@@ -178,6 +194,9 @@ impl Task {
             flushes: Vec::new(),
             epoch,
             read: ReadState::Reading,
+            stalled_this_session: false,
+            restoring: 0,
+            reconnected: None,
             wakers: Vec::new(),
         }
     }
@@ -197,11 +216,9 @@ impl Task {
                         .epoch
                         .store(self.epoch, Ordering::Relaxed);
                     info!(attempts = failures, "reconnected");
-                    let _ = self
-                        .handle
-                        .shared
-                        .events
-                        .send(Event::Reconnected { attempts: failures });
+                    // Announced once the broker has answered the restore, so that
+                    // a publish made on seeing the event reaches the subscriptions.
+                    self.reconnected = Some(failures);
                 }
                 first = false;
                 failures = 0;
@@ -209,27 +226,76 @@ impl Task {
                     .shared
                     .max_payload
                     .store(opened.max_payload(), Ordering::Relaxed);
+                self.codec = FrameCodec::new(opened.max_frame_len());
                 let heartbeat = match opened.welcome.heartbeat_ms {
                     0 => None,
                     ms => Some(Duration::from_millis(u64::from(ms))),
                 };
                 self.restore();
+                if self.restoring == 0 {
+                    self.announce_reconnect();
+                }
                 let _ = self.state_tx.send(ConnState::Connected);
-                let (reader, writer) = opened.stream.into_split();
-                let end = self.session(reader, writer, opened.rbuf, heartbeat).await;
+                // Plain TCP splits without a lock; TLS needs tokio's split.
+                let end = match opened.stream {
+                    Transport::Plain(stream) => {
+                        let (reader, writer) = stream.into_split();
+                        self.session(reader, writer, opened.rbuf, heartbeat).await
+                    }
+                    Transport::Tls(stream) => {
+                        let (reader, writer) = tokio::io::split(*stream);
+                        self.session(reader, writer, opened.rbuf, heartbeat).await
+                    }
+                };
                 let _ = self.state_tx.send(ConnState::Disconnected);
                 self.on_disconnect();
-                match end {
+                let (gap, reason) = match end {
                     SessionEnd::Closed => break,
-                    SessionEnd::Lost(reason) => {
-                        warn!(%reason, "connection lost");
-                        let _ = self
-                            .handle
-                            .shared
-                            .events
-                            .send(Event::Disconnected { reason });
+                    SessionEnd::CutOff(error) if error.code() == Some(ErrorCode::SlowConsumer) => {
+                        warn!(%error, "cut off by the broker as a slow consumer");
+                        let message = error.message.clone();
+                        let _ = self.handle.shared.events.send(Event::SlowConsumer {
+                            message: message.clone(),
+                        });
+                        (Interruption::SlowConsumer { message }, error.to_string())
                     }
+                    SessionEnd::CutOff(error) => {
+                        let reason = error.to_string();
+                        (
+                            Interruption::Disconnected {
+                                reason: reason.clone(),
+                            },
+                            reason,
+                        )
+                    }
+                    SessionEnd::Lost(reason) if self.stalled_this_session => {
+                        let message = format!(
+                            "the connection dropped ({reason}) after a full subscription held \
+                             reading back; the broker most likely cut this client off"
+                        );
+                        warn!(%message, "probably cut off as a slow consumer");
+                        let _ = self.handle.shared.events.send(Event::SlowConsumer {
+                            message: message.clone(),
+                        });
+                        (Interruption::SlowConsumer { message }, reason)
+                    }
+                    SessionEnd::Lost(reason) => (
+                        Interruption::Disconnected {
+                            reason: reason.clone(),
+                        },
+                        reason,
+                    ),
+                };
+                warn!(%reason, "connection lost");
+                // Every subscription marks where messages may have been lost.
+                for sub in self.subs.values() {
+                    sub.buffer.push_gap(gap.clone());
                 }
+                let _ = self
+                    .handle
+                    .shared
+                    .events
+                    .send(Event::Disconnected { reason });
             }
             if opts.reconnect.exhausted(failures) {
                 warn!(failures, "giving up reconnecting");
@@ -288,22 +354,43 @@ impl Task {
                 pattern,
                 group,
             });
+            self.restoring += 1;
             self.send_tracked(request_id, &frame, Pending::Subscribe { sid, reply: None });
         }
-        let consumers: Vec<(u32, Text, u32)> = self
+        let consumers: Vec<(u32, Text, u32, Option<u32>)> = self
             .consumers
             .iter()
-            .map(|(cid, c)| (*cid, c.queue.clone(), c.window))
+            .map(|(cid, c)| (*cid, c.queue.clone(), c.window, c.remaining))
             .collect();
-        for (cid, queue, credit) in consumers {
+        for (cid, queue, credit, limit) in consumers {
             let request_id = self.handle.shared.next_id();
             let frame = Frame::Consume(Consume {
+                limit,
                 request_id,
                 consumer_id: cid,
                 queue,
                 credit,
             });
+            self.restoring += 1;
             self.send_tracked(request_id, &frame, Pending::Consume { cid, reply: None });
+        }
+    }
+
+    /// One restore request was answered; the last one announces the reconnect.
+    fn restored_one(&mut self) {
+        self.restoring = self.restoring.saturating_sub(1);
+        if self.restoring == 0 {
+            self.announce_reconnect();
+        }
+    }
+
+    fn announce_reconnect(&mut self) {
+        if let Some(attempts) = self.reconnected.take() {
+            let _ = self
+                .handle
+                .shared
+                .events
+                .send(Event::Reconnected { attempts });
         }
     }
 
@@ -352,6 +439,8 @@ impl Task {
         self.acks.clear();
         self.nacks.clear();
         self.inbox_subscribed = false;
+        self.restoring = 0;
+        self.reconnected = None;
     }
 }
 

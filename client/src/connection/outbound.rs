@@ -129,10 +129,12 @@ impl Task {
                 cid,
                 queue,
                 prefetch,
-                tx,
+                limit,
+                sink,
                 reply,
             } => {
                 let frame = Frame::Consume(Consume {
+                    limit,
                     request_id: id,
                     consumer_id: cid,
                     queue: queue.clone(),
@@ -143,7 +145,8 @@ impl Task {
                     ConsumerEntry {
                         queue,
                         window: prefetch,
-                        tx,
+                        remaining: limit,
+                        sink,
                     },
                 );
                 self.send_tracked(
@@ -156,7 +159,10 @@ impl Task {
                 );
             }
             Command::Cancel { cid, reply } => {
-                if self.consumers.remove(&cid).is_some() {
+                // A caller waiting (`Consumer::close`) always gets a round trip, even
+                // for a consumer the broker ended already: its answer (OK, or
+                // UnknownConsumer) comes after every ack sent before it.
+                if self.consumers.remove(&cid).is_some() || reply.is_some() {
                     let request_id = self.handle.shared.next_id();
                     let frame = Frame::Cancel(Cancel {
                         request_id,

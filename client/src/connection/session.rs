@@ -26,6 +26,7 @@ impl Task {
         W: AsyncWrite + Unpin,
     {
         self.read = ReadState::Reading;
+        self.stalled_this_session = false;
         if let Err(end) = self.decode_all(&mut rbuf) {
             return end;
         }

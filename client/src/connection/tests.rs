@@ -6,8 +6,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tidings_protocol::{
-    Confirm, ErrorCode, ErrorReply, Frame, FrameCodec, PROTOCOL_VERSION, Ping, Publish, Text,
-    Welcome,
+    Confirm, ErrorCode, ErrorReply, Frame, FrameCodec, PROTOCOL_MINOR, PROTOCOL_VERSION, Ping,
+    Publish, Text, Welcome,
 };
 use tokio::io::DuplexStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,6 +24,7 @@ const BOUND: Duration = Duration::from_secs(5);
 
 fn welcome() -> Frame {
     Frame::Welcome(Welcome {
+        minor: None,
         version: PROTOCOL_VERSION,
         server_version: Text::from("test"),
         max_frame_len: 1 << 20,
@@ -45,7 +46,8 @@ async fn handshake_sends_hello_and_learns_limits() {
     let (mut client_io, server_io) = tokio::io::duplex(4096);
     let mut server = Framed::new(server_io, FrameCodec::default());
     let opts = ClientBuilder::new("test").name("svc").token("t0k");
-    let handshake = tokio::spawn(async move { handshake(&mut client_io, &opts).await });
+    let handshake =
+        tokio::spawn(async move { handshake(&mut client_io, &opts, Some(PROTOCOL_MINOR)).await });
     let Frame::Hello(hello) = next(&mut server).await else {
         panic!("HELLO first");
     };
@@ -71,7 +73,8 @@ async fn handshake_refusal_is_typed() {
     let (mut client_io, server_io) = tokio::io::duplex(4096);
     let mut server = Framed::new(server_io, FrameCodec::default());
     let opts = ClientBuilder::new("test");
-    let handshake = tokio::spawn(async move { handshake(&mut client_io, &opts).await });
+    let handshake =
+        tokio::spawn(async move { handshake(&mut client_io, &opts, Some(PROTOCOL_MINOR)).await });
     next(&mut server).await;
     server
         .send(Frame::Error(ErrorReply::new(
@@ -94,7 +97,11 @@ async fn handshake_on_a_closed_socket_fails() {
     let (mut client_io, server_io) = tokio::io::duplex(4096);
     drop(server_io);
     let opts = ClientBuilder::new("test");
-    assert!(handshake(&mut client_io, &opts).await.is_err());
+    assert!(
+        handshake(&mut client_io, &opts, Some(PROTOCOL_MINOR))
+            .await
+            .is_err()
+    );
 }
 
 /// A task running one session over a duplex pipe, and the handle to drive it.
@@ -153,7 +160,7 @@ async fn answers_are_matched_by_request_id_in_any_order() {
         let handle = handle.clone();
         tokio::spawn(async move {
             handle
-                .call(|id| {
+                .call(BOUND, |id| {
                     Frame::Publish(Publish {
                         request_id: Some(id),
                         confirm: true,
@@ -264,4 +271,73 @@ async fn acks_keep_their_place_before_later_commands() {
         .unwrap();
     assert!(matches!(next(&mut server).await, Frame::Ack(_)));
     assert!(matches!(next(&mut server).await, Frame::Stats(_)));
+}
+
+#[tokio::test]
+async fn a_consumer_cancelled_by_the_broker_ends_with_its_reason() {
+    let (handle, mut server, _close, _join) = session();
+    let (tx, mut rx) = mpsc::channel(8);
+    let ended = Arc::new(std::sync::OnceLock::new());
+    let (reply, answer) = oneshot::channel();
+    let id = handle.shared.next_id();
+    handle
+        .send(Command::Consume {
+            id,
+            cid: 7,
+            queue: Text::from("jobs"),
+            prefetch: 4,
+            limit: None,
+            sink: crate::consumer::ConsumerSink {
+                tx,
+                ended: ended.clone(),
+            },
+            reply,
+        })
+        .unwrap();
+    let Frame::Consume(c) = next(&mut server).await else {
+        panic!("a CONSUME")
+    };
+    assert_eq!((c.consumer_id, c.credit, c.limit), (7, 4, None));
+    server
+        .send(Frame::Ok(tidings_protocol::OkReply { request_id: id }))
+        .await
+        .unwrap();
+    assert!(answer.await.unwrap().is_ok());
+    server
+        .send(Frame::Delivery(tidings_protocol::Delivery {
+            consumer_id: 7,
+            delivery_id: 1,
+            attempt: 1,
+            queue: Text::from("jobs"),
+            topic: Text::from("jobs"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    server
+        .send(Frame::ConsumerCancelled(
+            tidings_protocol::ConsumerCancelled::new(
+                7,
+                tidings_protocol::CancelReason::QueueDeleted,
+                "queue `jobs` was deleted",
+            ),
+        ))
+        .await
+        .unwrap();
+    // What was delivered first is still handed out, then the stream ends, with
+    // the reason recorded.
+    let d = tokio::time::timeout(BOUND, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.id(), 1);
+    assert!(
+        tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let reason = ended.get().expect("a reason");
+    assert!(reason.queue_deleted(), "{reason}");
+    assert!(reason.to_string().contains("jobs"), "{reason}");
 }

@@ -23,8 +23,15 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn start() -> TestBroker {
+        TestBroker::start_with(|_| {}).await
+    }
+
+    /// A broker whose test config `adjust` changes first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir can be created");
-        let handle = Broker::start(Config::for_test(dir.path()))
+        let mut config = Config::for_test(dir.path());
+        adjust(&mut config);
+        let handle = Broker::start(config)
             .await
             .expect("the broker starts on port 0");
         let addr = handle.local_addr();

@@ -7,21 +7,45 @@ use crate::wire::{Reader, Writer};
 
 /// HELLO: the first frame a client sends.
 ///
-/// Body: `version:u16 client_name:str [token:str]`. Flag `0x01` (`TOKEN`): a token
-/// follows.
+/// Body: `version:u16 client_name:str [token:str] [user:str] [minor:u16]`. Flag
+/// `0x01` (`TOKEN`): a token follows; flag `0x02` (`USER`): a user name follows
+/// (after the token, if any). With a user, the token field carries that user's
+/// password or token; a client certificate may stand for both. Flag `0x10`
+/// (`MINOR`): the client's minor version follows, last (absent: 1.0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
     pub version: u16,
     /// A name for logs and stats; may be empty.
     pub client_name: Text,
-    /// The shared secret, when the server requires one.
+    /// The secret: the shared token, or the user's password or token.
     pub token: Option<Text>,
+    /// The user name, when the server has users.
+    pub user: Option<Text>,
+    /// The minor protocol version the client speaks ([`crate::PROTOCOL_MINOR`]);
+    /// `None` for a 1.0 client.
+    pub minor: Option<u16>,
 }
 
 impl Hello {
     /// Flag: a token follows the client name.
     pub const FLAG_TOKEN: u8 = 0x01;
+    /// Flag: a user name follows (after the token, if any).
+    pub const FLAG_USER: u8 = 0x02;
+    /// Flag: the client's minor version follows (protocol 1.1), after the user.
+    pub const FLAG_MINOR: u8 = 0x10;
+
+    /// A HELLO for this client name, with no credentials and no minor version
+    /// (a 1.0 session; set `minor` to [`crate::PROTOCOL_MINOR`] for 1.1).
+    pub fn new(client_name: impl Into<Text>) -> Self {
+        Self {
+            version: crate::PROTOCOL_VERSION,
+            client_name: client_name.into(),
+            token: None,
+            user: None,
+            minor: None,
+        }
+    }
 
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u16(self.version);
@@ -31,16 +55,38 @@ impl Hello {
             w.text("token", token)?;
             flags |= Self::FLAG_TOKEN;
         }
+        if let Some(user) = &self.user {
+            w.text("user", user)?;
+            flags |= Self::FLAG_USER;
+        }
+        if let Some(minor) = self.minor {
+            w.u16(minor);
+            flags |= Self::FLAG_MINOR;
+        }
         Ok(flags)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("HELLO", flags, Self::FLAG_TOKEN)?;
+        check_flags(
+            "HELLO",
+            flags,
+            Self::FLAG_TOKEN | Self::FLAG_USER | Self::FLAG_MINOR,
+        )?;
         Ok(Self {
             version: r.u16("version")?,
             client_name: r.text("client_name")?,
             token: if flags & Self::FLAG_TOKEN != 0 {
                 Some(r.text("token")?)
+            } else {
+                None
+            },
+            user: if flags & Self::FLAG_USER != 0 {
+                Some(r.text("user")?)
+            } else {
+                None
+            },
+            minor: if flags & Self::FLAG_MINOR != 0 {
+                Some(r.u16("minor")?)
             } else {
                 None
             },
@@ -51,7 +97,8 @@ impl Hello {
 /// WELCOME: the server accepts the handshake and states its limits.
 ///
 /// Body: `version:u16 server_version:str max_frame_len:u32 max_payload:u32
-/// heartbeat_ms:u32`. No flags.
+/// heartbeat_ms:u32 [minor:u16]`. Flag `0x01` (`MINOR`): the session's minor
+/// version follows; a server sets it only when the HELLO carried one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// The protocol version the session will use.
@@ -64,26 +111,41 @@ pub struct Welcome {
     pub max_payload: u32,
     /// How often the server pings an idle connection, in milliseconds (0: never).
     pub heartbeat_ms: u32,
+    /// The minor version the session uses, when the HELLO announced one; `None`
+    /// means 1.0.
+    pub minor: Option<u16>,
 }
 
 impl Welcome {
+    /// Flag: the session's minor version follows.
+    pub const FLAG_MINOR: u8 = 0x01;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u16(self.version);
         w.text("server_version", &self.server_version)?;
         w.u32(self.max_frame_len);
         w.u32(self.max_payload);
         w.u32(self.heartbeat_ms);
+        if let Some(minor) = self.minor {
+            w.u16(minor);
+            return Ok(Self::FLAG_MINOR);
+        }
         Ok(0)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("WELCOME", flags, 0)?;
+        check_flags("WELCOME", flags, Self::FLAG_MINOR)?;
         Ok(Self {
             version: r.u16("version")?,
             server_version: r.text("server_version")?,
             max_frame_len: r.u32("max_frame_len")?,
             max_payload: r.u32("max_payload")?,
             heartbeat_ms: r.u32("heartbeat_ms")?,
+            minor: if flags & Self::FLAG_MINOR != 0 {
+                Some(r.u16("minor")?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -139,13 +201,32 @@ pub struct ErrorReply {
     pub message: Text,
 }
 
+/// Longest ERROR message the server sends, in bytes; a longer one is cut short
+/// and marked (see [`ErrorReply::new`]) so the reply always fits its frame.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
+
 impl ErrorReply {
-    /// Builds an error reply.
+    /// Builds an error reply. A message over [`MAX_ERROR_MESSAGE_LEN`] bytes is cut
+    /// at a character boundary and ends in `… [truncated, N bytes in all]`, never
+    /// dropped.
+    ///
+    /// ```
+    /// use tidings_protocol::{ErrorCode, ErrorReply, MAX_ERROR_MESSAGE_LEN};
+    /// let e = ErrorReply::new(1, ErrorCode::InvalidTopic, "x".repeat(100_000));
+    /// assert!(e.message.len() <= MAX_ERROR_MESSAGE_LEN);
+    /// assert!(e.message.ends_with("[truncated, 100000 bytes in all]"));
+    /// ```
     pub fn new(request_id: u32, code: ErrorCode, message: impl Into<Text>) -> Self {
+        let message: Text = message.into();
+        let message = if message.len() > MAX_ERROR_MESSAGE_LEN {
+            truncate_message(&message)
+        } else {
+            message
+        };
         Self {
             request_id,
             code: code as u16,
-            message: message.into(),
+            message,
         }
     }
 
@@ -169,6 +250,15 @@ impl ErrorReply {
             message: r.text("message")?,
         })
     }
+}
+
+fn truncate_message(message: &str) -> Text {
+    let marker = format!("… [truncated, {} bytes in all]", message.len());
+    let mut cut = MAX_ERROR_MESSAGE_LEN - marker.len();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Text::from(format!("{}{marker}", &message[..cut]))
 }
 
 /// STATS_REPLY: named counters, in a stable order.

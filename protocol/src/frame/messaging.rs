@@ -66,6 +66,31 @@ impl Publish {
         }
     }
 
+    /// Bytes of the encoded body that are not payload: request id, topic,
+    /// reply_to, message_id, delay and headers with their prefixes. At most
+    /// [`crate::MAX_ENVELOPE_LEN`] is accepted.
+    pub fn envelope_len(&self) -> usize {
+        let text = |t: &Option<Text>| t.as_ref().map_or(0, |t| 2 + t.len());
+        let request_id = if self.request_id.is_some() || self.confirm || self.check_responders {
+            4
+        } else {
+            0
+        };
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum();
+        request_id
+            + 2
+            + self.topic.len()
+            + text(&self.reply_to)
+            + text(&self.message_id)
+            + if self.delay_ms.is_some() { 8 } else { 0 }
+            + 2
+            + headers
+    }
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         let mut flags = 0;
         let needs_id = self.confirm || self.check_responders;
@@ -218,8 +243,9 @@ impl Unsubscribe {
 
 /// MESSAGE: a published message delivered to one subscription.
 ///
-/// Body: `sid:u32 topic:str [reply_to:str] headers payload` (payload = the rest).
-/// Flag `0x01`: reply_to present.
+/// Body: `sid:u32 topic:str [reply_to:str] [message_id:str] headers payload`
+/// (payload = the rest). Flag `0x01`: reply_to present; `0x02` (protocol 1.1):
+/// message_id present.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Message {
     /// The subscription this message is for.
@@ -228,6 +254,8 @@ pub struct Message {
     pub topic: Text,
     /// Where to send a response, if the publisher asked for one.
     pub reply_to: Option<Text>,
+    /// The publisher's message id, if it set one. Sent only on 1.1 sessions.
+    pub message_id: Option<Text>,
     /// Key/value headers.
     pub headers: Headers,
     /// The payload, shared with every other copy of this message.
@@ -237,6 +265,8 @@ pub struct Message {
 impl Message {
     /// Flag: reply_to present.
     pub const FLAG_REPLY_TO: u8 = 0x01;
+    /// Flag: message_id present (protocol 1.1).
+    pub const FLAG_MESSAGE_ID: u8 = 0x02;
 
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u32(self.sid);
@@ -246,17 +276,30 @@ impl Message {
             w.text("reply_to", reply_to)?;
             flags |= Self::FLAG_REPLY_TO;
         }
+        if let Some(id) = &self.message_id {
+            w.text("message_id", id)?;
+            flags |= Self::FLAG_MESSAGE_ID;
+        }
         w.headers(&self.headers)?;
         w.raw(&self.payload);
         Ok(flags)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("MESSAGE", flags, Self::FLAG_REPLY_TO)?;
+        check_flags(
+            "MESSAGE",
+            flags,
+            Self::FLAG_REPLY_TO | Self::FLAG_MESSAGE_ID,
+        )?;
         let sid = r.u32("sid")?;
         let topic = r.text("topic")?;
         let reply_to = if flags & Self::FLAG_REPLY_TO != 0 {
             Some(r.text("reply_to")?)
+        } else {
+            None
+        };
+        let message_id = if flags & Self::FLAG_MESSAGE_ID != 0 {
+            Some(r.text("message_id")?)
         } else {
             None
         };
@@ -266,6 +309,7 @@ impl Message {
             sid,
             topic,
             reply_to,
+            message_id,
             headers,
             payload,
         })

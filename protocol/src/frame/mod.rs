@@ -63,6 +63,11 @@ macro_rules! frames {
                 match self { $( Frame::$variant(_) => Direction::$dir, )* }
             }
 
+            /// Who sends frames of type `kind`, if this version knows the type.
+            pub fn direction_of(kind: u8) -> Option<Direction> {
+                match kind { $( $code => Some(Direction::$dir), )* _ => None }
+            }
+
             /// The name of a type byte, if this version knows it.
             pub fn name_of(kind: u8) -> Option<&'static str> {
                 match kind { $( $code => Some($name), )* _ => None }
@@ -236,6 +241,29 @@ impl Frame {
 }
 
 /// Rejects flag bits outside `known`.
+impl Frame {
+    /// The request id of a frame of type `kind` read from its body, when the type
+    /// carries one at the start of its body (PUBLISH: only with flag `REQUEST_ID`)
+    /// and the body is long enough to hold it. Used to answer a frame that cannot be
+    /// decoded with an ERROR the client can match to its request.
+    pub fn peek_request_id(kind: u8, flags: u8, body: &[u8]) -> Option<u32> {
+        let carries = match kind {
+            kind::Publish => flags & Publish::FLAG_REQUEST_ID != 0,
+            kind::Hello
+            | kind::Welcome
+            | kind::Ping
+            | kind::Pong
+            | kind::Message
+            | kind::Credit
+            | kind::Delivery
+            | kind::ConsumerCancelled => false,
+            other => Frame::name_of(other).is_some(),
+        };
+        let bytes: [u8; 4] = body.get(..4)?.try_into().ok()?;
+        carries.then(|| u32::from_be_bytes(bytes))
+    }
+}
+
 pub(crate) fn check_flags(frame: &'static str, flags: u8, known: u8) -> Result<(), ProtocolError> {
     match flags & !known {
         0 => Ok(()),

@@ -345,9 +345,12 @@ limit_frame! {
 
 /// CONSUME: start a consumer on a queue with an initial credit (prefetch).
 ///
-/// Body: `request_id:u32 consumer_id:u32 queue:str credit:u32`. No flags. The server
-/// sends at most `credit` DELIVERY frames that are not yet acked or nacked; each
-/// ack or nack gives the credit back. Answered with OK.
+/// Body: `request_id:u32 consumer_id:u32 queue:str credit:u32 [limit:u32]`. The
+/// server sends at most `credit` DELIVERY frames that are not yet acked or nacked;
+/// each ack or nack gives the credit back. Flag `0x01` (`LIMIT`, protocol 1.1): the
+/// server sends this consumer at most `limit` deliveries in all, then none, whatever
+/// its credit; the consumer stays until CANCEL, so its deliveries can still be
+/// acked. Answered with OK.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consume {
     /// Matches the answer.
@@ -358,24 +361,38 @@ pub struct Consume {
     pub queue: Text,
     /// Deliveries that may be outstanding at once.
     pub credit: u32,
+    /// The most deliveries this consumer gets in all (protocol 1.1).
+    pub limit: Option<u32>,
 }
 
 impl Consume {
+    /// Flag: `limit` follows the credit.
+    pub const FLAG_LIMIT: u8 = 0x01;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u32(self.request_id);
         w.u32(self.consumer_id);
         w.text("queue", &self.queue)?;
         w.u32(self.credit);
+        if let Some(limit) = self.limit {
+            w.u32(limit);
+            return Ok(Self::FLAG_LIMIT);
+        }
         Ok(0)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("CONSUME", flags, 0)?;
+        check_flags("CONSUME", flags, Self::FLAG_LIMIT)?;
         Ok(Self {
             request_id: r.u32("request_id")?,
             consumer_id: r.u32("consumer_id")?,
             queue: r.text("queue")?,
             credit: r.u32("credit")?,
+            limit: if flags & Self::FLAG_LIMIT != 0 {
+                Some(r.u32("limit")?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -515,8 +532,10 @@ impl ConsumerCancelled {
 
 /// DELIVERY: a queued message handed to one consumer.
 ///
-/// Body: `consumer_id:u32 delivery_id:u64 attempt:u32 queue:str topic:str headers
-/// payload` (payload = the rest). No flags.
+/// Body: `consumer_id:u32 delivery_id:u64 attempt:u32 queue:str topic:str
+/// [reply_to:str] [message_id:str] headers payload` (payload = the rest). Flags
+/// (protocol 1.1, sent only on 1.1 sessions): `0x01` reply_to present, `0x02`
+/// message_id present.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Delivery {
     /// The consumer it is for.
@@ -529,6 +548,10 @@ pub struct Delivery {
     pub queue: Text,
     /// The topic it was published to.
     pub topic: Text,
+    /// Where to send a response, if the publisher set one.
+    pub reply_to: Option<Text>,
+    /// The publisher's message id (the one used for deduplication), if it set one.
+    pub message_id: Option<Text>,
     /// Key/value headers.
     pub headers: Headers,
     /// The payload.
@@ -536,25 +559,53 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Flag: reply_to present (protocol 1.1).
+    pub const FLAG_REPLY_TO: u8 = 0x01;
+    /// Flag: message_id present (protocol 1.1).
+    pub const FLAG_MESSAGE_ID: u8 = 0x02;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u32(self.consumer_id);
         w.u64(self.delivery_id);
         w.u32(self.attempt);
         w.text("queue", &self.queue)?;
         w.text("topic", &self.topic)?;
+        let mut flags = 0;
+        if let Some(reply_to) = &self.reply_to {
+            w.text("reply_to", reply_to)?;
+            flags |= Self::FLAG_REPLY_TO;
+        }
+        if let Some(id) = &self.message_id {
+            w.text("message_id", id)?;
+            flags |= Self::FLAG_MESSAGE_ID;
+        }
         w.headers(&self.headers)?;
         w.raw(&self.payload);
-        Ok(0)
+        Ok(flags)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("DELIVERY", flags, 0)?;
+        check_flags(
+            "DELIVERY",
+            flags,
+            Self::FLAG_REPLY_TO | Self::FLAG_MESSAGE_ID,
+        )?;
         Ok(Self {
             consumer_id: r.u32("consumer_id")?,
             delivery_id: r.u64("delivery_id")?,
             attempt: r.u32("attempt")?,
             queue: r.text("queue")?,
             topic: r.text("topic")?,
+            reply_to: if flags & Self::FLAG_REPLY_TO != 0 {
+                Some(r.text("reply_to")?)
+            } else {
+                None
+            },
+            message_id: if flags & Self::FLAG_MESSAGE_ID != 0 {
+                Some(r.text("message_id")?)
+            } else {
+                None
+            },
             headers: r.headers()?,
             payload: r.rest(),
         })
@@ -776,27 +827,46 @@ impl QueueInfo {
 
 /// QUEUE_INFO_REPLY: one queue's figures.
 ///
-/// Body: `request_id:u32 info`. No flags.
+/// Body: `request_id:u32 info [options]`. Flag `0x01` (`OPTIONS`, protocol 1.1,
+/// sent only on 1.1 sessions): the queue's options follow, laid out as in
+/// QUEUE_DECLARE with every default filled in, so that they can be declared again
+/// as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueInfoReply {
     /// The QUEUE_INFO this answers.
     pub request_id: u32,
     /// The figures.
     pub info: QueueInfo,
+    /// The queue's options, defaults filled in (an option still `None` is
+    /// unlimited or off: `max_length`, `max_bytes`, `ttl_ms`). Boxed so that it
+    /// does not make every [`crate::Frame`] larger.
+    pub options: Option<Box<QueueOptions>>,
 }
 
 impl QueueInfoReply {
+    /// Flag: the queue's options follow the figures.
+    pub const FLAG_OPTIONS: u8 = 0x01;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u32(self.request_id);
         self.info.encode(w)?;
+        if let Some(options) = &self.options {
+            options.encode(w)?;
+            return Ok(Self::FLAG_OPTIONS);
+        }
         Ok(0)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("QUEUE_INFO_REPLY", flags, 0)?;
+        check_flags("QUEUE_INFO_REPLY", flags, Self::FLAG_OPTIONS)?;
         Ok(Self {
             request_id: r.u32("request_id")?,
             info: QueueInfo::decode(r)?,
+            options: if flags & Self::FLAG_OPTIONS != 0 {
+                Some(Box::new(QueueOptions::decode(r)?))
+            } else {
+                None
+            },
         })
     }
 }

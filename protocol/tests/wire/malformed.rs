@@ -29,24 +29,29 @@ fn invalid_utf8_names_the_field_and_offset() {
     let cases: Vec<(Frame, &str)> = vec![
         (
             Hello {
+                minor: None,
                 version: 1,
                 client_name: t(M),
                 token: None,
+                user: None,
             }
             .into(),
             "client_name",
         ),
         (
             Hello {
+                minor: None,
                 version: 1,
                 client_name: t("c"),
                 token: Some(t(M)),
+                user: None,
             }
             .into(),
             "token",
         ),
         (
             Welcome {
+                minor: None,
                 version: 1,
                 server_version: t(M),
                 max_frame_len: 1,
@@ -179,6 +184,7 @@ fn invalid_utf8_names_the_field_and_offset() {
         ),
         (
             Consume {
+                limit: None,
                 request_id: 1,
                 consumer_id: 1,
                 queue: t(M),
@@ -211,6 +217,7 @@ fn invalid_utf8_names_the_field_and_offset() {
         ),
         (
             QueueInfoReply {
+                options: None,
                 request_id: 1,
                 info: queue_info(M),
             }
@@ -471,6 +478,11 @@ fn fatality_and_codes_of_every_error() {
             true,
             ErrorCode::MalformedFrame,
         ),
+        (
+            ProtocolError::UnexpectedFrame { frame: "WELCOME" },
+            false,
+            ErrorCode::UnexpectedFrame,
+        ),
     ];
     for (err, fatal, code) in table {
         assert_eq!(err.is_fatal(), fatal, "{err}");
@@ -514,6 +526,9 @@ fn error_codes_are_stable() {
         (35, "UnknownConsumer", false),
         (36, "QueueFull", false),
         (37, "StorageFailure", false),
+        (40, "PermissionDenied", false),
+        (41, "LimitExceeded", false),
+        (45, "EnvelopeTooLarge", false),
         (99, "Internal", false),
     ];
     let actual: Vec<(u16, &str, bool)> = ErrorCode::ALL
@@ -576,4 +591,78 @@ fn encoder_refuses_frames_over_its_max() {
     assert!(dst.is_empty());
     FrameCodec::new(len).encode(frame, &mut dst).unwrap();
     assert_eq!(dst.len(), len + 4);
+}
+
+/// The order of checks on a server: length, type known, type allowed from a client,
+/// flags, body. A server-only frame with unknown flags and a broken body is
+/// refused for its type (non-fatal, skipped), not for its flags or body.
+#[test]
+fn server_codec_refuses_server_only_types_before_flags_and_body() {
+    let mut codec = FrameCodec::for_server(1024);
+    let mut buf = frame_bytes(kind::Welcome, 0x80, &[0xff]);
+    buf.extend_from_slice(&encode(&Frame::Ping(Ping)));
+    let err = codec.decode(&mut buf).unwrap_err();
+    assert_eq!(err, ProtocolError::UnexpectedFrame { frame: "WELCOME" });
+    assert!(!err.is_fatal());
+    assert_eq!(codec.decode(&mut buf), Ok(Some(Frame::Ping(Ping))));
+    // Every server-only type, however broken its body, is refused for its type.
+    for kind in 0..=255u8 {
+        if Frame::direction_of(kind) != Some(Direction::ServerToClient) {
+            continue;
+        }
+        let mut buf = frame_bytes(kind, 0xff, &[1, 2, 3]);
+        assert_eq!(
+            codec.decode(&mut buf).unwrap_err().code(),
+            ErrorCode::UnexpectedFrame,
+            "type 0x{kind:02x}"
+        );
+        assert!(buf.is_empty(), "type 0x{kind:02x}: the frame was skipped");
+    }
+    // A client's codec still decodes them.
+    let mut buf = encode(&OkReply { request_id: 1 }.into());
+    assert!(FrameCodec::default().decode(&mut buf).unwrap().is_some());
+    // Flags are checked before the body: unknown flags on a truncated ACK.
+    let mut buf = frame_bytes(kind::Ack, 0x80, &[0, 0, 0, 9]);
+    assert_eq!(
+        codec.decode(&mut buf).unwrap_err(),
+        ProtocolError::UnknownFlags {
+            frame: "ACK",
+            flags: 0x80
+        }
+    );
+}
+
+/// A frame that fails to decode leaves its request id behind when it had one.
+#[test]
+fn failed_decodes_report_the_request_id_when_readable() {
+    let mut codec = FrameCodec::for_server(1024);
+    // QUEUE_DECLARE with request id 42 and an overflow value out of its domain.
+    let mut body = vec![0, 0, 0, 42, 0, 1, b'q', 0, 0, 0, 0x20, 7];
+    let mut buf = frame_bytes(kind::QueueDeclare, 0, &body);
+    assert!(codec.decode(&mut buf).unwrap_err().is_fatal());
+    assert_eq!(codec.failed_request_id(), Some(42));
+    // Unknown flags on SUBSCRIBE: skipped, still with its id.
+    let mut buf = frame_bytes(kind::Subscribe, 0x40, &[0, 0, 0, 7, 0, 0, 0, 1]);
+    codec.decode(&mut buf).unwrap_err();
+    assert_eq!(codec.failed_request_id(), Some(7));
+    // A body too short for the id: none.
+    let mut buf = frame_bytes(kind::Ack, 0, &[0, 0]);
+    codec.decode(&mut buf).unwrap_err();
+    assert_eq!(codec.failed_request_id(), None);
+    // PUBLISH carries one only with flag REQUEST_ID.
+    body = vec![0, 0, 0, 5, 0, 1, b' ', 0];
+    let mut buf = frame_bytes(kind::Publish, Publish::FLAG_REQUEST_ID, &body[..6]);
+    codec.decode(&mut buf).unwrap_err();
+    assert_eq!(codec.failed_request_id(), Some(5));
+    let mut buf = frame_bytes(kind::Publish, 0, &[0, 9]);
+    codec.decode(&mut buf).unwrap_err();
+    assert_eq!(codec.failed_request_id(), None);
+    // CREDIT has none: its first field is a consumer id.
+    let mut buf = frame_bytes(kind::Credit, 0, &[0, 0, 0, 3]);
+    codec.decode(&mut buf).unwrap_err();
+    assert_eq!(codec.failed_request_id(), None);
+    // A good decode clears it.
+    let mut buf = encode(&Frame::Ping(Ping));
+    codec.decode(&mut buf).unwrap();
+    assert_eq!(codec.failed_request_id(), None);
 }

@@ -64,24 +64,29 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "hello",
             Hello {
+                minor: None,
                 version: PROTOCOL_VERSION,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
         (
             "hello+token",
             Hello {
+                minor: None,
                 version: PROTOCOL_VERSION,
                 client_name: t(""),
                 token: Some(t("s3cret")),
+                user: None,
             }
             .into(),
         ),
         (
             "welcome",
             Welcome {
+                minor: None,
                 version: 1,
                 server_version: t("0.1.0"),
                 max_frame_len: 1_114_112,
@@ -151,6 +156,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "message",
             Message {
+                message_id: None,
                 sid: 2,
                 topic: t("orders.eu.created"),
                 reply_to: None,
@@ -162,6 +168,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "message-full",
             Message {
+                message_id: None,
                 sid: 9,
                 topic: t("svc.echo"),
                 reply_to: Some(t("_inbox.1")),
@@ -244,6 +251,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "consume",
             Consume {
+                limit: None,
                 request_id: 12,
                 consumer_id: 1,
                 queue: t("orders"),
@@ -270,6 +278,8 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "delivery",
             Delivery {
+                reply_to: None,
+                message_id: None,
                 consumer_id: 1,
                 delivery_id: 1 << 40,
                 attempt: 1,
@@ -283,6 +293,8 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "delivery+headers",
             Delivery {
+                reply_to: None,
+                message_id: None,
                 consumer_id: 1,
                 delivery_id: 2,
                 attempt: 3,
@@ -379,6 +391,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         (
             "queue-info-reply",
             QueueInfoReply {
+                options: None,
                 request_id: 20,
                 info: queue_info("orders"),
             }
@@ -440,10 +453,14 @@ pub fn all() -> Vec<(&'static str, Frame)> {
 /// The flag bits each frame type defines, so tests can set the others.
 pub fn known_flags(kind: u8) -> u8 {
     match kind {
-        kind::Hello => Hello::FLAG_TOKEN,
+        kind::Hello => Hello::FLAG_TOKEN | Hello::FLAG_USER | Hello::FLAG_MINOR,
+        kind::Welcome => Welcome::FLAG_MINOR,
         kind::Publish => 0x3f,
         kind::Subscribe => Subscribe::FLAG_GROUP,
-        kind::Message => Message::FLAG_REPLY_TO,
+        kind::Message => Message::FLAG_REPLY_TO | Message::FLAG_MESSAGE_ID,
+        kind::Delivery => Delivery::FLAG_REPLY_TO | Delivery::FLAG_MESSAGE_ID,
+        kind::QueueInfo => QueueInfoReply::FLAG_OPTIONS,
+        kind::Consume => Consume::FLAG_LIMIT,
         kind::Nack => Nack::FLAG_DELAY,
         kind::Confirm => Confirm::FLAG_DUPLICATE,
         _ => 0,

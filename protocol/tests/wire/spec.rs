@@ -19,18 +19,44 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "hello",
             Hello {
+                minor: None,
                 version: 1,
                 client_name: t("billing"),
                 token: None,
+                user: None,
             }
             .into(),
         ),
         (
             "hello-token",
             Hello {
+                minor: None,
                 version: 1,
                 client_name: t("billing"),
                 token: Some(t("s3cret")),
+                user: None,
+            }
+            .into(),
+        ),
+        (
+            "hello-user",
+            Hello {
+                minor: None,
+                version: 1,
+                client_name: t("billing"),
+                token: Some(t("s3cret")),
+                user: Some(t("svc")),
+            }
+            .into(),
+        ),
+        (
+            "hello-1-1",
+            Hello {
+                user: None,
+                version: 1,
+                client_name: t("billing"),
+                token: None,
+                minor: Some(1),
             }
             .into(),
         ),
@@ -41,7 +67,8 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 server_version: t("0.1.0"),
                 max_frame_len: 1_114_112,
                 max_payload: 1_048_576,
-                heartbeat_ms: 15_000,
+                heartbeat_ms: 10_000,
+                minor: Some(1),
             }
             .into(),
         ),
@@ -84,6 +111,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "message",
             Message {
+                message_id: None,
                 sid: 1,
                 topic: t("orders.created"),
                 reply_to: None,
@@ -124,6 +152,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "consume",
             Consume {
+                limit: None,
                 request_id: 4,
                 consumer_id: 1,
                 queue: t("orders"),
@@ -134,6 +163,8 @@ fn examples() -> BTreeMap<&'static str, Frame> {
         (
             "delivery",
             Delivery {
+                reply_to: None,
+                message_id: None,
                 consumer_id: 1,
                 delivery_id: 1,
                 attempt: 1,
@@ -164,6 +195,196 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 ids: vec![3],
             }
             .into(),
+        ),
+        (
+            "unsubscribe",
+            Unsubscribe {
+                request_id: 2,
+                sid: 1,
+            }
+            .into(),
+        ),
+        (
+            "message-id",
+            Message {
+                sid: 1,
+                topic: t("orders.created"),
+                reply_to: None,
+                message_id: Some(t("order-7")),
+                headers: vec![],
+                payload: json.clone(),
+            }
+            .into(),
+        ),
+        (
+            "queue-delete",
+            QueueDelete {
+                request_id: 8,
+                name: t("orders"),
+            }
+            .into(),
+        ),
+        (
+            "queue-bind",
+            QueueBind {
+                request_id: 9,
+                name: t("orders"),
+                pattern: t("orders.>"),
+            }
+            .into(),
+        ),
+        (
+            "queue-unbind",
+            QueueUnbind {
+                request_id: 10,
+                name: t("orders"),
+                pattern: t("orders.>"),
+            }
+            .into(),
+        ),
+        (
+            "queue-info",
+            QueueInfoRequest {
+                request_id: 11,
+                name: t("orders"),
+            }
+            .into(),
+        ),
+        ("queue-list", QueueList { request_id: 12 }.into()),
+        (
+            "dead-letters",
+            DeadLetters {
+                request_id: 13,
+                queue: t("orders"),
+                limit: 10,
+            }
+            .into(),
+        ),
+        (
+            "redrive",
+            Redrive {
+                request_id: 14,
+                queue: t("orders"),
+                limit: 0,
+            }
+            .into(),
+        ),
+        (
+            "consume-limit",
+            Consume {
+                request_id: 4,
+                consumer_id: 2,
+                queue: t("orders"),
+                credit: 1,
+                limit: Some(1),
+            }
+            .into(),
+        ),
+        (
+            "cancel",
+            Cancel {
+                request_id: 15,
+                consumer_id: 1,
+            }
+            .into(),
+        ),
+        (
+            "credit",
+            Credit {
+                consumer_id: 1,
+                credit: 16,
+            }
+            .into(),
+        ),
+        (
+            "delivery-1-1",
+            Delivery {
+                consumer_id: 1,
+                delivery_id: 2,
+                attempt: 1,
+                queue: t("orders"),
+                topic: t("orders.created"),
+                reply_to: Some(t("_INBOX.7")),
+                message_id: Some(t("order-7")),
+                headers: vec![],
+                payload: json.clone(),
+            }
+            .into(),
+        ),
+        ("stats", Stats { request_id: 16 }.into()),
+        (
+            "queue-info-reply",
+            QueueInfoReply {
+                request_id: 11,
+                info: QueueInfo {
+                    name: t("orders"),
+                    bindings: vec![t("orders.>")],
+                    depth: 3,
+                    bytes: 24,
+                    in_flight: 1,
+                    consumers: 1,
+                    published: 3,
+                    delivered: 1,
+                    ..QueueInfo::default()
+                },
+                options: Some(Box::new(QueueOptions {
+                    bindings: vec![t("orders.>")],
+                    max_deliveries: Some(5),
+                    ack_timeout_ms: Some(30_000),
+                    backoff_ms: Some(vec![]),
+                    overflow: Some(Overflow::RejectPublish),
+                    dedup_window_ms: Some(120_000),
+                    dead_letter: Some(t("orders.dlq")),
+                    ..QueueOptions::default()
+                })),
+            }
+            .into(),
+        ),
+        (
+            "queue-list-reply",
+            QueueListReply {
+                request_id: 12,
+                queues: vec![QueueInfo {
+                    name: t("q"),
+                    ..QueueInfo::default()
+                }],
+            }
+            .into(),
+        ),
+        (
+            "dead-letters-reply",
+            DeadLettersReply {
+                request_id: 13,
+                letters: vec![DeadLetter {
+                    id: 1,
+                    topic: t("orders.created"),
+                    attempts: 5,
+                    reason: t("max_deliveries"),
+                    headers: vec![],
+                    payload: json.clone(),
+                }],
+            }
+            .into(),
+        ),
+        (
+            "redrive-reply",
+            RedriveReply {
+                request_id: 14,
+                moved: 1,
+            }
+            .into(),
+        ),
+        (
+            "stats-reply",
+            StatsReply {
+                request_id: 16,
+                entries: vec![(t("connections.current"), 2), (t("messages.in"), 7)],
+            }
+            .into(),
+        ),
+        (
+            "error-request-id",
+            ErrorReply::new(79, ErrorCode::MalformedFrame, "bad overflow").into(),
         ),
     ])
 }
@@ -262,4 +483,20 @@ fn hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Every frame type this version defines has at least one example in PROTOCOL.md.
+#[test]
+fn every_frame_type_has_an_example() {
+    let mut missing = Vec::new();
+    let examples = examples();
+    for kind in 0..=255u8 {
+        let Some(name) = Frame::name_of(kind) else {
+            continue;
+        };
+        if !examples.values().any(|f| f.kind() == kind) {
+            missing.push(name);
+        }
+    }
+    assert!(missing.is_empty(), "no example for {missing:?}");
 }

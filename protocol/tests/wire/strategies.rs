@@ -158,22 +158,38 @@ fn dead_letter() -> impl Strategy<Value = DeadLetter> {
 
 fn session_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
-        (any::<u16>(), text(), option::of(text())).prop_map(|(version, client_name, token)| {
-            Frame::from(Hello {
-                version,
-                client_name,
-                token,
-            })
-        }),
-        (any::<u16>(), text(), any::<[u32; 3]>()).prop_map(|(version, sv, n)| {
-            Frame::from(Welcome {
-                version,
-                server_version: sv,
-                max_frame_len: n[0],
-                max_payload: n[1],
-                heartbeat_ms: n[2],
-            })
-        }),
+        (
+            any::<u16>(),
+            text(),
+            option::of(text()),
+            option::of(text()),
+            option::of(any::<u16>())
+        )
+            .prop_map(|(version, client_name, token, user, minor)| {
+                Frame::from(Hello {
+                    version,
+                    client_name,
+                    token,
+                    user,
+                    minor,
+                })
+            }),
+        (
+            any::<u16>(),
+            text(),
+            any::<[u32; 3]>(),
+            option::of(any::<u16>())
+        )
+            .prop_map(|(version, sv, n, minor)| {
+                Frame::from(Welcome {
+                    minor,
+                    version,
+                    server_version: sv,
+                    max_frame_len: n[0],
+                    max_payload: n[1],
+                    heartbeat_ms: n[2],
+                })
+            }),
         Just(Frame::Ping(Ping)),
         Just(Frame::Pong(Pong)),
         any::<u32>().prop_map(|request_id| Frame::from(Stats { request_id })),
@@ -214,11 +230,13 @@ fn messaging_frames() -> BoxedStrategy<Frame> {
             any::<u32>(),
             text(),
             option::of(text()),
+            option::of(text()),
             headers(),
             payload()
         )
-            .prop_map(|(sid, topic, reply_to, headers, payload)| {
+            .prop_map(|(sid, topic, reply_to, message_id, headers, payload)| {
                 Frame::from(Message {
+                    message_id,
                     sid,
                     topic,
                     reply_to,
@@ -278,16 +296,22 @@ fn queue_admin_frames() -> BoxedStrategy<Frame> {
 
 fn queue_data_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
-        (any::<u32>(), any::<u32>(), text(), any::<u32>()).prop_map(
-            |(request_id, consumer_id, queue, credit)| {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            text(),
+            any::<u32>(),
+            option::of(any::<u32>())
+        )
+            .prop_map(|(request_id, consumer_id, queue, credit, limit)| {
                 Frame::from(Consume {
+                    limit,
                     request_id,
                     consumer_id,
                     queue,
                     credit,
                 })
-            }
-        ),
+            }),
         (any::<u32>(), any::<u32>()).prop_map(|(request_id, consumer_id)| Frame::from(Cancel {
             request_id,
             consumer_id
@@ -298,14 +322,22 @@ fn queue_data_frames() -> BoxedStrategy<Frame> {
         })),
         (
             any::<(u32, u64, u32)>(),
-            text(),
-            text(),
+            (text(), text()),
+            (option::of(text()), option::of(text())),
             headers(),
             payload()
         )
             .prop_map(
-                |((consumer_id, delivery_id, attempt), queue, topic, headers, payload)| {
+                |(
+                    (consumer_id, delivery_id, attempt),
+                    (queue, topic),
+                    (reply_to, message_id),
+                    headers,
+                    payload,
+                )| {
                     Frame::from(Delivery {
+                        reply_to,
+                        message_id,
                         consumer_id,
                         delivery_id,
                         attempt,
@@ -351,8 +383,13 @@ fn queue_data_frames() -> BoxedStrategy<Frame> {
 
 fn queue_reply_frames() -> BoxedStrategy<Frame> {
     prop_oneof![
-        (any::<u32>(), queue_info())
-            .prop_map(|(request_id, info)| Frame::from(QueueInfoReply { request_id, info })),
+        (any::<u32>(), queue_info(), option::of(queue_options())).prop_map(
+            |(request_id, info, options)| Frame::from(QueueInfoReply {
+                request_id,
+                info,
+                options: options.map(Box::new)
+            })
+        ),
         (any::<u32>(), vec(queue_info(), 0..2))
             .prop_map(|(request_id, queues)| Frame::from(QueueListReply { request_id, queues })),
         (any::<u32>(), vec(dead_letter(), 0..2)).prop_map(|(request_id, letters)| {

@@ -117,14 +117,16 @@ impl CompareArgs {
         })
     }
 
-    /// The pid of a peer started by benches/peers/peers.sh, when `system` is
-    /// targeted at that peer's default address.
+    /// The pid of a peer's server: from the pid file of benches/peers/peers.sh when
+    /// `system` is targeted at that peer's default address, else the process
+    /// listening on the address's port when it is on this machine.
     fn peer_pid(&self, system: System) -> Option<u32> {
         let addr = self.server(system)?;
         let default = system.default_server()?;
-        (host_port(addr) == host_port(default))
+        let from_file = (host_port(addr) == host_port(default))
             .then(|| rss::peer_pid(system, &self.peers_dir))
-            .flatten()
+            .flatten();
+        from_file.or_else(|| local_port(addr).and_then(rss::pid_by_port))
     }
 }
 
@@ -133,6 +135,14 @@ pub fn host_port(addr: &str) -> String {
     let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     rest.split('/').next().unwrap_or(rest).to_owned()
+}
+
+/// The port of `addr` when its host is this machine (loopback or `localhost`).
+pub fn local_port(addr: &str) -> Option<u16> {
+    let hp = host_port(addr);
+    let (host, port) = hp.rsplit_once(':')?;
+    let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "0.0.0.0");
+    local.then(|| port.parse().ok()).flatten()
 }
 
 /// True when something accepts TCP connections at `addr` within half a second.
@@ -351,9 +361,10 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
             };
             if *s != System::Tidings {
                 match target.broker_pid {
-                    Some(pid) => eprintln!("{s}: measuring the memory of pid {pid}"),
+                    Some(pid) => eprintln!("{s}: measuring the memory and CPU of pid {pid}"),
                     None => eprintln!(
-                        "{s}: memory not measured (no live pid file in {})",
+                        "{s}: memory and CPU not measured (no live pid file in {}, and no \
+                         process of ours found listening on its port)",
                         args.peers_dir.display()
                     ),
                 }
@@ -423,6 +434,16 @@ mod tests {
             "127.0.0.1:5672"
         );
         assert_eq!(host_port("redis://127.0.0.1:6379/"), "127.0.0.1:6379");
+        assert_eq!(
+            local_port("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            Some(5672)
+        );
+        assert_eq!(local_port("localhost:4222"), Some(4222));
+        assert_eq!(
+            local_port("10.0.0.7:4222"),
+            None,
+            "another machine's process"
+        );
     }
 
     #[test]
@@ -558,8 +579,9 @@ mod tests {
         );
         assert!(parse(&["--in-process", "--broker-bin", bin_arg]).is_err());
         assert!(parse(&["--in-process", "--tidings", "127.0.0.1:1"]).is_err());
-        // A peer's pid file counts only for the peer's default address.
-        let args = parse(&["--nats", "127.0.0.1:14222"]).expect("parses");
+        // A peer's pid file counts only for the peer's default address; elsewhere
+        // the process listening on the port is measured (here: nobody).
+        let args = parse(&["--nats", "127.0.0.1:1"]).expect("parses");
         assert_eq!(args.peer_pid(System::Nats), None);
         assert_eq!(args.peer_pid(System::Tidings), None);
     }

@@ -157,12 +157,19 @@ impl Target {
             },
             None => Launch::InProcess,
         };
-        // A peer's pid file describes the server on its default port only.
+        // A peer's pid file describes the server on its default port only; any
+        // other server on this machine is found by the port it listens on.
         let broker_pid = self.broker_pid.or_else(|| {
-            self.server
+            let from_file = self
+                .server
                 .is_none()
                 .then(|| rss::peer_pid(self.system, &self.peers_dir))
-                .flatten()
+                .flatten();
+            let addr = self.server.as_deref().or(self.system.default_server());
+            from_file.or_else(|| {
+                addr.and_then(compare::local_port)
+                    .and_then(rss::pid_by_port)
+            })
         });
         Ok(job::Target {
             system: self.system,

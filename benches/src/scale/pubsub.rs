@@ -165,7 +165,9 @@ pub async fn sweep(args: &ScaleArgs, bin: &Path, systems: &[System]) -> Result<S
                 #[cfg(feature = "peers")]
                 System::Nats => {
                     let driver = crate::driver::nats::NatsDriver::new(&args.nats).await?;
-                    let pid = rss::peer_pid(System::Nats, &args.peers_dir);
+                    let pid = rss::peer_pid(System::Nats, &args.peers_dir).or_else(|| {
+                        crate::compare::local_port(&args.nats).and_then(rss::pid_by_port)
+                    });
                     step(&driver, pid, args, n).await
                 }
                 other => Err(anyhow::anyhow!("{other} has no scale driver")),

@@ -146,7 +146,7 @@ pub fn local_port(addr: &str) -> Option<u16> {
 }
 
 /// True when something accepts TCP connections at `addr` within half a second.
-async fn reachable(addr: &str) -> bool {
+pub async fn reachable(addr: &str) -> bool {
     let connect = tokio::net::TcpStream::connect(host_port(addr));
     matches!(
         tokio::time::timeout(Duration::from_millis(500), connect).await,

@@ -357,7 +357,7 @@ pub async fn scale(args: ScaleArgs) -> Result<bool> {
     if let Some(limit) = raise_fd_limit() {
         eprintln!("open files: limit {limit} for the bench and the brokers it spawns");
     }
-    let mut systems = if args.systems.is_empty() {
+    let systems = if args.systems.is_empty() {
         let mut s = vec![System::Tidings];
         if args.dimension.applies_to_nats() && cfg!(feature = "peers") {
             s.push(System::Nats);
@@ -366,17 +366,30 @@ pub async fn scale(args: ScaleArgs) -> Result<bool> {
     } else {
         args.systems.clone()
     };
-    systems.retain(|s| match s {
-        System::Tidings => true,
-        System::Nats if args.dimension.applies_to_nats() => cfg!(feature = "peers"),
-        other => {
-            eprintln!(
+    let mut kept = Vec::new();
+    for s in systems {
+        match s {
+            System::Tidings => kept.push(s),
+            System::Nats if !args.dimension.applies_to_nats() => {
+                eprintln!("skipping nats: it has no {}", args.dimension.name());
+            }
+            System::Nats if !cfg!(feature = "peers") => {
+                eprintln!("skipping nats: built without the `peers` feature");
+            }
+            System::Nats if !crate::compare::reachable(&args.nats).await => {
+                eprintln!(
+                    "skipping nats: nothing listens at {} (benches/peers/peers.sh start nats)",
+                    args.nats
+                );
+            }
+            System::Nats => kept.push(s),
+            other => eprintln!(
                 "skipping {other}: scale {} runs on tidings and nats only",
                 args.dimension.name()
-            );
-            false
+            ),
         }
-    });
+    }
+    let systems = kept;
     let (sweep, x_label) = match args.dimension {
         Dimension::Subscriptions | Dimension::Topics | Dimension::Connections => (
             pubsub::sweep(&args, &bin, &systems).await?,

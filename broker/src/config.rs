@@ -103,6 +103,15 @@ pub struct Config {
     #[arg(long)]
     pub print_config: bool,
 
+    /// Repair mode, for one start after the broker refused to start because the
+    /// queue log is damaged (a record that fails its checksum where no crash can have
+    /// torn it; the error names the file and offset). Cuts the log at the damage,
+    /// logs how many records and stored messages it dropped, keeps everything before
+    /// the damage and every later segment, and then starts. Without damage it changes
+    /// nothing. Take a copy of the data dir first.
+    #[arg(long)]
+    pub repair: bool,
+
     /// Address to listen on [default: 127.0.0.1:7878].
     #[arg(
         long,
@@ -217,6 +226,7 @@ impl Default for Config {
         Config {
             config: None,
             print_config: false,
+            repair: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             data_dir: PathBuf::from("./tidings-data"),
             max_payload: 1024 * 1024,
@@ -293,7 +303,8 @@ impl Config {
                 continue;
             }
             let known = Config::command().get_arguments().any(|a| {
-                a.get_id().as_str() == id && !matches!(id.as_str(), "config" | "print_config")
+                a.get_id().as_str() == id
+                    && !matches!(id.as_str(), "config" | "print_config" | "repair")
             });
             if !known {
                 return Err(file_error("unknown setting".into()));

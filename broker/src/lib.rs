@@ -60,6 +60,7 @@ pub mod security;
 mod server;
 mod shared;
 mod stats;
+pub mod storage;
 pub mod tls;
 
 use std::net::SocketAddr;

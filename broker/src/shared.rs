@@ -38,6 +38,7 @@ impl BrokerQueues {
         let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
         engine_config.fsync = config.fsync;
         engine_config.ready_window = config.queue_window;
+        engine_config.repair = config.repair;
         Ok(BrokerQueues {
             engine: QueueEngine::open(engine_config)?,
         })

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::storage::StorageBackend;
+
 /// When a write counts as durable, and so when a publisher confirm may go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FsyncPolicy {
@@ -112,6 +114,12 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Defaults for queue options.
     pub defaults: QueueDefaults,
+    /// Where the log and the index live: the real file system and sled, unless a
+    /// test simulates them.
+    pub storage: StorageBackend,
+    /// Repair mode: on damage in the queue log, cut the log there (reporting what was
+    /// dropped) instead of refusing to start (`tidings-broker --repair`).
+    pub repair: bool,
 }
 
 impl EngineConfig {
@@ -129,6 +137,8 @@ impl EngineConfig {
             segment_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
+            storage: StorageBackend::real(),
+            repair: false,
         }
     }
 }

@@ -2,8 +2,8 @@
 //! connection layer calls, and dead-letter moves between queues.
 //!
 //! ```text
-//!  connection ──publish()──► QueueEngine ──routes──► Queue (queue.rs) ──batch──► Store thread (store.rs)
-//!  connection ◄─DeliverySink── Queue ◄──committed / page read callbacks──────────── Store thread
+//!  connection ──publish()──► QueueEngine ──routes──► Queue (queue.rs) ──batch──► Store (crate::storage)
+//!  connection ◄─DeliverySink── Queue ◄──committed / page read callbacks──────────── storage threads
 //!  QueueSession (session.rs): consume / credit / ack / nack, per connection
 //! ```
 //!
@@ -42,15 +42,12 @@
 
 mod config;
 mod error;
-mod options;
+pub(crate) mod options;
 #[allow(clippy::module_inception)]
 mod queue;
-mod record;
+pub(crate) mod record;
 mod routing;
-mod segments;
 mod session;
-mod spares;
-mod store;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -67,11 +64,11 @@ pub use config::{EngineConfig, FsyncPolicy, QueueDefaults};
 pub use error::QueueError;
 pub use session::{DeliverySink, QueueSession};
 
+use crate::storage::{Range, Store, Ticket};
 use options::{Settings, StoredDefinition};
 use queue::{Appended, DeadLetterMove, Limits, Queue, dead_letter_copy, now_ms, redriven_copy};
 use record::Message;
 use routing::Routes;
-use store::{Range, Store, Ticket};
 
 /// Most dead letters one `dead_letters` call returns, whatever the limit.
 pub const MAX_DEAD_LETTERS_LISTED: u32 = 10_000;
@@ -355,6 +352,7 @@ impl QueueEngine {
             left -= batch.len();
             let now = now_ms();
             let mut done = Vec::with_capacity(batch.len());
+            let mut failure = None;
             for (slot, msg) in batch {
                 let size = msg.size();
                 match target.append(redriven_copy(msg.clone()), None, now) {
@@ -363,10 +361,23 @@ impl QueueEngine {
                         done.push((slot, size));
                         moved += 1;
                     }
-                    Ok(_) | Err(_) => dlq.abort_move(slot, msg),
+                    Ok(_) => dlq.abort_move(slot, msg),
+                    Err(err) => {
+                        dlq.abort_move(slot, msg);
+                        failure = Some(err);
+                    }
                 }
             }
+            let stuck = done.is_empty();
             dlq.finish_move(&done, false);
+            // A refused append (a full target, a failed store) puts the letters back:
+            // taking them again would spin forever.
+            if let Some(err) = failure {
+                return Err(err);
+            }
+            if stuck {
+                break;
+            }
         }
         if let Some(ticket) = last_ticket {
             ticket.wait().await?;
@@ -443,7 +454,19 @@ impl QueueEngine {
                 out.push((format!("queue.{name}.{figure}"), v));
             }
         }
+        // 1 once the store has failed (fail-stop); the log names the path and error.
+        out.push((
+            "storage.failed".into(),
+            u64::from(self.storage_failure().is_some()),
+        ));
         out
+    }
+
+    /// Why the store stopped taking writes, once a write or sync failed (fail-stop):
+    /// the path and the OS error. Publishes that reach a queue, acks and confirms then
+    /// fail with `StorageFailure` until the broker is restarted.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.inner.store.failure().map(|e| e.to_string())
     }
 
     /// Stops the timers, writes out and `fdatasync`s everything queued (whatever the

@@ -23,7 +23,7 @@ use crate::queue::error::QueueError;
 use crate::queue::options::Settings;
 use crate::queue::record::{DeadInfo, Message};
 use crate::queue::session::SessionInner;
-use crate::queue::store::{
+use crate::storage::{
     CommitListener, Counters, Loaded, LoadedQueue, Range, Slot, Store, StoreError, Ticket,
 };
 
@@ -412,8 +412,9 @@ impl Queue {
         let listener = self.listener();
         let st = &mut *st;
         let ticket = self.store.batch(|b| {
-            if b.stopped() {
-                return Err(QueueError::ShuttingDown);
+            // Fail-stop: a failed store refuses with StorageFailure, never drops.
+            if let Some(refusal) = b.refusal() {
+                return Err(refusal);
             }
             if b.pending_bytes() > max_pending {
                 return Err(QueueError::Overloaded {
@@ -990,10 +991,19 @@ impl Queue {
     /// Gives a message back after its move failed.
     pub fn abort_move(&self, slot: Slot, msg: Message) {
         let mut st = self.lock();
-        if !st.deleted {
-            st.retry.push_back(Entry { slot, msg });
-            self.dispatch(&mut st, now_ms());
+        if st.deleted {
+            return;
         }
+        if msg.deliveries == 0 && slot.seq > st.mark_durable {
+            // Never delivered: back into the window, in seq order, so that its first
+            // delivery waits for a durable mark like any other (retry skips it).
+            let at = st.window.partition_point(|e| e.slot.seq < slot.seq);
+            st.window_bytes += msg.payload.len();
+            st.window.insert(at, Entry { slot, msg });
+        } else {
+            st.retry.push_back(Entry { slot, msg });
+        }
+        self.dispatch(&mut st, now_ms());
     }
 
     // ---------------------------------------------------------------- consumers
@@ -1327,6 +1337,13 @@ impl CommitListener for Queue {
             let Some(p) = st.pending.pop_front() else {
                 break;
             };
+            if result.is_err() {
+                // The round failed: its message ids are forgotten, so a retry is
+                // stored instead of being answered as a duplicate of nothing.
+                if let Some(id) = &p.msg.message_id {
+                    st.dedup.ids.remove(id);
+                }
+            }
             st.committed_below = st.committed_below.max(p.slot.seq + 1);
             match p.due {
                 Some(due) => self.add_delayed(&mut st, due, p.slot.seq, p.msg),
@@ -1336,7 +1353,11 @@ impl CommitListener for Queue {
         if let Some((mark_epoch, target)) = st.mark_pending {
             if mark_epoch <= epoch {
                 st.mark_pending = None;
-                st.mark_durable = st.mark_durable.max(target);
+                // A mark whose round failed is not on disk: nothing past the old one
+                // may be delivered as a first delivery (fail-stop).
+                if result.is_ok() {
+                    st.mark_durable = st.mark_durable.max(target);
+                }
             }
         }
         self.dispatch(&mut st, now_ms());

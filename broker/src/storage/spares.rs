@@ -7,17 +7,19 @@
 //! already written and synced: a retired segment renamed for reuse, or else one that
 //! a background thread (`tidings-spares`) fills with zeros. Stale records in a reused
 //! file never verify, since a record's checksum covers its segment id, and zeros are
-//! no record at all, so replay ends the log where the writes end (segments.rs).
+//! no record at all, so replay ends the log where the writes end (replay.rs). On a
+//! simulated disk ([`Disk::wants_spares`] false) no spares are made.
 //!
 //! The thread starts when the log's first segment is half full and then keeps one
 //! spare ready; a broker whose queues see little traffic writes no spares.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+
+use super::disk::Disk;
 
 /// Spares kept ready.
 const WANT: usize = 1;
@@ -53,6 +55,9 @@ impl Shared {
 
 /// The spare files of one segment directory.
 pub(crate) struct Spares {
+    disk: Arc<dyn Disk>,
+    /// False on a simulated disk: no spares are made or kept.
+    enabled: bool,
     dir: PathBuf,
     size: u64,
     shared: Arc<Shared>,
@@ -62,14 +67,15 @@ pub(crate) struct Spares {
 impl Spares {
     /// Spares for segments of `size` bytes in `dir`. Spares left by an earlier run
     /// may never have been synced: they are deleted.
-    pub fn new(dir: &Path, size: u64) -> io::Result<Self> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(PREFIX) {
-                std::fs::remove_file(entry.path())?;
+    pub fn new(disk: Arc<dyn Disk>, dir: &Path, size: u64) -> io::Result<Self> {
+        for name in disk.list(dir)? {
+            if name.starts_with(PREFIX) {
+                disk.remove(&dir.join(name))?;
             }
         }
         Ok(Self {
+            enabled: disk.wants_spares(),
+            disk,
             dir: dir.to_owned(),
             size,
             shared: Arc::default(),
@@ -88,12 +94,13 @@ impl Spares {
     /// Starts making spares, if that has not started yet.
     pub fn start(&self) {
         let mut state = self.shared.lock();
-        if !state.started && !state.stop {
+        if self.enabled && !state.started && !state.stop {
             state.started = true;
             let (shared, dir, size) = (self.shared.clone(), self.dir.clone(), self.size);
+            let disk = self.disk.clone();
             let spawned = std::thread::Builder::new()
                 .name("tidings-spares".into())
-                .spawn(move || prepare(&shared, &dir, size));
+                .spawn(move || prepare(&*disk, &shared, &dir, size));
             match spawned {
                 Ok(handle) => {
                     *self.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle)
@@ -107,11 +114,11 @@ impl Spares {
     /// Keeps the file of a retired segment as a spare if one is wanted; false if it
     /// was not taken (the caller deletes it).
     pub fn recycle(&self, segment: &Path) -> bool {
-        if self.shared.lock().ready.len() >= WANT {
+        if !self.enabled || self.shared.lock().ready.len() >= WANT {
             return false;
         }
         let spare = self.shared.name(&self.dir);
-        match std::fs::rename(segment, &spare) {
+        match self.disk.rename(segment, &spare) {
             Ok(()) => {
                 self.shared.lock().ready.push_back(spare);
                 true
@@ -144,7 +151,7 @@ impl Drop for Spares {
 }
 
 /// The spares thread: zero-fills a spare whenever fewer than [`WANT`] are ready.
-fn prepare(shared: &Shared, dir: &Path, size: u64) {
+fn prepare(disk: &dyn Disk, shared: &Shared, dir: &Path, size: u64) {
     loop {
         {
             let mut state = shared.lock();
@@ -159,14 +166,14 @@ fn prepare(shared: &Shared, dir: &Path, size: u64) {
             }
         }
         let path = shared.name(dir);
-        match zero_fill(shared, &path, size) {
+        match zero_fill(disk, shared, &path, size) {
             Ok(true) => shared.lock().ready.push_back(path),
             Ok(false) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = disk.remove(&path);
                 return;
             }
             Err(err) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = disk.remove(&path);
                 tracing::warn!(error = %err, "cannot prepare a spare segment; going on without");
                 return;
             }
@@ -175,8 +182,8 @@ fn prepare(shared: &Shared, dir: &Path, size: u64) {
 }
 
 /// Writes `size` zero bytes to a new file and syncs it; false if told to stop first.
-fn zero_fill(shared: &Shared, path: &Path, size: u64) -> io::Result<bool> {
-    let mut file = File::options().write(true).create_new(true).open(path)?;
+fn zero_fill(disk: &dyn Disk, shared: &Shared, path: &Path, size: u64) -> io::Result<bool> {
+    let file = disk.create_new(path)?;
     let zeros = vec![0u8; ZEROS];
     let mut written = 0u64;
     while written < size {
@@ -184,7 +191,7 @@ fn zero_fill(shared: &Shared, path: &Path, size: u64) -> io::Result<bool> {
             return Ok(false);
         }
         let n = usize::try_from(size - written).map_or(ZEROS, |left| left.min(ZEROS));
-        file.write_all(&zeros[..n])?;
+        file.write_at(&zeros[..n], written)?;
         written += n as u64;
     }
     file.sync_data()?;
@@ -194,12 +201,13 @@ fn zero_fill(shared: &Shared, path: &Path, size: u64) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::disk::RealDisk;
 
     #[test]
     fn the_first_take_starts_zero_filling_and_recycling_tops_up() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("spare-9.tmp"), b"left over").unwrap();
-        let spares = Spares::new(dir.path(), 3 << 20).unwrap();
+        let spares = Spares::new(Arc::new(RealDisk), dir.path(), 3 << 20).unwrap();
         assert!(!dir.path().join("spare-9.tmp").exists(), "leftovers go");
         assert!(spares.take().is_none(), "nothing is made before start");
         spares.start();
@@ -225,7 +233,7 @@ mod tests {
 
         // With one ready, a retired segment is not kept; without, it is.
         drop(spares);
-        let spares = Spares::new(dir.path(), 1 << 20).unwrap();
+        let spares = Spares::new(Arc::new(RealDisk), dir.path(), 1 << 20).unwrap();
         let segment = dir.path().join("00000000000000000001.seg");
         std::fs::write(&segment, b"old records").unwrap();
         assert!(spares.recycle(&segment));

@@ -1,0 +1,281 @@
+//! The sync thread (`tidings-sync`): takes every round the writer handed over since
+//! its last sync, makes them durable with one `fdatasync` per segment written (per
+//! the fsync policy), and then, round by round, applies the round's batch to the
+//! index, resolves its ticket, tells its listeners and serves its reads. Between
+//! rounds it runs the checkpoints and deletes the segments they free.
+//!
+//! So the index only ever holds rounds that are durable in the log (under
+//! `--fsync always`): whatever prefix of its writes the index has written back when
+//! the power goes, a replay of the log brings it to the same state. While one sync
+//! runs, the writer already writes the next round, and each sync covers everything
+//! that arrived meanwhile.
+//!
+//! Fail-stop: an error from a sync, from the index at a checkpoint, or handed over
+//! from the writer is fatal. It is recorded once (`Shared::fail`), the round that hit
+//! it and every later one resolve with it, and no sync is ever retried: after a
+//! failed `fdatasync` Linux reports the lost writeback once, and a retry would
+//! "succeed" over data that never reached the disk.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::StoreError;
+use super::index::{Index, Tree};
+use super::keys::CHECKPOINT_KEY;
+use super::records::{IndexBatch, Position};
+use super::scan::scan;
+use super::segments::{Files, Unsynced};
+use super::store::{CommitListener, ReadRequest, Shared, TicketSender};
+use crate::queue::FsyncPolicy;
+
+/// A round the writer has written out, waiting for the syncer.
+pub(crate) struct Written {
+    pub epoch: u64,
+    /// It wrote something, successfully.
+    pub wrote: bool,
+    pub result: Result<(), StoreError>,
+    /// Its batch record's payload, applied to the index once durable.
+    pub batch: Option<Vec<u8>>,
+    pub listeners: Vec<Arc<dyn CommitListener>>,
+    pub ticket: Option<TicketSender>,
+    pub reads: Vec<ReadRequest>,
+    pub shutdown: bool,
+    /// Segments written by this round.
+    pub unsynced: Unsynced,
+    /// Segments this round retired.
+    pub retired: Vec<u64>,
+    /// The log's end after this round.
+    pub log_end: Position,
+}
+
+#[derive(Default)]
+struct HandoffState {
+    rounds: Vec<Written>,
+    /// Every round up to this epoch has been applied (or failed) and answered.
+    done: u64,
+}
+
+/// Rounds passed from the writer to the syncer.
+#[derive(Default)]
+pub(crate) struct Handoff {
+    state: Mutex<HandoffState>,
+    wake: Condvar,
+    done: Condvar,
+}
+
+impl Handoff {
+    fn lock(&self) -> MutexGuard<'_, HandoffState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn push(&self, round: Written) {
+        self.lock().rounds.push(round);
+        self.wake.notify_one();
+    }
+
+    /// Waits until every round up to `epoch` is applied to the index.
+    pub fn wait_applied(&self, epoch: u64) {
+        let mut st = self.lock();
+        while st.done < epoch {
+            st = self.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn finished(&self, epoch: u64) {
+        let mut st = self.lock();
+        st.done = st.done.max(epoch);
+        self.done.notify_all();
+    }
+}
+
+/// Makes written rounds durable, applies them to the index and releases their
+/// confirms and reads; checkpoints the index and deletes segments no longer needed.
+pub(crate) struct Syncer {
+    pub shared: Arc<Shared>,
+    pub handoff: Arc<Handoff>,
+    pub index: Arc<dyn Index>,
+    pub segments: Arc<Files>,
+    /// Segments written since the last sync.
+    pub unsynced: Unsynced,
+    /// Retired segments, each with the log end of the round that retired it.
+    pub retired: Vec<(u64, Position)>,
+    pub policy: FsyncPolicy,
+    /// The log end of the last round applied to the index.
+    pub log_end: Position,
+    /// The checkpoint last written to the index, and the last one known durable.
+    pub checkpoint: Position,
+    pub durable: Position,
+    pub last_checkpoint: Instant,
+    pub checkpoint_every: Duration,
+    /// Test only (`StorageBackend::simulated_index_ahead`): apply rounds before their
+    /// sync, as this store once did. Never set outside the simulation's self-check.
+    pub apply_early: bool,
+}
+
+impl Syncer {
+    pub fn run(mut self) {
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        loop {
+            let rounds = self.take(self.wake_at(dirty, last_sync));
+            let mut rounds = rounds;
+            for round in &mut rounds {
+                self.unsynced.absorb(std::mem::take(&mut round.unsynced));
+                let end = round.log_end;
+                self.retired
+                    .extend(round.retired.drain(..).map(|id| (id, end)));
+            }
+            let wrote = rounds.iter().any(|r| r.wrote);
+            let shutdown = rounds.iter().any(|r| r.shutdown);
+            dirty |= wrote;
+            let failed = self.shared.failure();
+            let sync_now = failed.is_none()
+                && (match self.policy {
+                    FsyncPolicy::Always => wrote,
+                    FsyncPolicy::Interval(every) => dirty && last_sync.elapsed() >= every,
+                    FsyncPolicy::Never => false,
+                } || (shutdown && dirty));
+            if self.apply_early {
+                for round in &mut rounds {
+                    if let (Ok(()), Some(batch)) = (&round.result, round.batch.take()) {
+                        let _ = IndexBatch::apply(&batch, &*self.index);
+                        self.log_end = self.log_end.max(round.log_end);
+                    }
+                }
+            }
+            let mut synced = match failed {
+                Some(err) => Err(err),
+                None => Ok(()),
+            };
+            if sync_now {
+                if let Err(err) = self.unsynced.sync(&self.segments) {
+                    let err = StoreError::io("fdatasync of the queue log", err);
+                    self.shared.fail(&err);
+                    synced = Err(err);
+                }
+                last_sync = Instant::now();
+                dirty = false;
+            }
+            for round in rounds {
+                let mut result = round.result.and_then(|()| synced.clone());
+                if result.is_ok() {
+                    if let Some(batch) = &round.batch {
+                        if let Err(err) = IndexBatch::apply(batch, &*self.index) {
+                            self.shared.fail(&err);
+                            synced = Err(err.clone());
+                            result = Err(err);
+                        }
+                    }
+                    if result.is_ok() {
+                        self.log_end = self.log_end.max(round.log_end);
+                    }
+                }
+                if let Some(ticket) = round.ticket {
+                    ticket.send_replace(Some(result.clone()));
+                }
+                for listener in &round.listeners {
+                    listener.committed(round.epoch, &result);
+                }
+                for read in round.reads {
+                    let loaded = scan(
+                        &*self.index,
+                        &self.segments,
+                        read.range,
+                        read.max_count,
+                        read.max_bytes,
+                    );
+                    (read.then)(loaded);
+                }
+                self.handoff.finished(round.epoch);
+            }
+            // After the confirms above, so that a checkpoint delays none of them.
+            if self.shared.failure().is_none() && (shutdown || self.checkpoint_due()) {
+                if let Err(err) = self.run_checkpoint(shutdown) {
+                    self.shared.fail(&err);
+                }
+            }
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    /// Whether the index holds log records (or a checkpoint) not yet known durable,
+    /// and the last checkpoint is old enough.
+    fn checkpoint_due(&self) -> bool {
+        self.checkpoint_pending() && self.last_checkpoint.elapsed() >= self.checkpoint_every
+    }
+
+    fn checkpoint_pending(&self) -> bool {
+        self.log_end > self.checkpoint || self.durable < self.checkpoint
+    }
+
+    /// When to stop waiting for rounds: the next interval sync or checkpoint.
+    fn wake_at(&self, dirty: bool, last_sync: Instant) -> Option<Instant> {
+        let sync = match (self.policy, dirty) {
+            (FsyncPolicy::Interval(every), true) => Some(last_sync + every),
+            _ => None,
+        };
+        let checkpoint = self
+            .checkpoint_pending()
+            .then(|| self.last_checkpoint + self.checkpoint_every);
+        sync.into_iter().chain(checkpoint).min()
+    }
+
+    /// Every round handed over so far; with nothing handed, waits (until `wake_at`).
+    fn take(&self, wake_at: Option<Instant>) -> Vec<Written> {
+        let mut st = self.handoff.lock();
+        loop {
+            if !st.rounds.is_empty() {
+                return std::mem::take(&mut st.rounds);
+            }
+            match wake_at {
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Vec::new();
+                    }
+                    st = self
+                        .handoff
+                        .wake
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                None => {
+                    st = self
+                        .handoff
+                        .wake
+                        .wait(st)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    /// Makes the index durable, so every log record before `log_end` is durable in
+    /// it, and so is the checkpoint written last time; then records `log_end` as the
+    /// new checkpoint (durable at the next one, or at once when `last`), and deletes
+    /// the retired segments no replay can need any more.
+    fn run_checkpoint(&mut self, last: bool) -> Result<(), StoreError> {
+        let reached = self.log_end;
+        self.index.checkpoint()?;
+        self.durable = self.checkpoint;
+        self.index
+            .insert(Tree::Defs, CHECKPOINT_KEY, &reached.encode())?;
+        self.checkpoint = reached;
+        if last {
+            self.index.checkpoint()?;
+            self.durable = reached;
+        }
+        self.last_checkpoint = Instant::now();
+        let durable = self.durable;
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            self.retired.drain(..).partition(|(_, end)| *end <= durable);
+        self.retired = kept;
+        let gone: Vec<u64> = gone.into_iter().map(|(id, _)| id).collect();
+        self.segments.delete(&gone);
+        self.unsynced.forget(&gone);
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! The writer thread (`tidings-store`): takes everything queued since its last round
+//! (writes and reads together, in the order they were queued), encodes the round's
+//! chunks and its one batch record of index writes, writes them out with one
+//! `pwrite`, and hands the round to the syncer; then it takes the next round at once,
+//! without waiting for the disk. It never writes to the index: the syncer applies a
+//! round's batch once the round is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::StoreError;
+use super::chunks::{ChunkState, chunk_index_value, decode_chunk_index};
+use super::index::{Index, Tree};
+use super::keys::{
+    NEXT_QID_KEY, TAG_CHUNK, TAG_COUNTERS, TAG_REMOVED, prefix, segment_key, seq_key,
+};
+use super::log::Log;
+use super::records::IndexBatch;
+use super::scan::stored_chunk_state;
+use super::store::{Op, Round, Shared};
+use super::syncer::{Handoff, Written};
+use crate::queue::options::StoredDefinition;
+
+/// Chunk states the writer keeps between rounds; past this it forgets them all and
+/// reads bitmaps back from the index as needed (after the index has caught up).
+const CHUNK_CACHE_MAX: usize = 65_536;
+
+pub(crate) struct Writer {
+    pub shared: Arc<Shared>,
+    pub index: Arc<dyn Index>,
+    pub next_qid: u32,
+    /// Removal state of recently written or touched chunks, and the segment holding
+    /// each, so an ack costs no read.
+    pub chunks: HashMap<(u32, u64), (ChunkState, u64)>,
+    pub log: Box<dyn Log>,
+    pub handoff: Arc<Handoff>,
+    pub syncer: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn run(mut self) {
+        loop {
+            let mut round = self.shared.take();
+            let wrote = round.writes();
+            let failed = self.shared.failure();
+            let mut batch = None;
+            let result = match failed {
+                // Fail-stop: nothing more is written after a failure.
+                Some(err) => Err(err),
+                None if wrote => match self.write(&mut round) {
+                    Ok(b) => {
+                        batch = Some(b);
+                        Ok(())
+                    }
+                    Err(err) => {
+                        self.shared.fail(&err);
+                        Err(err)
+                    }
+                },
+                None => Ok(()),
+            };
+            let shutdown = round.shutdown;
+            let epoch = round.epoch;
+            self.handoff.push(Written {
+                epoch,
+                wrote: wrote && result.is_ok(),
+                result,
+                batch,
+                listeners: round.listeners,
+                ticket: round.ticket,
+                reads: round.reads,
+                shutdown,
+                unsynced: self.log.take_unsynced(),
+                retired: self.log.take_retired(),
+                log_end: self.log.end(),
+            });
+            if shutdown {
+                break;
+            }
+        }
+        let reads = self.shared.stop();
+        for read in reads {
+            (read.then)(Err(StoreError("the store is shut down".into())));
+        }
+        // The last round makes everything durable; shutdown waits for it.
+        if let Some(syncer) = self.syncer.take() {
+            if syncer.join().is_err() {
+                tracing::error!("the sync thread panicked");
+            }
+        }
+        tracing::info!("queue store closed");
+    }
+
+    /// Encodes and writes out one round; returns its batch record's payload for the
+    /// syncer to apply once it is durable.
+    fn write(&mut self, round: &mut Round) -> Result<Vec<u8>, StoreError> {
+        if self.chunks.len() > CHUNK_CACHE_MAX {
+            // Misses read the index, which must first hold every round handed over.
+            self.handoff.wait_applied(round.epoch.saturating_sub(1));
+            self.chunks.clear();
+        }
+        let log_err = |e| StoreError::io("writing the queue log", e);
+        let mut batch = IndexBatch::default();
+        let mut defs_touched = false;
+        let mut segments_touched: HashSet<u64> = HashSet::new();
+        for op in &round.ops {
+            match op {
+                Op::Put(k, v) => batch.insert(k, v),
+                Op::Remove(k) => batch.remove(k),
+                Op::PutDef(name, json) => {
+                    // Keep `next_qid` above every id ever used, so a deleted queue's id
+                    // is never reused.
+                    if let Ok(d) = serde_json::from_slice::<StoredDefinition>(json) {
+                        self.next_qid = self.next_qid.max(d.qid.saturating_add(1));
+                    }
+                    batch.insert_def(name.as_bytes(), json);
+                    defs_touched = true;
+                }
+                Op::RemoveDef(name) => {
+                    batch.remove_def(name.as_bytes());
+                    defs_touched = true;
+                }
+                Op::DropQueue(qid) => {
+                    self.drop_queue(*qid, round.epoch, &mut batch, &mut segments_touched)?
+                }
+            }
+        }
+        for c in &mut round.chunks {
+            c.buf[..2].copy_from_slice(&c.count.to_be_bytes());
+            let Some(state) = ChunkState::new(c.first, c.seqs()) else {
+                tracing::error!(
+                    queue = c.qid,
+                    chunk = c.first,
+                    "malformed chunk not written"
+                );
+                continue;
+            };
+            let loc = self.log.append_chunk(&c.buf).map_err(log_err)?;
+            segments_touched.insert(loc.segment);
+            batch.insert(
+                &seq_key(c.qid, TAG_CHUNK, c.first),
+                &chunk_index_value(&loc, &state),
+            );
+            self.chunks.insert((c.qid, c.first), (state, loc.segment));
+        }
+        let mut touched: HashSet<(u32, u64)> = HashSet::new();
+        for &(qid, first, seq) in &round.removals {
+            let key = (qid, first);
+            let (state, _) = match self.chunks.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    match stored_chunk_state(&*self.index, qid, first, None)? {
+                        Some((state, loc)) => e.insert((state, loc.segment)),
+                        None => {
+                            tracing::debug!(
+                                queue = qid,
+                                chunk = first,
+                                seq,
+                                "removal from a chunk that is gone"
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            if state.remove(seq.saturating_sub(first)) {
+                touched.insert(key);
+            }
+        }
+        for (qid, first) in touched {
+            let Some((state, segment)) = self.chunks.get(&(qid, first)) else {
+                continue;
+            };
+            if state.live == 0 {
+                let segment = *segment;
+                batch.remove(&seq_key(qid, TAG_CHUNK, first));
+                batch.remove(&seq_key(qid, TAG_REMOVED, first));
+                self.chunks.remove(&(qid, first));
+                self.log.release(segment);
+                segments_touched.insert(segment);
+            } else {
+                batch.insert(&seq_key(qid, TAG_REMOVED, first), &state.encode());
+            }
+        }
+        for segment in segments_touched {
+            match self.log.live(segment) {
+                0 => batch.remove(&segment_key(segment)),
+                n => batch.insert(&segment_key(segment), &n.to_be_bytes()),
+            }
+        }
+        for (qid, c) in &round.counters {
+            batch.insert(&prefix(*qid, TAG_COUNTERS), &c.encode());
+        }
+        if defs_touched {
+            batch.insert_def(NEXT_QID_KEY, &self.next_qid.to_be_bytes());
+        }
+        if !batch.is_empty() {
+            self.log.append_batch(&batch.log).map_err(log_err)?;
+        }
+        self.log.write_out().map_err(log_err)?;
+        Ok(batch.log)
+    }
+
+    /// Deletes every key of queue `qid` with one prefix removal in this round's
+    /// batch, so the delete is atomic: a replay applies all of it or none.
+    fn drop_queue(
+        &mut self,
+        qid: u32,
+        epoch: u64,
+        batch: &mut IndexBatch,
+        segments_touched: &mut HashSet<u64>,
+    ) -> Result<(), StoreError> {
+        // Its chunks written in earlier rounds must be in the index to be released.
+        self.handoff.wait_applied(epoch.saturating_sub(1));
+        let (start, end) = (prefix(qid, TAG_CHUNK), prefix(qid, TAG_CHUNK + 1));
+        let mut segments = Vec::new();
+        self.index.range(Tree::Data, &start, &end, &mut |_, v| {
+            if let Some((loc, _)) = decode_chunk_index(v) {
+                segments.push(loc.segment);
+            }
+            true
+        })?;
+        for segment in segments {
+            self.log.release(segment);
+            segments_touched.insert(segment);
+        }
+        self.chunks.retain(|(q, _), _| *q != qid);
+        batch.remove_prefix(&qid.to_be_bytes());
+        Ok(())
+    }
+}

@@ -219,6 +219,103 @@ pub struct Config {
     /// Limits on what one client may make the broker hold.
     #[command(flatten)]
     pub limits: Limits,
+
+    /// Address of the HTTP listener for /metrics, /healthz, /readyz, the JSON API and
+    /// the dashboard, or `off`. Left unset while --listen has port 0, it takes an
+    /// ephemeral port too (logged at start) [default: 127.0.0.1:8222].
+    #[arg(
+        long,
+        env = "TIDINGS_HTTP_LISTEN",
+        default_value = "127.0.0.1:8222",
+        hide_default_value = true
+    )]
+    pub http_listen: HttpListen,
+
+    /// Bearer token for the HTTP API's admin actions (purge, redrive, delete a
+    /// queue, close a connection); unset: `--auth-token` if set. Configured users
+    /// may also run the queue actions their rights allow, over HTTP Basic
+    /// [default: unset].
+    #[arg(long, env = "TIDINGS_HTTP_ADMIN_TOKEN", hide_env_values = true)]
+    pub http_admin_token: Option<String>,
+
+    /// Most queues with their own series in /metrics; the rest are summed into
+    /// `queue="_other"`, so a broker with many queues cannot flood Prometheus. The
+    /// first queues by name get their own series [default: 500].
+    #[arg(
+        long,
+        env = "TIDINGS_METRICS_MAX_QUEUES",
+        default_value_t = 500,
+        hide_default_value = true
+    )]
+    pub metrics_max_queues: usize,
+
+    /// Log line format: `text` for people, `json` for log shippers (one object per
+    /// line) [default: text].
+    #[arg(
+        long,
+        env = "TIDINGS_LOG_FORMAT",
+        default_value = "text",
+        hide_default_value = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Where the HTTP listener listens: an address, or nowhere (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(HttpListen(None));
+        }
+        s.parse()
+            .map(|addr| HttpListen(Some(addr)))
+            .map_err(|_| format!("`{s}` is neither an address such as 127.0.0.1:8222 nor `off`"))
+    }
+}
+
+impl std::fmt::Display for HttpListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format `{s}` (use text or json)")),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
 }
 
 impl Default for Config {
@@ -240,6 +337,10 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             fsync: FsyncPolicy::Always,
             queue_window: 4096,
+            http_listen: HttpListen(Some(SocketAddr::from(([127, 0, 0, 1], 8222)))),
+            http_admin_token: None,
+            metrics_max_queues: 500,
+            log_format: LogFormat::Text,
             security: SecurityConfig::default(),
             limits: Limits::default(),
         }
@@ -247,10 +348,12 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Defaults, but listen on 127.0.0.1:0 and keep data in `data_dir` (tests, benches).
+    /// Defaults, but listen on 127.0.0.1:0 with the HTTP listener off, and keep data
+    /// in `data_dir` (tests, benches).
     pub fn for_test(data_dir: impl Into<PathBuf>) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: HttpListen(None),
             data_dir: data_dir.into(),
             shutdown_timeout: Duration::from_secs(5),
             ..Config::default()
@@ -270,8 +373,21 @@ impl Config {
     {
         let matches = Config::command().try_get_matches_from(args)?;
         let mut config = Config::from_arg_matches(&matches)?;
+        let http_default = config.http_listen;
         if let Some(path) = config.config.clone() {
             config.apply_file(&path, &matches)?;
+        }
+        // An ephemeral client port means several brokers may run side by side (tests,
+        // embedding): a fixed default HTTP port would collide, so the HTTP listener
+        // takes an ephemeral port too, unless it was set explicitly.
+        let http_explicit = matches!(
+            matches.value_source("http_listen"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) || config.http_listen != http_default;
+        if !http_explicit && config.listen.port() == 0 {
+            if let HttpListen(Some(addr)) = &mut config.http_listen {
+                addr.set_port(0);
+            }
         }
         config.validate()?;
         Ok(config)
@@ -349,6 +465,10 @@ impl Config {
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
             "fsync" => self.fsync = raw.parse()?,
             "queue_window" => self.queue_window = num(raw)?,
+            "http_listen" => self.http_listen = raw.parse()?,
+            "http_admin_token" => self.http_admin_token = Some(raw.to_owned()),
+            "metrics_max_queues" => self.metrics_max_queues = num(raw)?,
+            "log_format" => self.log_format = raw.parse()?,
             _ => {
                 return self
                     .security
@@ -390,6 +510,12 @@ impl Config {
         }
         if self.queue_window == 0 {
             return invalid("queue_window", "must be at least 1");
+        }
+        if self.metrics_max_queues > 100_000 {
+            return invalid("metrics_max_queues", "must be at most 100000");
+        }
+        if self.http_admin_token.as_deref() == Some("") {
+            return invalid("http_admin_token", "must not be empty");
         }
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
@@ -441,6 +567,12 @@ impl Config {
         );
         line("fsync", quoted(&self.fsync.to_string()));
         line("queue-window", self.queue_window.to_string());
+        line("http-listen", quoted(&self.http_listen.to_string()));
+        if self.http_admin_token.is_some() {
+            line("http-admin-token", quoted("<redacted>"));
+        }
+        line("metrics-max-queues", self.metrics_max_queues.to_string());
+        line("log-format", quoted(&self.log_format.to_string()));
         self.security.toml_lines(&mut line);
         self.limits.toml_lines(&mut line);
         if !self.security.users.is_empty() {
@@ -572,6 +704,35 @@ mod tests {
         assert!(off.slow_consumer_stall.is_zero());
         assert!(Config::load_from(["tidings-broker", "--slow-consumer-stall", "2m"]).is_err());
         assert!(Config::load_from(["tidings-broker", "--slow-consumer-stall", "5"]).is_err());
+    }
+
+    #[test]
+    fn http_listen_follows_an_ephemeral_client_port_unless_set() {
+        let ephemeral = Config::load_from(["tidings-broker", "--listen", "127.0.0.1:0"]).unwrap();
+        assert_eq!(ephemeral.http_listen.to_string(), "127.0.0.1:0");
+        let fixed = Config::load_from(["tidings-broker", "--listen", "127.0.0.1:7000"]).unwrap();
+        assert_eq!(fixed.http_listen.to_string(), "127.0.0.1:8222");
+        let explicit = Config::load_from([
+            "tidings-broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:9000",
+        ])
+        .unwrap();
+        assert_eq!(explicit.http_listen.to_string(), "127.0.0.1:9000");
+        let off = Config::load_from([
+            "tidings-broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(off.http_listen, HttpListen(None));
+        assert!("nonsense".parse::<HttpListen>().is_err());
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("xml".parse::<LogFormat>().is_err());
     }
 
     #[test]

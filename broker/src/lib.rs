@@ -46,11 +46,20 @@
 //!   deliveries come back on nack, ack timeout or disconnect, with backoff, and
 //!   move to a dead-letter queue after `max_deliveries`.
 //! - **Stats** ([`Stats`]): relaxed atomic counters reported by STATS_REPLY.
+//! - **HTTP** (`http/`): the operators' listener on `--http-listen`, served with
+//!   axum beside the client port and stopped after it (so `/readyz` says
+//!   "draining" while connections finish): Prometheus `/metrics` built at each
+//!   scrape from the counters, `/healthz`, `/readyz`, a JSON API and a dashboard
+//!   whose assets are compiled in. It reads [`telemetry`] (the store's metrics
+//!   sink and readiness) and [`connections`] (the registry of live connections
+//!   each connection joins after its handshake).
 //! - **Config** ([`Config`]): clap flags, `TIDINGS_*` variables and a TOML file.
 
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod connections;
+mod http;
 pub mod limits;
 pub mod memory;
 pub mod outbox;
@@ -61,6 +70,7 @@ mod server;
 mod shared;
 mod stats;
 pub mod storage;
+pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -71,10 +81,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, HttpListen, LogFormat};
 pub use limits::Limits;
 pub use security::SecurityConfig;
-pub use server::{run, run_with_tls};
+pub use server::{run, run_with_tls, serve};
 pub use stats::Stats;
 
 /// Why the broker could not start or stopped with an error.
@@ -121,14 +131,20 @@ impl Broker {
         prepare_data_dir(&config)?;
         let listener = bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
+        let http = match config.http_listen.0 {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
         let tls = tls::Tls::from_config(&config.security)?;
         let token = CancellationToken::new();
         let stop = token.clone();
-        let join = tokio::spawn(run_with_tls(listener, config, tls.clone(), async move {
+        let join = tokio::spawn(serve(listener, http, config, tls.clone(), async move {
             stop.cancelled().await
         }));
         Ok(BrokerHandle {
             local_addr,
+            http_addr,
             tls,
             token: token.clone(),
             _guard: token.drop_guard(),
@@ -142,6 +158,7 @@ impl Broker {
 #[derive(Debug)]
 pub struct BrokerHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     tls: Option<tls::Tls>,
     token: CancellationToken,
     _guard: DropGuard,
@@ -152,6 +169,18 @@ impl BrokerHandle {
     /// The address the broker listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTP listener (metrics, health, API, dashboard), unless
+    /// `--http-listen` is `off`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Starts the graceful shutdown without waiting for it (readiness turns false
+    /// at once); [`BrokerHandle::shutdown`] waits.
+    pub fn begin_shutdown(&self) {
+        self.token.cancel();
     }
 
     /// The listener's TLS, to [`tls::Tls::reload`] it; `None` when plaintext.

@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
-use tidings_broker::{Config, ConfigError};
+use tidings_broker::{Config, ConfigError, LogFormat};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -29,20 +29,27 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
 
     tidings_broker::prepare_data_dir(&config)?;
     let listener = tidings_broker::bind(config.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let http = match config.http_listen.0 {
+        Some(addr) => Some(tidings_broker::bind(addr).await?),
+        None => None,
+    };
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %config.data_dir.display(),
+        http = %http_addr.map_or("off".to_owned(), |a| format!("http://{a}/")),
         "listening on {addr}"
     );
     let tls = tidings_broker::tls::Tls::from_config(&config.security)
@@ -50,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(tls) = tls.clone() {
         tokio::spawn(reload_on_sighup(tls));
     }
-    tidings_broker::run_with_tls(listener, config, tls, shutdown_signal()).await?;
+    tidings_broker::serve(listener, http, config, tls, shutdown_signal()).await?;
     Ok(())
 }
 

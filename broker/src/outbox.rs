@@ -2,7 +2,7 @@
 //! it: frames encoded as they are queued into one buffer bounded in bytes, which
 //! the writer takes whole for each write.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,8 @@ struct Shared {
     /// what frames built for many connections (fan-out, deliveries) may carry.
     minor: AtomicU16,
     stats: Arc<Stats>,
+    /// MESSAGE and DELIVERY frames queued, for operators (the HTTP API).
+    messages: AtomicU64,
 }
 
 impl Shared {
@@ -228,6 +230,7 @@ impl Outbox {
             stayed_behind: AtomicBool::new(false),
             minor: AtomicU16::new(0),
             stats,
+            messages: AtomicU64::new(0),
         });
         (
             Outbox {
@@ -257,6 +260,9 @@ impl Outbox {
     /// Queues a frame. Never waits. Fails when the connection is closed or closing,
     /// and applies the slow-consumer policy when the byte bound would be exceeded.
     pub fn send(&self, frame: Frame) -> Result<(), Closed> {
+        if matches!(frame, Frame::Delivery(_) | Frame::Message(_)) {
+            self.shared.messages.fetch_add(1, Ordering::Relaxed);
+        }
         self.append(|buf| {
             if let Err(err) = frame.encode(buf) {
                 // Frames are built from decoded input within limits, so this is a
@@ -270,6 +276,7 @@ impl Outbox {
     /// [`Frame::encode`]) with its subscription id replaced by `sid`: fan-out encodes
     /// a message once and copies it to each subscriber.
     pub fn send_message(&self, encoded: &[u8], sid: u32) -> Result<(), Closed> {
+        self.shared.messages.fetch_add(1, Ordering::Relaxed);
         self.append(|buf| {
             let start = buf.len();
             buf.extend_from_slice(encoded);
@@ -359,6 +366,12 @@ impl Outbox {
     pub fn pending_bytes(&self) -> usize {
         let queue = self.shared.queue();
         queue.buf.len() + queue.in_flight
+    }
+
+    /// MESSAGE and DELIVERY frames offered to this connection so far (a frame the
+    /// slow-consumer bound refused counts too).
+    pub fn messages_queued(&self) -> u64 {
+        self.shared.messages.load(Ordering::Relaxed)
     }
 
     /// True once the connection is closing: sends fail from then on.

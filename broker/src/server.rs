@@ -17,10 +17,13 @@ use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::auth::Authenticator;
 use crate::connection::{self, Signals};
+use crate::connections::Connections;
+use crate::http::{HttpContext, RateHistory};
 use crate::outbox::ConnId;
 use crate::router::Router;
 use crate::shared::{BrokerQueues, Shared};
 use crate::stats::Stats;
+use crate::telemetry::{Health, StorageMetrics};
 use crate::tls::Tls;
 use crate::{BrokerError, Config};
 
@@ -35,7 +38,8 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves connections on `listener` until `shutdown` resolves, then stops accepting,
 /// asks every connection to finish the frame in hand and flush what is queued, and
-/// waits for them (at most `config.shutdown_timeout`, then cuts them off).
+/// waits for them (at most `config.shutdown_timeout`, then cuts them off). Binds
+/// and serves `--http-listen` too, unless it is `off`.
 ///
 /// TLS, when configured, is loaded here; use [`run_with_tls`] to keep a handle for
 /// reloading it.
@@ -57,18 +61,65 @@ pub async fn run_with_tls(
     tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
+    let http = match config.http_listen.0 {
+        Some(addr) => Some(crate::bind(addr).await?),
+        None => None,
+    };
+    serve(listener, http, config, tls, shutdown).await
+}
+
+/// Like [`run_with_tls`], with the HTTP listener already bound (or none), so the
+/// caller knows its address.
+pub async fn serve(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    config: Config,
+    tls: Option<Tls>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
     config.validate()?;
     let auth = Authenticator::new(config.auth_token.as_deref(), &config.security.users)
         .map_err(|e| crate::ConfigError::Security(e.into()))?;
     let stats = Arc::new(Stats::default());
-    let queues = BrokerQueues::open(&config)?;
+    let storage = Arc::new(StorageMetrics::default());
+    let health = Health::new(storage.clone());
+    let queues = BrokerQueues::open(&config, storage)?;
+    let connections = Connections::default();
+    let http_stop = CancellationToken::new();
+    let http_auth = match http {
+        // Its own instance: HTTP logins wait on their own argon2 permits.
+        Some(_) => Some(
+            Authenticator::new(config.auth_token.as_deref(), &config.security.users)
+                .map_err(|e| crate::ConfigError::Security(e.into()))?,
+        ),
+        None => None,
+    };
+    let http_task = http.zip(http_auth).map(|(listener, http_auth)| {
+        let ctx = HttpContext {
+            auth: http_auth,
+            stats: stats.clone(),
+            engine: queues.engine.clone(),
+            health: health.clone(),
+            connections: connections.clone(),
+            rates: RateHistory::default(),
+            admin_token: config
+                .http_admin_token
+                .clone()
+                .or_else(|| config.auth_token.clone()),
+            metrics_max_queues: config.metrics_max_queues,
+            queue_dir: config.data_dir.join("queues"),
+        };
+        tokio::spawn(crate::http::serve(listener, ctx, http_stop.clone()))
+    });
     let shared = Arc::new(Shared {
         router: Router::new(stats.clone()),
         stats,
         queues,
+        connections,
         auth,
         config,
     });
+    health.set_listening();
     let signals = Signals {
         shutdown: CancellationToken::new(),
         kill: CancellationToken::new(),
@@ -174,6 +225,7 @@ pub async fn run_with_tls(
     }
 
     drop(listener);
+    health.set_draining();
     let open = tracker.len();
     info!(connections = open, "shutting down: no longer accepting");
     signals.shutdown.cancel();
@@ -191,6 +243,11 @@ pub async fn run_with_tls(
         let _ = tokio::time::timeout(KILL_GRACE, tracker.wait()).await;
     }
     shared.queues.shutdown().await;
+    // Last, so that /readyz says "draining" while connections finish.
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     info!("shutdown complete");
     Ok(())
 }

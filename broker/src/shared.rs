@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
+use crate::connections::Connections;
 use crate::queue::{EngineConfig, QueueEngine};
 use crate::router::Router;
 use crate::stats::Stats;
+use crate::telemetry::StorageMetrics;
 use crate::{BrokerError, Config};
 
 /// State every connection shares.
@@ -18,6 +20,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) queues: BrokerQueues,
     pub(crate) auth: Authenticator,
+    /// Live connections, as operators see them (the HTTP API).
+    pub(crate) connections: Connections,
 }
 
 /// The broker-wide queue state: the engine, opened by the server at start and
@@ -33,9 +37,13 @@ impl std::fmt::Debug for BrokerQueues {
 }
 
 impl BrokerQueues {
-    /// Opens the queues kept under `config.data_dir`.
-    pub(crate) fn open(config: &Config) -> Result<BrokerQueues, BrokerError> {
+    /// Opens the queues kept under `config.data_dir`; the store reports to `metrics`.
+    pub(crate) fn open(
+        config: &Config,
+        metrics: Arc<StorageMetrics>,
+    ) -> Result<BrokerQueues, BrokerError> {
         let mut engine_config = EngineConfig::new(config.data_dir.join("queues"));
+        engine_config.metrics = metrics;
         engine_config.fsync = config.fsync;
         engine_config.ready_window = config.queue_window;
         engine_config.repair = config.repair;

@@ -93,7 +93,8 @@ mod tests {
         let shared = Arc::new(Shared {
             router: Router::new(stats.clone()),
             stats,
-            queues: BrokerQueues::open(&config).unwrap(),
+            queues: BrokerQueues::open(&config, Arc::default()).unwrap(),
+            connections: crate::connections::Connections::default(),
             auth: Authenticator::new(None, &config.security.users).unwrap(),
             config,
         });

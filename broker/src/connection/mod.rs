@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
+use crate::connections::NewConnection;
 use crate::outbox::{ConnId, Outbox, OutboxLimits, WriterEnd};
 use crate::shared::Shared;
 use session::Session;
@@ -116,6 +117,7 @@ pub(crate) async fn serve<R, W>(
         queues: queue_state::QueueState::default(),
         memo: Default::default(),
         scratch: BytesMut::new(),
+        listed: None,
     };
 
     let ending = reader.run(&mut session, &signals).await;
@@ -250,6 +252,21 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         session.outbox.set_protocol_minor(minor.unwrap_or(0));
         debug!(minor = minor.unwrap_or(0), "handshake complete");
         session.queues = queue_state::QueueState::new(&shared.queues, &session.outbox);
+        let closed_by_operator = CancellationToken::new();
+        session.listed = Some(
+            shared.connections.register(NewConnection {
+                id: session.conn.0,
+                // Unknown only when the socket could not say (the accept logged it).
+                peer: self
+                    .peer
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                client_name: hello.client_name.to_string(),
+                user: session.principal.user_name().map(str::to_owned),
+                queue_session: session.queues.session_id(),
+                outbox: session.outbox.clone(),
+                close: closed_by_operator.clone(),
+            }),
+        );
         session.reply(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),
@@ -275,6 +292,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 biased;
                 _ = signals.shutdown.cancelled() => return shutting_down(),
                 _ = session.outbox.aborted() => return Ending::Quiet,
+                // No error code fits an operator's close: flush and close quietly.
+                _ = closed_by_operator.cancelled() => {
+                    info!("closed by an operator over HTTP");
+                    return Ending::Quiet;
+                }
                 _ = ticker.tick(), if heartbeat_on => {
                     if std::mem::take(&mut self.activity) {
                         unanswered = 0;

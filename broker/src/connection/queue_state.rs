@@ -71,6 +71,11 @@ impl QueueState {
             confirms: None,
         }
     }
+
+    /// Its queue session's id, as the engine reports consumers (0: none).
+    pub(crate) fn session_id(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |s| s.id())
+    }
 }
 
 /// Serves one queue command from the connection's client.

@@ -14,6 +14,7 @@ use tracing::debug;
 use super::queue_state::{self, QueueState};
 use crate::Limits;
 use crate::auth::{Denied, Principal};
+use crate::connections::Registered;
 use crate::outbox::{ConnId, Outbox};
 use crate::router::{RouteMemo, RouterError};
 use crate::shared::Shared;
@@ -34,6 +35,8 @@ pub(crate) struct Session {
     /// Where a published message is encoded once before it is copied to each
     /// subscriber.
     pub(crate) scratch: BytesMut,
+    /// This connection's entry in the registry operators see, from the handshake on.
+    pub(crate) listed: Option<Registered>,
 }
 
 impl Session {
@@ -105,6 +108,9 @@ impl Session {
     async fn publish(&mut self, p: Publish) {
         let stats = &self.shared.stats;
         stats.message_in();
+        if let Some(listed) = &self.listed {
+            listed.entry().message_in();
+        }
         let request_id = p.request_id.unwrap_or(0);
         // The memo holds only a topic that was valid: the same topic again (the
         // common case) needs no second check.
@@ -221,9 +227,14 @@ impl Session {
         {
             Ok(()) => {
                 self.subscriptions += 1;
+                if let Some(listed) = &self.listed {
+                    listed
+                        .entry()
+                        .subscribed(s.sid, s.pattern.as_str(), s.group.as_deref());
+                }
                 self.reply(Frame::Ok(OkReply {
                     request_id: s.request_id,
-                }))
+                }));
             }
             Err(err) => self.router_error(s.request_id, err),
         }
@@ -233,9 +244,12 @@ impl Session {
         match self.shared.router.unsubscribe(self.conn, u.sid) {
             Ok(()) => {
                 self.subscriptions = self.subscriptions.saturating_sub(1);
+                if let Some(listed) = &self.listed {
+                    listed.entry().unsubscribed(u.sid);
+                }
                 self.reply(Frame::Ok(OkReply {
                     request_id: u.request_id,
-                }))
+                }));
             }
             Err(err) => self.router_error(u.request_id, err),
         }

@@ -4,9 +4,11 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::storage::StorageBackend;
+use crate::telemetry::StorageMetrics;
 
 /// When a write counts as durable, and so when a publisher confirm may go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,6 +122,9 @@ pub struct EngineConfig {
     /// Repair mode: on damage in the queue log, cut the log there (reporting what was
     /// dropped) instead of refusing to start (`tidings-broker --repair`).
     pub repair: bool,
+    /// Where the store reports fsync latency, commit sizes, checkpoints and
+    /// failures (a fresh sink by default).
+    pub metrics: Arc<StorageMetrics>,
 }
 
 impl EngineConfig {
@@ -139,6 +144,7 @@ impl EngineConfig {
             defaults: QueueDefaults::default(),
             storage: StorageBackend::real(),
             repair: false,
+            metrics: Arc::default(),
         }
     }
 }

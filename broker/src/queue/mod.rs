@@ -42,6 +42,7 @@
 
 mod config;
 mod error;
+mod inspect;
 pub(crate) mod options;
 #[allow(clippy::module_inception)]
 mod queue;
@@ -62,6 +63,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{EngineConfig, FsyncPolicy, QueueDefaults};
 pub use error::QueueError;
+pub use inspect::{ConsumerView, MAX_PEEK, PeekedMessage, QueueSettingsView, QueueView};
 pub use session::{DeliverySink, QueueSession};
 
 use crate::storage::{Range, Store, Ticket};

@@ -134,6 +134,8 @@ struct Stats {
     dropped: u64,
     expired: u64,
     duplicates: u64,
+    /// Deliveries with an attempt number above 1.
+    redelivered: u64,
     samples: VecDeque<(Instant, Totals)>,
 }
 
@@ -872,6 +874,9 @@ impl Queue {
             },
         );
         st.stats.totals.delivered += 1;
+        if delivery.attempt > 1 {
+            st.stats.redelivered += 1;
+        }
         self.wake_timer_at(st, deadline);
         if !session.sink.deliver(delivery) {
             // The connection is gone; its session's drop (or the ack timeout) returns
@@ -1289,6 +1294,25 @@ impl Queue {
         }
     }
 
+    /// Deliveries with an attempt number above 1, since the broker started.
+    pub fn redelivered(&self) -> u64 {
+        self.lock().stats.redelivered
+    }
+
+    /// The attached consumers, for operators.
+    pub fn consumer_views(&self) -> Vec<crate::queue::inspect::ConsumerView> {
+        self.lock()
+            .consumers
+            .iter()
+            .map(|c| crate::queue::inspect::ConsumerView {
+                session_id: c.session.id,
+                consumer_id: c.id,
+                unacked: c.outstanding,
+                window: c.window,
+            })
+            .collect()
+    }
+
     /// Figures beyond `QueueInfo`, for the stats frame.
     pub fn extra_stats(&self) -> [(&'static str, u64); 5] {
         let st = self.lock();
@@ -1394,5 +1418,8 @@ pub(crate) fn dead_letter_copy(mut msg: Message, reason: &str) -> Message {
 pub(crate) fn redriven_copy(mut msg: Message) -> Message {
     msg.dead = None;
     msg.deliveries = 0;
+    // Its id is still in the origin queue's dedup window (from its first publish):
+    // kept, the copy would be refused as a duplicate of itself and stay dead.
+    msg.message_id = None;
     msg
 }

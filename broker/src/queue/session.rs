@@ -144,6 +144,12 @@ impl QueueSession {
         Ok(())
     }
 
+    /// This session's id, as [`QueueEngine::consumers`](crate::queue::QueueEngine::consumers)
+    /// reports it.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
     /// Raises a consumer's credit by `credit`.
     pub fn credit(&self, consumer_id: u32, credit: u32) -> Result<(), QueueError> {
         if credit == 0 {

@@ -220,7 +220,7 @@ impl Store {
         let files = segments.files();
         let (queues, next_qid) = load(&*index, &files, config)?;
 
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(config.metrics.clone()));
         let handoff = Arc::new(Handoff::default());
         let syncer = Syncer {
             shared: shared.clone(),

@@ -16,6 +16,7 @@ use super::segments::Files;
 use crate::queue::QueueError;
 use crate::queue::options::StoredDefinition;
 use crate::queue::record::Message;
+use crate::telemetry::StorageMetrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Slot {
@@ -106,6 +107,8 @@ pub(crate) struct Pending {
 pub(crate) struct Shared {
     pending: Mutex<Pending>,
     pub wake: Condvar,
+    /// Operators' view of the store (`/metrics`, `/readyz`).
+    pub metrics: Arc<StorageMetrics>,
 }
 
 impl Shared {
@@ -338,13 +341,14 @@ impl Round {
 }
 
 impl Shared {
-    pub fn new() -> Self {
+    pub fn new(metrics: Arc<StorageMetrics>) -> Self {
         Self {
             pending: Mutex::new(Pending {
                 epoch: 1,
                 ..Pending::default()
             }),
             wake: Condvar::new(),
+            metrics,
         }
     }
 
@@ -399,6 +403,7 @@ impl Shared {
                  broker to recover from what is on disk"
             );
             p.failed = Some(err.clone());
+            self.metrics.failed(&err.to_string());
         }
     }
 

@@ -148,7 +148,10 @@ impl Syncer {
                 None => Ok(()),
             };
             if sync_now {
-                if let Err(err) = self.unsynced.sync(&self.segments) {
+                let started = Instant::now();
+                let result = self.unsynced.sync(&self.segments);
+                self.shared.metrics.fsync(started.elapsed());
+                if let Err(err) = result {
                     let err = StoreError::io("fdatasync of the queue log", err);
                     self.shared.fail(&err);
                     synced = Err(err);
@@ -190,9 +193,11 @@ impl Syncer {
             }
             // After the confirms above, so that a checkpoint delays none of them.
             if self.shared.failure().is_none() && (shutdown || self.checkpoint_due()) {
+                let started = Instant::now();
                 if let Err(err) = self.run_checkpoint(shutdown) {
                     self.shared.fail(&err);
                 }
+                self.shared.metrics.checkpoint(started.elapsed());
             }
             if shutdown {
                 return;

@@ -44,6 +44,12 @@ impl Writer {
             let mut round = self.shared.take();
             let wrote = round.writes();
             let failed = self.shared.failure();
+            if wrote && failed.is_none() {
+                let messages: usize = round.chunks.iter().map(|c| usize::from(c.count)).sum();
+                if messages > 0 {
+                    self.shared.metrics.batch(messages);
+                }
+            }
             let mut batch = None;
             let result = match failed {
                 // Fail-stop: nothing more is written after a failure.

@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test file uses a different part of this module
 
 pub mod certs;
+pub mod http;
+mod queue_client;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -106,7 +106,8 @@ pub struct BrokerProcess {
     pid: u32,
     addr: SocketAddr,
     tail: Tail,
-    _data: tempfile::TempDir,
+    /// A temporary data dir removed with the broker; `None` when the caller owns it.
+    _data: Option<tempfile::TempDir>,
 }
 
 impl BrokerProcess {
@@ -114,9 +115,23 @@ impl BrokerProcess {
     /// dir, and waits for it to log where it listens.
     pub async fn start(bin: &Path) -> Result<BrokerProcess> {
         let data = tempfile::tempdir().context("creating a temporary data dir")?;
+        let path = data.path().to_owned();
+        BrokerProcess::start_in(bin, &path, &[], Some(data)).await
+    }
+
+    /// Starts `bin` on a kernel-picked loopback port with its data in `data_dir`
+    /// (kept when `temp` is `None`, so a restart finds it) and `extra` flags.
+    pub async fn start_in(
+        bin: &Path,
+        data_dir: &Path,
+        extra: &[String],
+        temp: Option<tempfile::TempDir>,
+    ) -> Result<BrokerProcess> {
+        let data = temp;
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
+            .arg(data_dir)
+            .args(extra)
             // The address is read from the info-level startup line.
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -177,6 +192,14 @@ impl BrokerProcess {
     /// Its process id, for measuring its memory.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// `kill -9`: the crash a restart must recover from.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child
+            .kill()
+            .await
+            .context("killing the tidings broker")
     }
 
     /// SIGTERM, then waits for a clean exit; kills it if it does not exit in time.

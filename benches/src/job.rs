@@ -4,10 +4,12 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
+use crate::cpu::{self, CpuMeter};
 use crate::driver::tidings::{Launch, TidingsDriver};
 use crate::driver::{Driver, System, Workload};
 use crate::report::{RunReport, whole};
 use crate::rss::{Peak, Sampler};
+use crate::workload::bursty::BurstyParams;
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
 use crate::workload::latency::LatencyParams;
@@ -28,6 +30,8 @@ pub enum Job {
     Latency(LatencyParams),
     /// See [`workload::reqrep`].
     Reqrep(ReqrepParams),
+    /// See [`workload::bursty`].
+    Bursty(BurstyParams),
 }
 
 impl Job {
@@ -39,6 +43,7 @@ impl Job {
             Job::Queue(_) => Workload::Queue,
             Job::Latency(_) => Workload::Latency,
             Job::Reqrep(_) => Workload::Reqrep,
+            Job::Bursty(_) => Workload::Bursty,
         }
     }
 
@@ -75,6 +80,13 @@ impl Job {
                 requests: n(100_000),
                 size: 128,
             }),
+            Workload::Bursty => Job::Bursty(BurstyParams {
+                rate: 100_000,
+                seconds: (10.0 * scale).clamp(0.5, 10.0),
+                size: 128,
+                pause_ms: 100,
+                every_ms: 1000,
+            }),
         }
     }
 
@@ -86,6 +98,7 @@ impl Job {
             Job::Queue(p) => p.validate(),
             Job::Latency(p) => p.validate(),
             Job::Reqrep(p) => p.validate(),
+            Job::Bursty(p) => p.validate(),
         }
     }
 }
@@ -98,6 +111,7 @@ pub async fn run_with<D: Driver>(driver: &D, job: &Job, common: &Common) -> Resu
         Job::Queue(p) => workload::queue::run(driver, p, common).await,
         Job::Latency(p) => workload::latency::run(driver, p, common).await,
         Job::Reqrep(p) => workload::reqrep::run(driver, p, common).await,
+        Job::Bursty(p) => workload::bursty::run(driver, p, common).await,
     }
 }
 
@@ -145,8 +159,11 @@ pub async fn run(
     if system == System::Tidings {
         let driver = TidingsDriver::new(&target.launch).await?;
         let spawned = driver.broker_pid();
-        let sampler = spawned.or(target.broker_pid).map(Sampler::start);
+        let measured = spawned.or(target.broker_pid);
+        let sampler = measured.map(Sampler::start);
+        let meter = measured.map(CpuMeter::start);
         let report = run_with(&driver, job, &common).await;
+        let cpu = meter.and_then(CpuMeter::finish);
         let peak = match sampler {
             Some(s) => s.finish(spawned.is_some()).await,
             None => None,
@@ -154,19 +171,23 @@ pub async fn run(
         let stopped = driver.shutdown().await;
         let mut report = report?;
         describe(&mut report, target.launch.mode(), peak);
+        describe_cpu(&mut report, job, cpu);
         if let Err(e) = stopped {
             report.add_error(format!("{e:#}"));
         }
         return Ok(report);
     }
     let sampler = target.broker_pid.map(Sampler::start);
+    let meter = target.broker_pid.map(CpuMeter::start);
     let report = run_peer(system, target.server.as_deref(), job, &common).await;
+    let cpu = meter.and_then(CpuMeter::finish);
     let peak = match sampler {
         Some(s) => s.finish(false).await,
         None => None,
     };
     let mut report = report?;
     describe(&mut report, "external", peak);
+    describe_cpu(&mut report, job, cpu);
     Ok(report)
 }
 
@@ -179,6 +200,34 @@ fn describe(report: &mut RunReport, mode: &str, peak: Option<Peak>) {
         report
             .details
             .insert("rss_method".into(), peak.method.name().into());
+    }
+}
+
+/// Messages the run published (each counted once, whatever its fan-out), the
+/// denominator of the broker's CPU per message; requests for `reqrep`.
+pub fn messages_published(job: &Job, report: &RunReport) -> u64 {
+    match job {
+        Job::Fanin(p) => p.messages,
+        Job::Fanout(p) => p.messages,
+        Job::Queue(p) => p.messages,
+        Job::Reqrep(p) => p.requests,
+        // Paced by time: what went out is the achieved rate over the run.
+        Job::Latency(_) => whole(report.msgs_per_sec * report.duration_s),
+        // Two phases of rate × seconds each.
+        Job::Bursty(p) => 2 * whole(p.rate as f64 * p.seconds),
+    }
+}
+
+/// Adds the broker's CPU time over the run, and per message, to `details`.
+fn describe_cpu(report: &mut RunReport, job: &Job, cpu: Option<Duration>) {
+    let Some(cpu) = cpu else { return };
+    report
+        .details
+        .insert("broker_cpu_s".into(), cpu.as_secs_f64().into());
+    if let Some(us) = cpu::us_per_message(cpu, messages_published(job, report)) {
+        report
+            .details
+            .insert("broker_cpu_us_per_msg".into(), us.into());
     }
 }
 

@@ -11,12 +11,14 @@
 mod broker_process;
 mod compare;
 mod control;
+mod cpu;
 mod driver;
 mod job;
 mod latency;
 mod payload;
 mod report;
 mod rss;
+mod scale;
 mod tracker;
 mod workload;
 
@@ -31,6 +33,7 @@ use crate::compare::CompareArgs;
 use crate::driver::System;
 use crate::driver::tidings::Launch;
 use crate::job::Job;
+use crate::workload::bursty::BurstyParams;
 use crate::workload::fanin::FaninParams;
 use crate::workload::fanout::FanoutParams;
 use crate::workload::latency::LatencyParams;
@@ -82,6 +85,17 @@ enum Command {
         #[command(flatten)]
         params: ReqrepParams,
     },
+    /// A fixed-rate publisher -> a subscriber pausing 100 ms every second, and a fast
+    /// one; missing messages and the fast one's p99 with and without the paused one.
+    Bursty {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        params: BurstyParams,
+    },
+    /// Cost curves: sweeps one dimension (subscriptions, topics, queues,
+    /// connections, backlog), prints a table and writes a PNG plot per curve.
+    Scale(scale::ScaleArgs),
     /// Every workload on every reachable system; one table with ratios to the best peer.
     Compare(CompareArgs),
 }
@@ -143,12 +157,19 @@ impl Target {
             },
             None => Launch::InProcess,
         };
-        // A peer's pid file describes the server on its default port only.
+        // A peer's pid file describes the server on its default port only; any
+        // other server on this machine is found by the port it listens on.
         let broker_pid = self.broker_pid.or_else(|| {
-            self.server
+            let from_file = self
+                .server
                 .is_none()
                 .then(|| rss::peer_pid(self.system, &self.peers_dir))
-                .flatten()
+                .flatten();
+            let addr = self.server.as_deref().or(self.system.default_server());
+            from_file.or_else(|| {
+                addr.and_then(compare::local_port)
+                    .and_then(rss::pid_by_port)
+            })
         });
         Ok(job::Target {
             system: self.system,
@@ -182,11 +203,13 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<bool> {
     let (target, job) = match command {
         Command::Compare(args) => return compare::compare(args).await,
+        Command::Scale(args) => return scale::scale(args).await,
         Command::Fanin { target, params } => (target, Job::Fanin(params)),
         Command::Fanout { target, params } => (target, Job::Fanout(params)),
         Command::Queue { target, params } => (target, Job::Queue(params)),
         Command::Latency { target, params } => (target, Job::Latency(params)),
         Command::Reqrep { target, params } => (target, Job::Reqrep(params)),
+        Command::Bursty { target, params } => (target, Job::Bursty(params)),
     };
     if !(target.deadline > 0.0 && target.deadline.is_finite()) {
         anyhow::bail!("--deadline must be a positive number of seconds");

@@ -117,7 +117,14 @@ impl RunReport {
         self.details.get("rss_peak_kb").and_then(Value::as_u64)
     }
 
-    /// How the broker ran and, when measured, its peak memory.
+    /// Broker CPU time per message published, µs, when it was measured.
+    pub fn broker_cpu_us_per_msg(&self) -> Option<f64> {
+        self.details
+            .get("broker_cpu_us_per_msg")
+            .and_then(Value::as_f64)
+    }
+
+    /// How the broker ran and, when measured, its peak memory and CPU.
     fn broker_line(&self) -> Option<String> {
         let mode = self.details.get("broker_mode").and_then(Value::as_str)?;
         let mut line = match mode {
@@ -134,6 +141,14 @@ impl RunReport {
                 mib(kb),
                 pid.unwrap_or(0),
                 method.unwrap_or("?")
+            );
+        }
+        if let Some(us) = self.broker_cpu_us_per_msg() {
+            let total = self.details.get("broker_cpu_s").and_then(Value::as_f64);
+            let _ = write!(
+                line,
+                "; CPU {us:.2} µs/msg ({:.2} s in all)",
+                total.unwrap_or(0.0)
             );
         }
         Some(line)
@@ -188,6 +203,24 @@ impl RunReport {
                 "  latency µs  p50 {p50:.1}  p90 {}  p99 {p99:.1}  p99.9 {p999:.1}  max {max:.1}",
                 p90.map_or("-".to_owned(), |v| format!("{v:.1}"))
             );
+        }
+        // Workload extras that are neither rates nor errors (bursty's per-subscriber
+        // p99s and losses, say), one line each.
+        for (key, value) in &self.details {
+            let extra = (key.ends_with("_us") && key != "p90_us")
+                || key.ends_with("_missing")
+                || key.ends_with("_ratio");
+            if extra && let Some(v) = value.as_f64() {
+                let _ = writeln!(
+                    out,
+                    "  {key:<11} {}",
+                    if v.fract() == 0.0 {
+                        thousands(v)
+                    } else {
+                        format!("{v:.2}")
+                    }
+                );
+            }
         }
         if let Some(line) = self.broker_line() {
             let _ = writeln!(out, "  broker      {line}");
@@ -329,6 +362,14 @@ mod tests {
             "{text}"
         );
         assert_eq!(mib(1024), "1.0 MiB");
+        r.details.insert("broker_cpu_s".into(), 1.5.into());
+        r.details.insert("broker_cpu_us_per_msg".into(), 7.5.into());
+        assert_eq!(r.broker_cpu_us_per_msg(), Some(7.5));
+        assert!(
+            r.human().contains("; CPU 7.50 µs/msg (1.50 s in all)"),
+            "{}",
+            r.human()
+        );
     }
 
     #[test]

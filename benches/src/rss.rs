@@ -72,6 +72,51 @@ fn live_pid(file: &Path, program: &str) -> Option<u32> {
     (comm.trim() == program).then_some(pid)
 }
 
+/// The inode of the socket listening on TCP `port` in a `/proc/net/tcp` (or
+/// `tcp6`) text: rows of `sl local_address rem_address st … uid timeout inode`,
+/// addresses as `HEXIP:HEXPORT`, state `0A` for LISTEN.
+pub fn listening_inode(table: &str, port: u16) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (_, hex_port) = fields.get(1)?.rsplit_once(':')?;
+        let listening = *fields.get(3)? == "0A";
+        let matches = u16::from_str_radix(hex_port, 16).ok()? == port;
+        (listening && matches).then(|| fields.get(9)?.parse().ok())?
+    })
+}
+
+/// The process listening on TCP `port` on this machine, found through `/proc`
+/// (the socket's inode, then the process holding it): how a peer that
+/// benches/peers/peers.sh did not start is measured. Needs the right to read other
+/// processes' fds (root, or the same user).
+pub fn pid_by_port(port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|path| {
+            let table = std::fs::read_to_string(path).ok()?;
+            listening_inode(&table, port)
+        })?;
+    let target = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
 /// How a peak was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -248,6 +293,23 @@ mod tests {
             None,
             "a dead process is not measured"
         );
+    }
+
+    #[test]
+    fn the_listening_socket_is_found_in_the_tcp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 0100007F:107E 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45678 1 0000000000000000 100 0 0 10 0\n\
+            1: 0100007F:107E 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 45999 1 0000000000000000 20 4 30 10 -1\n";
+        assert_eq!(listening_inode(table, 4222), Some(45678));
+        assert_eq!(listening_inode(table, 6379), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn our_own_listener_is_found_by_its_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+        let port = listener.local_addr().expect("an address").port();
+        assert_eq!(pid_by_port(port), Some(std::process::id()));
     }
 
     #[cfg(target_os = "linux")]

@@ -148,3 +148,36 @@ async fn in_process_runs_say_so() {
     assert_eq!(report["details"]["broker_mode"], "in-process", "{report}");
     assert!(report["details"].get("rss_peak_kb").is_none(), "{report}");
 }
+
+#[tokio::test]
+async fn tiny_bursty_loses_nothing_and_reports_both_subscribers() {
+    let report = run_bench(&[
+        "bursty",
+        "--rate",
+        "2000",
+        "--seconds",
+        "1",
+        "--pause-ms",
+        "100",
+        "--every-ms",
+        "300",
+    ])
+    .await;
+    assert_clean(&report, "bursty");
+    let details = &report["details"];
+    assert_eq!(details["paused_missing"], 0, "{report}");
+    assert_eq!(details["fast_missing"], 0, "{report}");
+    assert!(
+        details["fast_alone_p99_us"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    assert!(
+        details["fast_with_paused_p99_us"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    // The paused subscriber's worst case includes its pauses.
+    assert!(
+        details["paused_p99_us"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+}

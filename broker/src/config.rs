@@ -149,6 +149,14 @@ pub struct Config {
     #[arg(long, env = "TIDINGS_MAX_PENDING_BYTES", default_value = "64MiB", hide_default_value = true, value_parser = parse_size)]
     pub max_pending_bytes: usize,
 
+    /// Bursts without loss: once a connection has more than half of
+    /// --max-pending-bytes queued, the publishers feeding it wait (stop reading) until
+    /// it is back under that mark; a connection still above it this long after it
+    /// crossed is disconnected as a slow consumer. 0 disables the stall, so only
+    /// --max-pending-bytes cuts off [default: 1s].
+    #[arg(long, env = "TIDINGS_SLOW_CONSUMER_STALL", default_value = "1s", hide_default_value = true, value_parser = parse_duration)]
+    pub slow_consumer_stall: Duration,
+
     /// Idle time after which the server pings a connection, e.g. 10s or 500ms; 0
     /// disables heartbeats [default: 10s].
     #[arg(long, env = "TIDINGS_HEARTBEAT", default_value = "10s", hide_default_value = true, value_parser = parse_duration)]
@@ -330,6 +338,7 @@ impl Default for Config {
             max_payload: 1024 * 1024,
             max_connections: 10_000,
             max_pending_bytes: 64 * 1024 * 1024,
+            slow_consumer_stall: Duration::from_secs(1),
             heartbeat: Duration::from_secs(10),
             missed_heartbeats: 3,
             auth_token: None,
@@ -458,6 +467,7 @@ impl Config {
             "max_payload" => self.max_payload = parse_size(raw)?,
             "max_connections" => self.max_connections = num(raw)?,
             "max_pending_bytes" => self.max_pending_bytes = parse_size(raw)?,
+            "slow_consumer_stall" => self.slow_consumer_stall = parse_duration(raw)?,
             "heartbeat" => self.heartbeat = parse_duration(raw)?,
             "missed_heartbeats" => self.missed_heartbeats = num(raw)?,
             "auth_token" => self.auth_token = Some(raw.to_owned()),
@@ -497,6 +507,11 @@ impl Config {
         }
         if self.max_pending_bytes < 1024 {
             return invalid("max_pending_bytes", "must be at least 1KiB");
+        }
+        if self.slow_consumer_stall > Duration::from_secs(60) {
+            // A stalled publisher's connection reads nothing meanwhile, heartbeats
+            // and shutdown included.
+            return invalid("slow_consumer_stall", "must be at most 60s");
         }
         if self.missed_heartbeats == 0 {
             return invalid("missed_heartbeats", "must be at least 1");
@@ -547,6 +562,10 @@ impl Config {
         line("max-payload", self.max_payload.to_string());
         line("max-connections", self.max_connections.to_string());
         line("max-pending-bytes", self.max_pending_bytes.to_string());
+        line(
+            "slow-consumer-stall",
+            quoted(&format_duration(self.slow_consumer_stall)),
+        );
         line("heartbeat", quoted(&format_duration(self.heartbeat)));
         line("missed-heartbeats", self.missed_heartbeats.to_string());
         if self.auth_token.is_some() {
@@ -689,6 +708,17 @@ mod tests {
             Config::load_from(["tidings-broker", "--config", path.to_str().unwrap()]).unwrap();
         read.config = None;
         assert_eq!(read, config);
+    }
+
+    #[test]
+    fn the_slow_consumer_stall_is_a_bounded_duration() {
+        let config =
+            Config::load_from(["tidings-broker", "--slow-consumer-stall", "250ms"]).unwrap();
+        assert_eq!(config.slow_consumer_stall, Duration::from_millis(250));
+        let off = Config::load_from(["tidings-broker", "--slow-consumer-stall", "0s"]).unwrap();
+        assert!(off.slow_consumer_stall.is_zero());
+        assert!(Config::load_from(["tidings-broker", "--slow-consumer-stall", "2m"]).is_err());
+        assert!(Config::load_from(["tidings-broker", "--slow-consumer-stall", "5"]).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use thiserror::Error;
@@ -54,11 +54,65 @@ struct Queue {
     closing: bool,
     /// The most this connection has had pending, as last reported to the stats.
     reported_peak: usize,
+    /// Since when pending bytes have been above the high-water mark, if they are.
+    over_since: Option<Instant>,
+}
+
+/// The outbox's bounds: a hard one in bytes, and a high-water mark past which
+/// publishers feeding this connection are stalled for a bounded time.
+///
+/// Bursts without loss: once the bytes pending for a connection pass `high_water`,
+/// each publisher whose message reached it waits (stops reading its own socket, so
+/// TCP holds its client back) until the pending bytes are back under the mark. The
+/// wait is bounded per burst: `stall` after the mark was crossed, a connection still
+/// above it is cut off as a slow consumer, as it is when it passes `max_pending`.
+/// A subscriber that pauses briefly loses nothing; one that stays behind is cut off
+/// within `stall`, and its publishers go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxLimits {
+    /// Hard bound on pending bytes: a send beyond it cuts the connection off.
+    pub max_pending: usize,
+    /// Pending bytes past which publishers are stalled; at least `max_pending`
+    /// disables stalls.
+    pub high_water: usize,
+    /// How long a connection may stay above `high_water` before it is cut off; zero
+    /// disables stalls (only `max_pending` cuts off).
+    pub stall: Duration,
+}
+
+impl OutboxLimits {
+    /// Only the hard bound: never stalls a publisher.
+    pub fn unstalled(max_pending: usize) -> OutboxLimits {
+        OutboxLimits {
+            max_pending,
+            high_water: max_pending,
+            stall: Duration::ZERO,
+        }
+    }
+
+    /// The broker's policy: the high-water mark at half of `max_pending`.
+    pub fn with_stall(max_pending: usize, stall: Duration) -> OutboxLimits {
+        OutboxLimits {
+            max_pending,
+            high_water: max_pending / 2,
+            stall,
+        }
+    }
+
+    fn stalls(&self) -> bool {
+        !self.stall.is_zero() && self.high_water < self.max_pending
+    }
 }
 
 struct Shared {
     conn: ConnId,
     max_pending: usize,
+    limits: OutboxLimits,
+    /// True while pending bytes are above the high-water mark (publishers check it
+    /// without the lock).
+    pressured: AtomicBool,
+    /// Notified when pending bytes fall back under the high-water mark.
+    relieved: Notify,
     queue: Mutex<Queue>,
     /// Wakes the writer; senders notify only when the queue goes from empty to
     /// non-empty, so a burst costs one wake-up, not one per frame.
@@ -70,6 +124,9 @@ struct Shared {
     /// graceful close that ran out of time). The reader watches it too.
     abort: CancellationToken,
     slow: AtomicBool,
+    /// Set when the cut-off was for staying above the high-water mark too long,
+    /// rather than for passing the hard bound.
+    stayed_behind: AtomicBool,
     /// The session's minor protocol version (0 until the handshake says more):
     /// what frames built for many connections (fan-out, deliveries) may carry.
     minor: AtomicU16,
@@ -109,8 +166,9 @@ impl Drop for Senders {
 /// the moment they are queued until the write that carries them completes. A send
 /// that would exceed the bound applies the slow-consumer policy: the connection is
 /// sent ERROR `SlowConsumer` (best effort), closed, and counted in the stats; the
-/// send and every later one return [`Closed`]. Sends never wait, so a publisher
-/// never stalls on a slow subscriber.
+/// send and every later one return [`Closed`]. Sends never wait; a publisher that
+/// should hold back for a connection over its high-water mark waits in
+/// [`Outbox::stall`] (see [`OutboxLimits`]).
 #[derive(Clone)]
 pub struct Outbox {
     shared: Arc<Shared>,
@@ -142,20 +200,34 @@ impl Outbox {
         max_pending: usize,
         stats: Arc<Stats>,
     ) -> (Outbox, OutboxReceiver) {
+        Outbox::with_limits(conn, OutboxLimits::unstalled(max_pending), stats)
+    }
+
+    /// Like [`Outbox::channel`], with a high-water mark and stall bound.
+    pub fn with_limits(
+        conn: ConnId,
+        limits: OutboxLimits,
+        stats: Arc<Stats>,
+    ) -> (Outbox, OutboxReceiver) {
         let shared = Arc::new(Shared {
             conn,
-            max_pending,
+            max_pending: limits.max_pending,
+            limits,
+            pressured: AtomicBool::new(false),
+            relieved: Notify::new(),
             queue: Mutex::new(Queue {
                 buf: BytesMut::with_capacity(INITIAL_CAPACITY),
                 in_flight: 0,
                 closing: false,
                 reported_peak: 0,
+                over_since: None,
             }),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
             abort: CancellationToken::new(),
             slow: AtomicBool::new(false),
+            stayed_behind: AtomicBool::new(false),
             minor: AtomicU16::new(0),
             stats,
             messages: AtomicU64::new(0),
@@ -234,11 +306,60 @@ impl Outbox {
             queue.reported_peak = total;
             self.shared.stats.pending(total);
         }
+        if total > self.shared.limits.high_water && self.shared.limits.stalls() {
+            let now = Instant::now();
+            let since = *queue.over_since.get_or_insert(now);
+            self.shared.pressured.store(true, Ordering::Release);
+            if now.duration_since(since) > self.shared.limits.stall {
+                // Behind for longer than a burst may last: cut off even when no
+                // publisher waits for it (one that ignores the stall, say).
+                drop(queue);
+                self.shared.stayed_behind.store(true, Ordering::Release);
+                self.slow_consumer();
+                return Err(Closed);
+            }
+        }
         drop(queue);
         if start == 0 {
             self.shared.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// True while the bytes pending for this connection are above its high-water
+    /// mark: publishers feeding it should [`Outbox::stall`].
+    pub fn is_pressured(&self) -> bool {
+        self.shared.pressured.load(Ordering::Acquire) && !self.is_closed()
+    }
+
+    /// Waits until this connection's pending bytes are back under the high-water
+    /// mark, or it is closed. The wait ends at the latest `stall` after the mark
+    /// was crossed; a connection still above it then is cut off as a slow consumer.
+    /// Returns at once when the outbox is not pressured.
+    pub async fn stall(&self) {
+        loop {
+            let relieved = self.shared.relieved.notified();
+            tokio::pin!(relieved);
+            // Registered before the state is read, so a relief in between is seen.
+            relieved.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            let Some(since) = self.shared.queue().over_since else {
+                return;
+            };
+            let deadline = since + self.shared.limits.stall;
+            if Instant::now() >= deadline {
+                self.shared.stayed_behind.store(true, Ordering::Release);
+                self.slow_consumer();
+                return;
+            }
+            tokio::select! {
+                _ = &mut relieved => {}
+                _ = self.shared.abort.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
     }
 
     /// Bytes queued and not yet written.
@@ -296,11 +417,20 @@ impl Outbox {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.stats.slow_consumer();
         self.shared.stats.error(ErrorCode::SlowConsumer);
-        warn!(
-            conn = %self.shared.conn,
-            max_pending_bytes = self.shared.max_pending,
-            "slow consumer: outbound queue full, disconnecting"
-        );
+        if self.shared.stayed_behind.load(Ordering::Acquire) {
+            warn!(
+                conn = %self.shared.conn,
+                high_water_bytes = self.shared.limits.high_water,
+                stall = ?self.shared.limits.stall,
+                "slow consumer: above the outbound high-water mark for longer than the stall bound, disconnecting"
+            );
+        } else {
+            warn!(
+                conn = %self.shared.conn,
+                max_pending_bytes = self.shared.max_pending,
+                "slow consumer: outbound queue full, disconnecting"
+            );
+        }
         self.shared.abort.cancel();
     }
 }
@@ -349,7 +479,15 @@ impl OutboxReceiver {
                 continue;
             };
             let ok = self.write_buf(&mut out, &mut buf).await;
-            self.shared.queue().in_flight = 0;
+            {
+                let mut queue = self.shared.queue();
+                queue.in_flight = 0;
+                if queue.over_since.is_some() && queue.buf.len() <= self.shared.limits.high_water {
+                    queue.over_since = None;
+                    self.shared.pressured.store(false, Ordering::Release);
+                    self.shared.relieved.notify_waiters();
+                }
+            }
             if !ok {
                 break WriterEnd::Aborted;
             }
@@ -367,7 +505,10 @@ impl OutboxReceiver {
             let mut queue = self.shared.queue();
             queue.buf = BytesMut::new();
             queue.in_flight = 0;
+            queue.over_since = None;
         }
+        self.shared.pressured.store(false, Ordering::Release);
+        self.shared.relieved.notify_waiters();
         // Wake the reader, whatever the reason the writer stopped.
         self.shared.abort.cancel();
         end
@@ -407,14 +548,19 @@ impl OutboxReceiver {
     /// Best effort after a slow-consumer abort: finish the frame in progress (so the
     /// stream stays well-framed), then the ERROR frame, within a short grace.
     async fn finish_slow_consumer<W: AsyncWrite + Unpin>(&self, out: &mut W, buf: &mut BytesMut) {
-        let error = Frame::Error(ErrorReply::new(
-            0,
-            ErrorCode::SlowConsumer,
+        let message = if self.shared.stayed_behind.load(Ordering::Acquire) {
+            format!(
+                "outbound queue stayed above {} bytes for more than {:?}; the connection was \
+                 not reading fast enough",
+                self.shared.limits.high_water, self.shared.limits.stall
+            )
+        } else {
             format!(
                 "outbound queue exceeded {} bytes; the connection was not reading fast enough",
                 self.shared.max_pending
-            ),
-        ));
+            )
+        };
+        let error = Frame::Error(ErrorReply::new(0, ErrorCode::SlowConsumer, message));
         let _ = error.encode(buf);
         let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, async {
             if out.write_all(buf).await.is_ok() {
@@ -518,5 +664,62 @@ mod tests {
         client.read_buf(&mut got).await.unwrap();
         let mut codec = FrameCodec::default();
         while let Ok(Some(_)) = codec.decode(&mut got) {}
+    }
+
+    #[tokio::test]
+    async fn a_stall_ends_when_the_reader_catches_up_or_cuts_off_at_the_bound() {
+        let limits = OutboxLimits {
+            max_pending: 1 << 20,
+            high_water: 4096,
+            stall: Duration::from_millis(200),
+        };
+        // Catches up: the peer reads everything, the pressure goes, the stall ends
+        // (a generous bound, so that a busy machine cannot make it a cut-off).
+        let patient = OutboxLimits {
+            stall: Duration::from_secs(30),
+            ..limits
+        };
+        let (outbox, rx) = Outbox::with_limits(ConnId(4), patient, Arc::new(Stats::default()));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(rx.write_to(server));
+        for _ in 0..20 {
+            outbox.send(message(1000)).unwrap();
+        }
+        assert!(outbox.is_pressured());
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+            sink.len()
+        });
+        outbox.stall().await;
+        assert!(!outbox.is_closed(), "caught up within the bound");
+        assert!(!outbox.is_pressured());
+        outbox.close(None);
+        assert_eq!(writer.await.unwrap(), WriterEnd::Flushed);
+        assert!(reader.await.unwrap() > 20_000);
+
+        // Never reads: the stall ends at the bound with a slow-consumer cut-off.
+        let stats = Arc::new(Stats::default());
+        let (outbox, rx) = Outbox::with_limits(ConnId(5), limits, stats.clone());
+        let (_client, server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(rx.write_to(server));
+        for _ in 0..20 {
+            outbox.send(message(1000)).unwrap();
+        }
+        outbox.stall().await;
+        assert!(outbox.is_closed(), "cut off at the bound");
+        assert_eq!(stats.errors(ErrorCode::SlowConsumer), 1);
+        assert_eq!(writer.await.unwrap(), WriterEnd::Aborted);
+
+        // Without a stall bound nothing is ever pressured.
+        let (outbox, _rx) = Outbox::with_limits(
+            ConnId(6),
+            OutboxLimits::unstalled(1 << 20),
+            Arc::new(Stats::default()),
+        );
+        for _ in 0..20 {
+            outbox.send(message(1000)).unwrap();
+        }
+        assert!(!outbox.is_pressured());
     }
 }

@@ -42,6 +42,9 @@ pub enum Workload {
     Latency,
     /// Requesters -> a group of responders.
     Reqrep,
+    /// Fixed-rate publisher -> a subscriber that pauses now and then, and a fast one
+    /// (not part of `compare`).
+    Bursty,
 }
 
 impl Workload {
@@ -62,6 +65,7 @@ impl Workload {
             Workload::Queue => "queue",
             Workload::Latency => "latency",
             Workload::Reqrep => "reqrep",
+            Workload::Bursty => "bursty",
         }
     }
 }
@@ -133,7 +137,7 @@ impl System {
             (Nats, Queue) => {
                 Err("core NATS keeps nothing: a durable queue needs JetStream (--system jetstream)")
             }
-            (Jetstream, Fanin | Fanout | Latency | Reqrep) => Err(
+            (Jetstream, Fanin | Fanout | Latency | Reqrep | Bursty) => Err(
                 "JetStream is NATS's durable layer; ephemeral pub/sub and request/reply \
                  are core NATS (--system nats)",
             ),

@@ -30,7 +30,8 @@ impl NatsDriver {
         Ok(driver)
     }
 
-    async fn connect(&self) -> Result<Client> {
+    /// A new client connection to the server.
+    pub async fn connect(&self) -> Result<Client> {
         async_nats::ConnectOptions::new()
             .name("tidings-bench")
             .request_timeout(Some(REQUEST_TIMEOUT))

@@ -85,6 +85,14 @@ impl TidingsDriver {
         }
     }
 
+    /// A driver owning `process`, a broker started by the caller.
+    pub fn from_process(process: BrokerProcess) -> TidingsDriver {
+        TidingsDriver {
+            addr: process.addr().to_string(),
+            broker: Broker::Process(process),
+        }
+    }
+
     /// The broker process's id, when this driver spawned one.
     pub fn broker_pid(&self) -> Option<u32> {
         match &self.broker {
@@ -105,7 +113,8 @@ impl TidingsDriver {
         }
     }
 
-    async fn connect(&self) -> Result<Client> {
+    /// A new client connection to the broker.
+    pub async fn connect(&self) -> Result<Client> {
         Client::builder(self.addr.as_str())
             .name("tidings-bench")
             .connect()

@@ -54,7 +54,11 @@ impl LatencyParams {
 ///
 /// Timers are 1 ms coarse, so sending one message per 100 µs would need a spinning
 /// core we do not have; each message is stamped when it is actually sent.
-async fn paced<P: Publisher>(mut publisher: P, p: LatencyParams, ctl: Arc<RunControl>) -> Sent {
+pub(super) async fn paced<P: Publisher>(
+    mut publisher: P,
+    p: LatencyParams,
+    ctl: Arc<RunControl>,
+) -> Sent {
     let total = p.messages();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));

@@ -1,4 +1,4 @@
-//! The five workloads, each generic over a [`Driver`](crate::driver::Driver), and what they share.
+//! The workloads, each generic over a [`Driver`](crate::driver::Driver), and what they share.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use crate::control::RunControl;
 use crate::driver::Publisher;
 use crate::payload;
 
+pub mod bursty;
 pub mod fanin;
 pub mod fanout;
 pub mod latency;

@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, info};
 
 use crate::connections::NewConnection;
-use crate::outbox::{ConnId, Outbox, WriterEnd};
+use crate::outbox::{ConnId, Outbox, OutboxLimits, WriterEnd};
 use crate::shared::Shared;
 use session::Session;
 
@@ -87,8 +87,11 @@ pub(crate) async fn serve<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (outbox, receiver) =
-        Outbox::channel(conn, shared.config.max_pending_bytes, shared.stats.clone());
+    let limits = OutboxLimits::with_stall(
+        shared.config.max_pending_bytes,
+        shared.config.slow_consumer_stall,
+    );
+    let (outbox, receiver) = Outbox::with_limits(conn, limits, shared.stats.clone());
     let mut writer = tracker.spawn(
         receiver
             .write_to(transport.write)

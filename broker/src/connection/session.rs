@@ -179,6 +179,12 @@ impl Session {
             };
             let sent = route.deliver_with(&message, &mut self.scratch);
             self.shared.stats.messages_out(sent);
+            // Bursts without loss: hold this publisher (its socket goes unread) while
+            // a subscriber it feeds is over its high-water mark, bounded per burst
+            // by --slow-consumer-stall (see `OutboxLimits`).
+            while let Some(behind) = route.pressured(self.conn) {
+                behind.stall().await;
+            }
         }
         queue_state::publish(self, p).await;
     }

@@ -98,6 +98,18 @@ impl Route {
         self.subscribers.len() + self.groups.len()
     }
 
+    /// The first destination, other than connection `except`, whose outbox is above
+    /// its high-water mark: the publisher should [`Outbox::stall`] for it. Group
+    /// members count too, since any of them may have taken the message.
+    pub fn pressured(&self, except: ConnId) -> Option<&Outbox> {
+        let members = self.groups.iter().flat_map(|g| g.members.iter());
+        self.subscribers
+            .iter()
+            .chain(members)
+            .map(|t| &t.outbox)
+            .find(|o| o.conn_id() != except && o.is_pressured())
+    }
+
     /// Queues `message` (its `sid` is replaced per subscription) to every
     /// destination and returns how many accepted it. Within a group the members take
     /// turns; a member whose connection is closing is skipped for the next one.

@@ -15,6 +15,10 @@
 //! The server runs beside the client listener ([`crate::server`]) and stops after
 //! it, so `/readyz` answers "draining" while connections finish. Admin actions
 //! are guarded in one place, [`admin::authorize`].
+//!
+//! With TLS on the client port it serves HTTPS with the same certificate
+//! (`--http-tls`, [`crate::HttpTls`]); handshakes run in their own tasks
+//! ([`listener`]).
 
 mod admin;
 mod api;

@@ -204,6 +204,15 @@ pub struct Config {
     )]
     pub queue_window: usize,
 
+    /// Most credit (deliveries outstanding at once) one queue consumer may have; a
+    /// CONSUME or CREDIT asking for more is clamped to it [default: 1024].
+    #[arg(
+        long,
+        env = "TIDINGS_MAX_CREDIT",
+        default_value_t = crate::queue::DEFAULT_MAX_CREDIT,
+        hide_default_value = true
+    )]
+    pub max_credit: u32,
     /// TLS, users and pre-authentication limits.
     #[command(flatten)]
     pub security: SecurityConfig,
@@ -376,6 +385,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             fsync: FsyncPolicy::Always,
             queue_window: 4096,
+            max_credit: crate::queue::DEFAULT_MAX_CREDIT,
             http_listen: HttpListen(Some(SocketAddr::from(([127, 0, 0, 1], 8222)))),
             http_tls: HttpTls::Auto,
             http_admin_token: None,
@@ -504,6 +514,7 @@ impl Config {
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw)?,
             "fsync" => self.fsync = raw.parse()?,
             "queue_window" => self.queue_window = num(raw)?,
+            "max_credit" => self.max_credit = num(raw)?,
             "http_listen" => self.http_listen = raw.parse()?,
             "http_tls" => self.http_tls = raw.parse()?,
             "http_admin_token" => self.http_admin_token = Some(raw.to_owned()),
@@ -545,6 +556,9 @@ impl Config {
         }
         if self.queue_window == 0 {
             return invalid("queue_window", "must be at least 1");
+        }
+        if self.max_credit == 0 {
+            return invalid("max_credit", "must be at least 1");
         }
         if self.metrics_max_queues > 100_000 {
             return invalid("metrics_max_queues", "must be at most 100000");
@@ -601,6 +615,7 @@ impl Config {
         );
         line("fsync", quoted(&self.fsync.to_string()));
         line("queue-window", self.queue_window.to_string());
+        line("max-credit", self.max_credit.to_string());
         line("http-listen", quoted(&self.http_listen.to_string()));
         line("http-tls", quoted(&self.http_tls.to_string()));
         if self.http_admin_token.is_some() {

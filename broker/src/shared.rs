@@ -46,6 +46,8 @@ impl BrokerQueues {
         engine_config.metrics = metrics;
         engine_config.fsync = config.fsync;
         engine_config.ready_window = config.queue_window;
+        engine_config.max_credit = config.max_credit;
+        engine_config.max_message_id_len = config.limits.max_message_id_len;
         engine_config.repair = config.repair;
         Ok(BrokerQueues {
             engine: QueueEngine::open(engine_config)?,

@@ -45,8 +45,8 @@ fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
 async fn drain(engine: &QueueEngine) -> BTreeSet<u64> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let session = engine.session(Arc::new(Sink(tx)));
-    session.consume(1, "q", 1000).await.unwrap();
-    let depth = engine.info("q").await.unwrap().depth;
+    session.consume(1, "q", 1000).unwrap();
+    let depth = engine.info("q").unwrap().depth;
     let mut ids = BTreeSet::new();
     while (ids.len() as u64) < depth {
         let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())

@@ -122,8 +122,8 @@ async fn a_full_disk_fails_confirms_and_a_restart_with_space_keeps_every_confirm
     let engine = QueueEngine::open(config(&data)).unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let session = engine.session(Arc::new(Sink(tx)));
-    session.consume(1, "q", 10_000).await.unwrap();
-    let depth = engine.info("q").await.unwrap().depth;
+    session.consume(1, "q", 10_000).unwrap();
+    let depth = engine.info("q").unwrap().depth;
     let mut got = BTreeSet::new();
     while (got.len() as u64) < depth {
         let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())

@@ -462,6 +462,7 @@ async fn queue_rights_over_the_wire() {
         request_id: 5,
         queue: "jobs.email".into(),
         limit: 0,
+        from: None,
     }))
     .await;
     ops.expect_error(ErrorCode::PermissionDenied).await;

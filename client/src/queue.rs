@@ -279,28 +279,49 @@ impl Client {
         }
     }
 
-    /// The dead letters of `queue`, oldest first; at most `limit` (0: all).
+    /// The dead letters of `queue`, oldest first; at most `limit` (0: all). The
+    /// server answers in pages no larger than its max frame; this asks for the
+    /// next page until it has them all (or `limit`).
     pub async fn dead_letters(
         &self,
         queue: impl Into<Text>,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, QueueError> {
         let queue = queue.into();
-        match self
-            .handle()
-            .call(self.timeout(TimeoutKind::Queue), |request_id| {
-                Frame::DeadLetters(DeadLetters {
-                    request_id,
-                    queue,
-                    limit,
+        let mut letters = Vec::new();
+        let mut from = None;
+        loop {
+            let want = match limit {
+                0 => 0,
+                n => n.saturating_sub(u32::try_from(letters.len()).unwrap_or(u32::MAX)),
+            };
+            let queue = queue.clone();
+            match self
+                .handle()
+                .call(self.timeout(TimeoutKind::Queue), |request_id| {
+                    Frame::DeadLetters(DeadLetters {
+                        request_id,
+                        queue,
+                        limit: want,
+                        from,
+                    })
                 })
-            })
-            .await?
-        {
-            Frame::DeadLettersReply(reply) => Ok(reply.letters),
-            other => Err(QueueError::UnexpectedReply {
-                frame: other.name(),
-            }),
+                .await?
+            {
+                Frame::DeadLettersReply(reply) => {
+                    letters.extend(reply.letters);
+                    let full = limit != 0 && letters.len() >= limit as usize;
+                    match reply.next {
+                        Some(next) if !full => from = Some(next),
+                        _ => return Ok(letters),
+                    }
+                }
+                other => {
+                    return Err(QueueError::UnexpectedReply {
+                        frame: other.name(),
+                    });
+                }
+            }
         }
     }
 

@@ -6,7 +6,7 @@
 use tidings_protocol::{Frame, Publish};
 
 use crate::Limits;
-use crate::queue::{QueueEngine, QueueSession};
+use crate::queue::{ConsumerSession, QueueEngine};
 
 /// The error text when `publish` breaks a per-message limit.
 pub(super) fn check_publish(limits: &Limits, publish: &Publish) -> Result<(), String> {
@@ -38,12 +38,12 @@ pub(super) fn check_publish(limits: &Limits, publish: &Publish) -> Result<(), St
 pub(super) async fn check_queue_command(
     limits: &Limits,
     engine: &QueueEngine,
-    session: &QueueSession,
+    session: &ConsumerSession,
     frame: &Frame,
 ) -> Result<(), String> {
     match frame {
         Frame::QueueDeclare(f) => {
-            let existing = match engine.info(&f.name).await {
+            let existing = match engine.info(&f.name) {
                 Ok(info) => Some(info.bindings),
                 Err(_) => None,
             };
@@ -62,7 +62,7 @@ pub(super) async fn check_queue_command(
             }
             check_bindings(limits, &f.name, bindings.len())
         }
-        Frame::QueueBind(f) => match engine.info(&f.name).await {
+        Frame::QueueBind(f) => match engine.info(&f.name) {
             Ok(info) if !info.bindings.contains(&f.pattern) => {
                 check_bindings(limits, &f.name, info.bindings.len() + 1)
             }

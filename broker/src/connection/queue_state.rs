@@ -14,14 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidings_protocol::{
-    Confirm, DeadLettersReply, Delivery, ErrorCode, ErrorReply, Frame, OkReply, Publish,
-    QueueInfoReply, QueueListReply, RedriveReply, Text,
+    Confirm, ConsumerCancelled, DeadLettersReply, Delivery, ErrorCode, ErrorReply, Frame, OkReply,
+    Publish, QueueInfoReply, QueueListReply, RedriveReply, Text,
 };
 use tokio::sync::mpsc;
 
 use super::session::Session;
 use crate::outbox::Outbox;
-use crate::queue::{DeliverySink, PublishOutcome, Published, QueueError};
+use crate::queue::{
+    DEAD_LETTERS_REPLY_OVERHEAD, DeliverySink, PublishOutcome, Published, QueueError,
+};
 use crate::shared::BrokerQueues;
 
 /// Hands DELIVERY frames to a connection's outbox.
@@ -36,6 +38,10 @@ impl DeliverySink for OutboxSink {
         }
         self.0.send(Frame::Delivery(delivery)).is_ok()
     }
+
+    fn cancelled(&self, notice: ConsumerCancelled) {
+        let _ = self.0.send(Frame::ConsumerCancelled(notice));
+    }
 }
 
 /// A publish waiting for durability, in the connection's confirm queue.
@@ -49,7 +55,7 @@ struct PendingConfirm {
 /// for their confirm). Empty until the handshake completes.
 #[derive(Default)]
 pub(crate) struct QueueState {
-    inner: Option<crate::queue::QueueSession>,
+    inner: Option<crate::queue::ConsumerSession>,
     /// Feeds the connection's confirm task, started by the first publish that has to
     /// wait for storage.
     confirms: Option<mpsc::Sender<PendingConfirm>>,
@@ -115,17 +121,16 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             .map(|()| ok(request_id)),
         // Options only for 1.1 sessions: a 1.0 client would read them as
         // trailing bytes.
-        Frame::QueueInfoRequest(f) if session.outbox.protocol_minor() >= 1 => engine
-            .info_with_options(&f.name)
-            .await
-            .map(|(info, options)| {
+        Frame::QueueInfoRequest(f) if session.outbox.protocol_minor() >= 1 => {
+            engine.info_with_options(&f.name).map(|(info, options)| {
                 Frame::QueueInfo(QueueInfoReply {
                     request_id: f.request_id,
                     info,
                     options: Some(Box::new(options)),
                 })
-            }),
-        Frame::QueueInfoRequest(f) => engine.info(&f.name).await.map(|info| {
+            })
+        }
+        Frame::QueueInfoRequest(f) => engine.info(&f.name).map(|info| {
             Frame::QueueInfo(QueueInfoReply {
                 request_id: f.request_id,
                 info,
@@ -134,19 +139,31 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
         }),
         Frame::QueueList(f) => {
             // A user sees only the queues it has some right on.
-            let mut queues = engine.list().await;
+            let mut queues = engine.list();
             queues.retain(|q| session.principal.sees_queue(&q.name));
             Ok(Frame::QueueListReply(QueueListReply {
                 request_id: f.request_id,
                 queues,
             }))
         }
-        Frame::DeadLetters(f) => engine.dead_letters(&f.queue, f.limit).await.map(|letters| {
-            Frame::DeadLettersReply(DeadLettersReply {
-                request_id: f.request_id,
-                letters,
-            })
-        }),
+        Frame::DeadLetters(f) => {
+            // A reply never exceeds the max frame the server announced.
+            let max_bytes = session
+                .shared
+                .config
+                .max_frame_len()
+                .saturating_sub(DEAD_LETTERS_REPLY_OVERHEAD);
+            engine
+                .dead_letters(&f.queue, f.from.unwrap_or(0), f.limit, max_bytes)
+                .await
+                .map(|page| {
+                    Frame::DeadLettersReply(DeadLettersReply {
+                        request_id: f.request_id,
+                        letters: page.letters,
+                        next: page.next,
+                    })
+                })
+        }
         Frame::Redrive(f) => engine.redrive(&f.queue, f.limit).await.map(|moved| {
             Frame::RedriveReply(RedriveReply {
                 request_id: f.request_id,
@@ -155,18 +172,16 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
         }),
         Frame::Consume(f) => queues
             .consume_limited(f.consumer_id, &f.queue, f.credit, f.limit)
-            .await
-            .map(|()| ok(request_id)),
-        Frame::Cancel(f) => queues.cancel(f.consumer_id).await.map(|()| ok(request_id)),
+            .map(|_granted| ok(request_id)),
+        Frame::Cancel(f) => queues.cancel(f.consumer_id).map(|()| ok(request_id)),
         // CREDIT has no answer unless it fails.
         Frame::Credit(f) => match queues.credit(f.consumer_id, f.credit) {
-            Ok(()) => return,
+            Ok(_window) => return,
             Err(err) => Err(err),
         },
-        Frame::Ack(f) => queues.ack(&f.ids).await.map(|()| ok(request_id)),
+        Frame::Ack(f) => queues.ack(&f.ids).map(|()| ok(request_id)),
         Frame::Nack(f) => queues
             .nack(&f.ids, f.delay_ms.map(Duration::from_millis))
-            .await
             .map(|()| ok(request_id)),
         other => Err(QueueError::InvalidArgument(format!(
             "{} is not a queue command",

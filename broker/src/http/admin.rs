@@ -163,7 +163,7 @@ pub(super) async fn redrive(
     Query(q): Query<RedriveQuery>,
 ) -> ApiResult {
     authorize(&ctx, &headers, Action::Redrive(&name)).await?;
-    ctx.engine.settle().await?;
+    ctx.engine.settle().await;
     let moved = ctx.engine.redrive(&name, q.limit).await?;
     info!(queue = %name, moved, "dead letters redriven over HTTP");
     Ok(Json(json!({ "queue": name, "moved": moved })))

@@ -106,7 +106,7 @@ pub(super) async fn sample(ctx: Ctx, stop: CancellationToken) {
             messages_out: stat(&ctx, "messages.out"),
             ..Totals::default()
         };
-        for q in ctx.engine.list().await {
+        for q in ctx.engine.list() {
             totals.published += q.published;
             totals.delivered += q.delivered;
             totals.acked += q.acked;

@@ -7,6 +7,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Default of [`EngineConfig::max_credit`].
+pub const DEFAULT_MAX_CREDIT: u32 = 1024;
 use crate::storage::StorageBackend;
 use crate::telemetry::StorageMetrics;
 
@@ -95,13 +97,30 @@ pub struct EngineConfig {
     /// Most ready messages each queue keeps in memory (4096); the rest are paged in
     /// from the store when consumers get to them.
     pub ready_window: usize,
-    /// Most payload bytes of ready messages each queue keeps in memory (8 MiB).
+    /// Most bytes of ready messages each queue keeps in memory (8 MiB), counted as
+    /// [`MESSAGE_OVERHEAD`](crate::queue::MESSAGE_OVERHEAD) plus topic, headers and
+    /// payload per message.
     pub ready_window_bytes: usize,
     /// Most delayed messages each queue keeps in memory, the next ones due (1024).
     pub delayed_window: usize,
+    /// Most bytes of delayed messages each queue keeps in memory (4 MiB), counted
+    /// like `ready_window_bytes`.
+    pub delayed_window_bytes: usize,
     /// Most message ids each queue remembers for deduplication (100,000); past that
     /// the oldest ids are forgotten early.
     pub dedup_capacity: usize,
+    /// Most bytes of message ids each queue remembers (8 MiB), each id counted as
+    /// its length plus [`DEDUP_ID_OVERHEAD`](crate::queue::DEDUP_ID_OVERHEAD); past
+    /// that the oldest ids are forgotten early.
+    pub dedup_max_bytes: usize,
+    /// Longest message id a publish to a queue may carry, in bytes (256): ids are
+    /// kept in every queue's dedup table. The broker checks its own
+    /// `--max-message-id-len` before a publish gets here; this is the engine's own
+    /// bound for other embedders.
+    pub max_message_id_len: usize,
+    /// Most credit (deliveries outstanding at once) one consumer may have (1024);
+    /// a CONSUME or CREDIT asking for more is clamped to it.
+    pub max_credit: u32,
     /// Most bytes waiting for the store's writer before publishes are refused with
     /// [`QueueError::Overloaded`](crate::queue::QueueError::Overloaded) (256 MiB).
     pub max_pending_bytes: usize,
@@ -116,6 +135,9 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Defaults for queue options.
     pub defaults: QueueDefaults,
+    /// A clock driven by hand, for deterministic tests; `None` (the default) is the
+    /// system clock.
+    pub clock: Option<crate::queue::ManualClock>,
     /// Where the log and the index live: the real file system and sled, unless a
     /// test simulates them.
     pub storage: StorageBackend,
@@ -136,12 +158,17 @@ impl EngineConfig {
             ready_window: 4096,
             ready_window_bytes: 8 << 20,
             delayed_window: 1024,
+            delayed_window_bytes: 4 << 20,
             dedup_capacity: 100_000,
+            dedup_max_bytes: 8 << 20,
+            max_message_id_len: 256,
+            max_credit: DEFAULT_MAX_CREDIT,
             max_pending_bytes: 256 << 20,
             cache_bytes: 64 << 20,
             segment_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(1),
             defaults: QueueDefaults::default(),
+            clock: None,
             storage: StorageBackend::real(),
             repair: false,
             metrics: Arc::default(),

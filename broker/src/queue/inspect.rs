@@ -3,12 +3,12 @@
 //! consumers attached to a queue, and purge.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tidings_protocol::{Headers, QueueInfo, Text};
 
-use crate::queue::queue::Queue;
+use crate::queue::durable::Queue;
+use crate::queue::in_flight::Consumer;
 use crate::queue::{QueueEngine, QueueError};
 use crate::storage::Range;
 
@@ -141,48 +141,31 @@ impl QueueEngine {
     }
 
     /// Removes every ready message of `queue` (delivered, unacked ones stay with
-    /// their consumers; delayed ones stay until due). Returns how many went.
+    /// their consumers; delayed ones stay until due). Returns how many went, once
+    /// their removal is durable.
     pub async fn purge(&self, queue: &str) -> Result<u64, QueueError> {
         self.inner.check_open()?;
         let q = self.inner.queue(queue)?;
-        self.settle().await?;
+        self.settle().await;
         let mut purged = 0u64;
+        let mut from = 0u64;
         loop {
-            let paged = q.paged.notified();
-            let (batch, more) = q.take_ready(4096);
-            if batch.is_empty() {
-                if !more {
-                    break;
-                }
-                // Wait for the page read take_ready started; bounded so a store that
-                // stopped answering cannot hang the caller.
-                if tokio::time::timeout(Duration::from_secs(5), paged)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                continue;
-            }
-            let done: Vec<_> = batch
+            let page = self.inner.read_letters(&q, from).await?;
+            let Some(last) = page.last().map(|l| l.key.1) else {
+                break;
+            };
+            from = last + 1;
+            let done: Vec<_> = q
+                .claim(page, |_| true)
                 .into_iter()
-                .map(|(slot, msg)| (slot, msg.size()))
+                .map(|c| (c.slot, c.message.size()))
                 .collect();
             purged += done.len() as u64;
-            q.finish_move(&done, false);
+            q.finish_departures(&done, false);
         }
         // The removals are queued for the next commit; wait for it.
         self.inner.store.batch(|b| b.ticket()).wait().await?;
         Ok(purged)
-    }
-
-    /// Waits until every write queued so far is committed and announced to its
-    /// queue. A confirm (or a dead-letter move) resolves when its round is durable,
-    /// a moment before the queue hears of it and makes the message ready; an
-    /// operator's action right after one waits here so that it sees the message.
-    pub async fn settle(&self) -> Result<(), QueueError> {
-        self.inner.check_open()?;
-        self.inner.store.batch(|b| b.ticket()).wait().await
     }
 
     async fn peek_stored(
@@ -255,5 +238,26 @@ fn view(q: &Queue) -> QueueView {
             dedup_window_ms: s.dedup_window_ms,
             dead_letter: s.dead_letter.clone(),
         },
+    }
+}
+
+impl Queue {
+    /// Deliveries with an attempt number above 1, since the broker started.
+    pub fn redelivered(&self) -> u64 {
+        self.lock().stats.redelivered
+    }
+
+    /// The attached consumers, for operators.
+    pub fn consumer_views(&self) -> Vec<ConsumerView> {
+        self.lock()
+            .consumers
+            .iter()
+            .map(|c: &Consumer| ConsumerView {
+                session_id: c.link.id,
+                consumer_id: c.id,
+                unacked: c.outstanding,
+                window: c.window,
+            })
+            .collect()
     }
 }

@@ -47,11 +47,21 @@ impl Settings {
             ));
         }
         let dead_letter = match &options.dead_letter {
-            Some(dl) => dl.to_string(),
-            None => format!("{name}.dlq"),
+            Some(dl) => {
+                Topic::validate(dl)
+                    .map_err(|e| QueueError::InvalidQueue(format!("dead_letter `{dl}`: {e}")))?;
+                dl.to_string()
+            }
+            None => {
+                let derived = format!("{name}.dlq");
+                Topic::validate(&derived).map_err(|e| {
+                    QueueError::InvalidQueue(format!(
+                        "the name `{name}` is valid, but its default dead-letter queue `{name}.dlq` is not ({e}); name one that fits with the dead_letter option"
+                    ))
+                })?;
+                derived
+            }
         };
-        Topic::validate(&dead_letter)
-            .map_err(|e| QueueError::InvalidQueue(format!("dead_letter `{dead_letter}`: {e}")))?;
         if dead_letter == name {
             return Err(QueueError::InvalidQueue(
                 "a queue cannot be its own dead-letter queue".into(),
@@ -205,6 +215,27 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_name_whose_default_dead_letter_queue_is_too_long_says_so() {
+        let name = "a".repeat(1022);
+        let err = settings_named(&name, QueueOptions::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("default dead-letter queue"), "{text}");
+        assert!(text.contains("dead_letter option"), "{text}");
+        let ok = settings_named(
+            &name,
+            QueueOptions {
+                dead_letter: Some("short.dlq".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(ok.unwrap().dead_letter, "short.dlq");
+    }
+
+    fn settings_named(name: &str, o: QueueOptions) -> Result<Settings, QueueError> {
+        Settings::resolve(name, &o, &QueueDefaults::default())
     }
 
     #[test]

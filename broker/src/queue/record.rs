@@ -1,19 +1,27 @@
 //! `Message`: a queued message in memory, and the byte layout it is stored with.
 //!
 //! Layout (big-endian): `version:u8=1 published_ms:u64 deliveries:u32 flags:u8
-//! topic:str [message_id:str] [reason:str attempts:u32] [reply_to:str]
+//! topic:str [message_id:str] [reason:str attempts:u32] [origin:str] [reply_to:str]
 //! headers:(count:u16 × key:str value:str) payload` where `str` is `len:u16 bytes`,
-//! flag `0x01` marks a message id, `0x02` a dead letter and `0x04` a reply topic,
-//! and the payload is every remaining byte. Records written before reply topics were
-//! stored simply lack flag `0x04`.
+//! flag `0x01` marks a message id, `0x02` a dead letter, `0x08` a dead letter's
+//! origin queue and `0x04` a reply topic, and the payload is every remaining byte.
+//! Records written before reply topics or origins were stored simply lack the flag.
 
-use bytes::{Buf, Bytes};
-use tidings_protocol::{Headers, Text};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tidings_protocol::{Headers, Publish, Text};
 
 const VERSION: u8 = 1;
 const FLAG_MESSAGE_ID: u8 = 0x01;
 const FLAG_REASON: u8 = 0x02;
 const FLAG_REPLY_TO: u8 = 0x04;
+const FLAG_ORIGIN: u8 = 0x08;
+
+/// Bytes a message costs beyond its topic, message id, headers and payload: its
+/// bookkeeping in memory and its record framing in the store. Counted in every
+/// limit and window, so that a flood of empty messages is bounded too.
+pub const MESSAGE_OVERHEAD: u64 = 96;
+/// Bytes each header costs beyond its key and value.
+const HEADER_OVERHEAD: u64 = 32;
 
 /// A message held by a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,12 +48,76 @@ pub(crate) struct DeadInfo {
     pub reason: Text,
     /// Deliveries made before it was dead-lettered.
     pub attempts: u32,
+    /// The queue it was dead-lettered from, so that a dead-letter queue shared by
+    /// several queues lists and redrives each one's letters apart. `None` only for
+    /// letters written before origins were recorded.
+    pub origin: Option<Text>,
 }
 
 impl Message {
-    /// Bytes counted against a queue's `max_bytes` and reported as its `bytes`.
+    /// Bytes counted against a queue's `max_bytes`, its memory windows, and reported
+    /// as its `bytes`: topic, message id, headers and payload, plus
+    /// [`MESSAGE_OVERHEAD`] and a little per header.
     pub fn size(&self) -> u64 {
-        self.payload.len() as u64
+        let headers: u64 = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64 + HEADER_OVERHEAD)
+            .sum();
+        MESSAGE_OVERHEAD
+            + self.topic.len() as u64
+            + self.message_id.as_ref().map_or(0, |m| m.len() as u64)
+            + self.reply_to.as_ref().map_or(0, |r| r.len() as u64)
+            + headers
+            + self.payload.len() as u64
+    }
+
+    /// A fresh message from a publish, copied into one buffer of its own size, so a
+    /// message that stays queued for long does not keep alive the whole read buffer
+    /// of the connection it arrived on (the decoder's fields share that buffer).
+    pub fn from_publish(p: &Publish, now: u64) -> Message {
+        let total = p.topic.len()
+            + p.message_id.as_ref().map_or(0, Text::len)
+            + p.reply_to.as_ref().map_or(0, Text::len)
+            + p.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + p.payload.len();
+        let mut buf = BytesMut::with_capacity(total);
+        buf.put_slice(p.topic.as_bytes());
+        if let Some(id) = &p.message_id {
+            buf.put_slice(id.as_bytes());
+        }
+        if let Some(r) = &p.reply_to {
+            buf.put_slice(r.as_bytes());
+        }
+        for (k, v) in &p.headers {
+            buf.put_slice(k.as_bytes());
+            buf.put_slice(v.as_bytes());
+        }
+        buf.put_slice(&p.payload);
+        let mut all = buf.freeze();
+        // Each piece was valid UTF-8 where it came from, so the copy is too.
+        let mut text = |len: usize| Text::from_utf8(all.split_to(len)).unwrap_or_default();
+        let topic = text(p.topic.len());
+        let message_id = p.message_id.as_ref().map(|id| text(id.len()));
+        let reply_to = p.reply_to.as_ref().map(|r| text(r.len()));
+        let headers = p
+            .headers
+            .iter()
+            .map(|(k, v)| (text(k.len()), text(v.len())))
+            .collect();
+        Message {
+            topic,
+            headers,
+            payload: all,
+            message_id,
+            reply_to,
+            published_ms: now,
+            deliveries: 0,
+            dead: None,
+        }
     }
 
     /// Encodes the stored form. Strings longer than 65,535 bytes cannot come off the
@@ -67,7 +139,9 @@ impl Message {
         16 + 2
             + self.topic.len()
             + self.message_id.as_ref().map_or(0, |m| m.len() + 2)
-            + self.dead.as_ref().map_or(0, |d| d.reason.len() + 6)
+            + self.dead.as_ref().map_or(0, |d| {
+                d.reason.len() + 6 + d.origin.as_ref().map_or(0, |o| o.len() + 2)
+            })
             + self.reply_to.as_ref().map_or(0, |r| r.len() + 2)
             + 2
             + headers_len
@@ -85,8 +159,11 @@ impl Message {
         if self.message_id.is_some() {
             flags |= FLAG_MESSAGE_ID;
         }
-        if self.dead.is_some() {
+        if let Some(dead) = &self.dead {
             flags |= FLAG_REASON;
+            if dead.origin.is_some() {
+                flags |= FLAG_ORIGIN;
+            }
         }
         if self.reply_to.is_some() {
             flags |= FLAG_REPLY_TO;
@@ -99,6 +176,9 @@ impl Message {
         if let Some(dead) = &self.dead {
             put_str(out, &dead.reason);
             out.extend_from_slice(&dead.attempts.to_be_bytes());
+            if let Some(origin) = &dead.origin {
+                put_str(out, origin);
+            }
         }
         if let Some(reply_to) = &self.reply_to {
             put_str(out, reply_to);
@@ -131,9 +211,16 @@ impl Message {
             if buf.remaining() < 4 {
                 return None;
             }
+            let attempts = buf.get_u32();
+            let origin = if flags & FLAG_ORIGIN != 0 {
+                Some(get_str(&mut buf)?)
+            } else {
+                None
+            };
             Some(DeadInfo {
                 reason,
-                attempts: buf.get_u32(),
+                attempts,
+                origin,
             })
         } else {
             None
@@ -200,6 +287,7 @@ mod tests {
             dead: Some(DeadInfo {
                 reason: Text::from("max_deliveries"),
                 attempts: 5,
+                origin: Some(Text::from("orders")),
             }),
         };
         let bytes = Bytes::from(m.encode_vec());
@@ -209,5 +297,21 @@ mod tests {
         for cut in 0..bytes.len() - 8 {
             assert_eq!(Message::decode(bytes.slice(..cut)), None, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn from_publish_copies_into_a_buffer_of_its_own() {
+        let mut p = Publish::new("a.b", vec![7u8; 10]);
+        p.message_id = Some(Text::from("id"));
+        p.headers = vec![(Text::from("k"), Text::from("vv"))];
+        let m = Message::from_publish(&p, 5);
+        assert_eq!((m.topic.as_str(), m.payload.len()), ("a.b", 10));
+        assert_eq!(m.message_id.as_deref(), Some("id"));
+        assert_eq!(m.headers[0].1.as_str(), "vv");
+        assert_ne!(m.payload.as_ptr(), p.payload.as_ptr());
+        assert_eq!(
+            m.size(),
+            MESSAGE_OVERHEAD + 3 + 2 + (3 + HEADER_OVERHEAD) + 10
+        );
     }
 }

@@ -29,7 +29,7 @@ use tidings_protocol::{Delivery, Publish, QueueOptions};
 use tokio::sync::mpsc;
 
 use super::{MemoryIndex, SimDisk, SimError, SimRng, StorageBackend, Store};
-use crate::queue::{DeliverySink, EngineConfig, QueueEngine, QueueError, QueueSession};
+use crate::queue::{ConsumerSession, DeliverySink, EngineConfig, QueueEngine, QueueError};
 
 const Q: &str = "q";
 const DLQ: &str = "q.dlq";
@@ -97,7 +97,7 @@ struct Model {
 
 struct Run {
     engine: QueueEngine,
-    sessions: Vec<(QueueSession, mpsc::UnboundedReceiver<Delivery>)>,
+    sessions: Vec<(ConsumerSession, mpsc::UnboundedReceiver<Delivery>)>,
     /// Received and not acked: (session, delivery id, payload id).
     outstanding: Vec<(usize, u64, u64)>,
     /// The queue each outstanding delivery came from.
@@ -167,9 +167,9 @@ async fn start(config: &EngineConfig, rng: &mut SimRng) -> Result<Run, String> {
         let (tx, rx) = mpsc::unbounded_channel();
         let session = engine.session(Arc::new(Sink(tx)));
         // Best effort: a queue may not exist yet or the store may refuse.
-        let _ = session.consume(1, Q, 1 + rng.below(4) as u32).await;
+        let _ = session.consume(1, Q, 1 + rng.below(4) as u32);
         if s == 2 {
-            let _ = session.consume(2, DLQ, 2).await;
+            let _ = session.consume(2, DLQ, 2);
         }
         sessions.push((session, rx));
     }
@@ -306,7 +306,7 @@ async fn step(
                 .unwrap_or_default();
             // An ack is not a durability claim; an unknown delivery timed out and
             // went back, so nothing changed.
-            let r = run.sessions[s].0.ack(&[delivery]).await;
+            let r = run.sessions[s].0.ack(&[delivery]);
             if let Some(m) = model.msgs.get_mut(&id) {
                 m.seen
                     .push((format!("ack of {queue} delivery {delivery}: {r:?}"), 0));
@@ -322,7 +322,7 @@ async fn step(
             let delay = rng
                 .chance(50)
                 .then(|| Duration::from_millis(1 + rng.below(15)));
-            let r = run.sessions[s].0.nack(&[delivery], delay).await;
+            let r = run.sessions[s].0.nack(&[delivery], delay);
             if let Some(m) = model.msgs.get_mut(&id) {
                 m.seen.push((format!("nack {delay:?}: {r:?}"), 0));
             }
@@ -555,7 +555,7 @@ async fn run_seed(seed: u64, broken: Broken) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("declare: {e}"))?;
             for (s, _) in &run.sessions {
-                let _ = s.consume(1, Q, 2).await;
+                let _ = s.consume(1, Q, 2);
             }
         }
         for _ in 0..STEPS / restarts {

@@ -74,13 +74,16 @@ pub struct QueueOptions {
     /// Delays before redelivery after the 1st, 2nd, … failed attempt; the last one
     /// repeats (default: none, redeliver at once).
     pub backoff_ms: Option<Vec<u64>>,
-    /// Most ready messages the queue holds (default: unlimited).
+    /// Most messages the queue holds, ready, delayed and in flight together
+    /// (default: unlimited).
     pub max_length: Option<u64>,
-    /// Most payload bytes the queue holds (default: unlimited).
+    /// Most bytes the queue holds, counted as [`QueueInfo::bytes`] (default:
+    /// unlimited).
     pub max_bytes: Option<u64>,
     /// What happens past a limit (default reject-publish).
     pub overflow: Option<Overflow>,
-    /// Messages older than this are discarded undelivered (default: never).
+    /// Messages older than this are not delivered: dead-lettered (reason
+    /// `expired`) when the dead-letter queue exists, else dropped (default: never).
     pub ttl_ms: Option<u64>,
     /// How long a message id is remembered for deduplication (default 2 min).
     pub dedup_window_ms: Option<u64>,
@@ -334,10 +337,57 @@ macro_rules! limit_frame {
     )*};
 }
 
+/// DEAD_LETTERS: list a queue's dead letters, oldest first, one page at a time.
+///
+/// Body: `request_id:u32 queue:str limit:u32 [from:u64]` (limit 0: as many as fit).
+/// Flag `0x01`: `from` present — list from this position on (the `next` of the
+/// previous DEAD_LETTERS_REPLY); without it the list starts at the oldest.
+/// Answered with DEAD_LETTERS_REPLY.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetters {
+    /// Matches the answer.
+    pub request_id: u32,
+    /// The queue whose dead letters are meant (not the dead-letter queue).
+    pub queue: Text,
+    /// At most this many (0: as many as the server sends in one reply).
+    pub limit: u32,
+    /// Continue from this position (a previous reply's `next`).
+    pub from: Option<u64>,
+}
+
+impl DeadLetters {
+    /// Flag: `from` present.
+    pub const FLAG_FROM: u8 = 0x01;
+
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        w.u32(self.request_id);
+        w.text("queue", &self.queue)?;
+        w.u32(self.limit);
+        Ok(match self.from {
+            Some(from) => {
+                w.u64(from);
+                Self::FLAG_FROM
+            }
+            None => 0,
+        })
+    }
+
+    pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
+        check_flags("DEAD_LETTERS", flags, Self::FLAG_FROM)?;
+        Ok(Self {
+            request_id: r.u32("request_id")?,
+            queue: r.text("queue")?,
+            limit: r.u32("limit")?,
+            from: if flags & Self::FLAG_FROM != 0 {
+                Some(r.u64("from")?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
 limit_frame! {
-    /// DEAD_LETTERS: list a queue's dead letters, oldest first. Answered with
-    /// DEAD_LETTERS_REPLY.
-    DeadLetters, "DEAD_LETTERS";
     /// REDRIVE: move dead letters back into their queue as fresh messages.
     /// Answered with REDRIVE_REPLY.
     Redrive, "REDRIVE";
@@ -759,7 +809,8 @@ pub struct QueueInfo {
     pub bindings: Vec<Text>,
     /// Messages stored and not acked (ready, delayed and in flight).
     pub depth: u64,
-    /// Payload bytes of those messages.
+    /// Size of those messages as the limits count it: topic, message id, headers
+    /// and payload plus a per-message overhead (PROTOCOL.md, QUEUE_INFO_REPLY).
     pub bytes: u64,
     /// Delivered and awaiting ack.
     pub in_flight: u64,
@@ -915,7 +966,7 @@ pub struct DeadLetter {
     pub topic: Text,
     /// Deliveries made before it was dead-lettered.
     pub attempts: u32,
-    /// Why (`max_deliveries`, `ttl` …).
+    /// Why (`max_deliveries`, `expired`).
     pub reason: Text,
     /// Original headers.
     pub headers: Headers,
@@ -923,18 +974,25 @@ pub struct DeadLetter {
     pub payload: Bytes,
 }
 
-/// DEAD_LETTERS_REPLY: a queue's dead letters, oldest first.
+/// DEAD_LETTERS_REPLY: one page of a queue's dead letters, oldest first.
 ///
-/// Body: `request_id:u32 count:u32 count × dead_letter`. No flags.
+/// Body: `request_id:u32 count:u32 count × dead_letter [next:u64]`. Flag `0x01`:
+/// `next` present — there may be more letters; ask again with `from = next`. The
+/// server fills a reply up to its `max_frame_len` at most.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLettersReply {
     /// The DEAD_LETTERS this answers.
     pub request_id: u32,
     /// The letters.
     pub letters: Vec<DeadLetter>,
+    /// Where the next page starts, when there may be more.
+    pub next: Option<u64>,
 }
 
 impl DeadLettersReply {
+    /// Flag: `next` present.
+    pub const FLAG_MORE: u8 = 0x01;
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u32(self.request_id);
         w.count32("count", self.letters.len())?;
@@ -946,11 +1004,17 @@ impl DeadLettersReply {
             w.headers(&l.headers)?;
             w.bytes("payload", &l.payload)?;
         }
-        Ok(0)
+        Ok(match self.next {
+            Some(next) => {
+                w.u64(next);
+                Self::FLAG_MORE
+            }
+            None => 0,
+        })
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("DEAD_LETTERS_REPLY", flags, 0)?;
+        check_flags("DEAD_LETTERS_REPLY", flags, Self::FLAG_MORE)?;
         let request_id = r.u32("request_id")?;
         let count = r.u32("count")? as usize;
         let mut letters = Vec::with_capacity(r.capacity(count, 22));
@@ -964,9 +1028,15 @@ impl DeadLettersReply {
                 payload: r.bytes("payload")?,
             });
         }
+        let next = if flags & Self::FLAG_MORE != 0 {
+            Some(r.u64("next")?)
+        } else {
+            None
+        };
         Ok(Self {
             request_id,
             letters,
+            next,
         })
     }
 }

@@ -178,6 +178,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 request_id: 1,
                 queue: t(M),
                 limit: 0,
+                from: None,
             }
             .into(),
             "queue",
@@ -231,6 +232,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                     reason: t(M),
                     ..DeadLetter::default()
                 }],
+                next: None,
             }
             .into(),
             "reason",

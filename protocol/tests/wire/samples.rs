@@ -236,6 +236,17 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 request_id: 10,
                 queue: t("orders"),
                 limit: 0,
+                from: None,
+            }
+            .into(),
+        ),
+        (
+            "dead-letters+from",
+            DeadLetters {
+                request_id: 10,
+                queue: t("orders"),
+                limit: 50,
+                from: Some(1 << 40),
             }
             .into(),
         ),
@@ -428,6 +439,16 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                     },
                     DeadLetter::default(),
                 ],
+                next: None,
+            }
+            .into(),
+        ),
+        (
+            "dead-letters-reply+more",
+            DeadLettersReply {
+                request_id: 22,
+                letters: vec![DeadLetter::default()],
+                next: Some(7),
             }
             .into(),
         ),
@@ -462,6 +483,8 @@ pub fn known_flags(kind: u8) -> u8 {
         kind::QueueInfo => QueueInfoReply::FLAG_OPTIONS,
         kind::Consume => Consume::FLAG_LIMIT,
         kind::Nack => Nack::FLAG_DELAY,
+        kind::DeadLetters => DeadLetters::FLAG_FROM,
+        kind::DeadLettersReply => DeadLettersReply::FLAG_MORE,
         kind::Confirm => Confirm::FLAG_DUPLICATE,
         _ => 0,
     }

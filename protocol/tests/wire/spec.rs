@@ -257,6 +257,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 request_id: 13,
                 queue: t("orders"),
                 limit: 10,
+                from: None,
             }
             .into(),
         ),
@@ -363,6 +364,7 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                     headers: vec![],
                     payload: json.clone(),
                 }],
+                next: None,
             }
             .into(),
         ),

@@ -281,6 +281,7 @@ fn queue_admin_frames() -> BoxedStrategy<Frame> {
                 request_id,
                 queue,
                 limit,
+                from: (limit % 2 == 1).then_some(u64::from(request_id) << 8),
             })
         }),
         (any::<u32>(), text(), any::<u32>()).prop_map(|(request_id, queue, limit)| {
@@ -395,6 +396,7 @@ fn queue_reply_frames() -> BoxedStrategy<Frame> {
         (any::<u32>(), vec(dead_letter(), 0..2)).prop_map(|(request_id, letters)| {
             Frame::from(DeadLettersReply {
                 request_id,
+                next: (request_id % 2 == 1).then_some(u64::from(request_id)),
                 letters,
             })
         }),

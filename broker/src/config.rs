@@ -240,6 +240,19 @@ pub struct Config {
     )]
     pub http_listen: HttpListen,
 
+    /// TLS on the HTTP listener: `auto` serves HTTPS exactly when the client port
+    /// has TLS (--tls-cert/--tls-key), with the same certificate, reloaded on SIGHUP
+    /// like it; `on` requires --tls-cert; `off` serves plain HTTP even then (behind
+    /// a TLS-terminating proxy, say). With --tls-client-ca, HTTPS clients must
+    /// present a certificate from that CA too [default: auto].
+    #[arg(
+        long,
+        env = "TIDINGS_HTTP_TLS",
+        default_value = "auto",
+        hide_default_value = true
+    )]
+    pub http_tls: HttpTls,
+
     /// Bearer token for the HTTP API's admin actions (purge, redrive, delete a
     /// queue, close a connection); unset: `--auth-token` if set. Configured users
     /// may also run the queue actions their rights allow, over HTTP Basic
@@ -296,6 +309,41 @@ impl std::fmt::Display for HttpListen {
     }
 }
 
+/// Whether the HTTP listener serves HTTPS (`--http-tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpTls {
+    /// HTTPS when the client port has TLS.
+    #[default]
+    Auto,
+    /// HTTPS; TLS must be configured.
+    On,
+    /// Plain HTTP, even when the client port has TLS.
+    Off,
+}
+
+impl std::str::FromStr for HttpTls {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(HttpTls::Auto),
+            "on" => Ok(HttpTls::On),
+            "off" => Ok(HttpTls::Off),
+            _ => Err(format!("unknown --http-tls `{s}` (use auto, on or off)")),
+        }
+    }
+}
+
+impl std::fmt::Display for HttpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HttpTls::Auto => "auto",
+            HttpTls::On => "on",
+            HttpTls::Off => "off",
+        })
+    }
+}
+
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -348,6 +396,7 @@ impl Default for Config {
             queue_window: 4096,
             max_credit: crate::queue::DEFAULT_MAX_CREDIT,
             http_listen: HttpListen(Some(SocketAddr::from(([127, 0, 0, 1], 8222)))),
+            http_tls: HttpTls::Auto,
             http_admin_token: None,
             metrics_max_queues: 500,
             log_format: LogFormat::Text,
@@ -477,6 +526,7 @@ impl Config {
             "queue_window" => self.queue_window = num(raw)?,
             "max_credit" => self.max_credit = num(raw)?,
             "http_listen" => self.http_listen = raw.parse()?,
+            "http_tls" => self.http_tls = raw.parse()?,
             "http_admin_token" => self.http_admin_token = Some(raw.to_owned()),
             "metrics_max_queues" => self.metrics_max_queues = num(raw)?,
             "log_format" => self.log_format = raw.parse()?,
@@ -531,6 +581,9 @@ impl Config {
         if self.http_admin_token.as_deref() == Some("") {
             return invalid("http_admin_token", "must not be empty");
         }
+        if self.http_tls == HttpTls::On && !self.security.tls_enabled() {
+            return invalid("http_tls", "is `on`, which needs `tls-cert` and `tls-key`");
+        }
         if u32::try_from(self.heartbeat.as_millis()).is_err() {
             return invalid("heartbeat", "must be under 49 days");
         }
@@ -583,6 +636,7 @@ impl Config {
         line("queue-window", self.queue_window.to_string());
         line("max-credit", self.max_credit.to_string());
         line("http-listen", quoted(&self.http_listen.to_string()));
+        line("http-tls", quoted(&self.http_tls.to_string()));
         if self.http_admin_token.is_some() {
             line("http-admin-token", quoted("<redacted>"));
         }

@@ -225,8 +225,8 @@ impl Connections {
             .cloned()
     }
 
-    /// Asks connection `id` to close (it sends nothing more and closes). False if
-    /// no such connection is listed.
+    /// Asks connection `id` to close: it flushes what is queued, sends ERROR
+    /// `ClosedByOperator` and closes. False if no such connection is listed.
     pub fn close(&self, id: u64) -> bool {
         match self.get(id) {
             Some(entry) => {

@@ -81,7 +81,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use config::{Config, ConfigError, HttpListen, LogFormat};
+pub use config::{Config, ConfigError, HttpListen, HttpTls, LogFormat};
 pub use limits::Limits;
 pub use security::SecurityConfig;
 pub use server::{run, run_with_tls, serve};

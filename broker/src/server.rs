@@ -25,7 +25,7 @@ use crate::shared::{BrokerQueues, Shared};
 use crate::stats::Stats;
 use crate::telemetry::{Health, StorageMetrics};
 use crate::tls::Tls;
-use crate::{BrokerError, Config};
+use crate::{BrokerError, Config, HttpTls};
 
 /// How long a refused connection gets to read its error frame.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -94,6 +94,11 @@ pub async fn serve(
         ),
         None => None,
     };
+    // The HTTP side shares the client port's certificate (and so its reloads).
+    let http_tls = match config.http_tls {
+        HttpTls::Off => None,
+        HttpTls::On | HttpTls::Auto => tls.clone().map(|tls| (tls, config.handshake_timeout)),
+    };
     let http_task = http.zip(http_auth).map(|(listener, http_auth)| {
         let ctx = HttpContext {
             auth: http_auth,
@@ -109,7 +114,12 @@ pub async fn serve(
             metrics_max_queues: config.metrics_max_queues,
             queue_dir: config.data_dir.join("queues"),
         };
-        tokio::spawn(crate::http::serve(listener, ctx, http_stop.clone()))
+        tokio::spawn(crate::http::serve(
+            listener,
+            ctx,
+            http_tls,
+            http_stop.clone(),
+        ))
     });
     let shared = Arc::new(Shared {
         router: Router::new(stats.clone()),

@@ -7,7 +7,7 @@ use common::http::{get, post, request};
 use common::{Client, TestBroker, start_with};
 use serde_json::Value;
 use tidings_broker::HttpListen;
-use tidings_protocol::{Frame, Publish, QueueOptions};
+use tidings_protocol::{ErrorCode, Frame, Publish, QueueOptions};
 
 async fn broker(admin_token: Option<&str>) -> TestBroker {
     let token = admin_token.map(str::to_owned);
@@ -294,7 +294,8 @@ async fn admin_actions_work_with_the_token() {
     let dlq = get(http, "/api/queues/orders.dlq").await.json();
     assert_eq!(dlq["depth"], 0);
 
-    // Closing a connection: the worker's socket ends and its deliveries come back.
+    // Closing a connection: the worker is told why, its socket ends and its
+    // deliveries come back.
     let conns = get(http, "/api/connections").await.json();
     let id = conns["connections"]
         .as_array()
@@ -305,7 +306,12 @@ async fn admin_actions_work_with_the_token() {
         .unwrap();
     let closed = post(http, &format!("/api/connections/{id}/close"), &auth).await;
     assert_eq!(closed.status, 200, "{}", closed.text());
-    worker.drain_to_close().await;
+    let last = worker.drain_to_close().await;
+    assert!(
+        matches!(last.last(), Some(Frame::Error(e)) if e.code == ErrorCode::ClosedByOperator as u16),
+        "the last frame before the close: {:?}",
+        last.last()
+    );
     let unknown = post(http, "/api/connections/999999/close", &auth).await;
     assert_eq!(unknown.status, 404);
 

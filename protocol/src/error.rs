@@ -241,6 +241,9 @@ error_codes! {
     /// A configured limit refused the request; the message names the limit's flag
     /// and its value.
     LimitExceeded = 41, false;
+    /// An operator closed the connection (the broker's HTTP API); the connection
+    /// is closed after this error. Reconnecting is allowed.
+    ClosedByOperator = 42, true;
     /// A PUBLISH spends more than `MAX_ENVELOPE_LEN` bytes on everything but its
     /// payload (topic, reply_to, message_id, headers).
     EnvelopeTooLarge = 45, false;

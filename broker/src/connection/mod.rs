@@ -292,10 +292,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 biased;
                 _ = signals.shutdown.cancelled() => return shutting_down(),
                 _ = session.outbox.aborted() => return Ending::Quiet,
-                // No error code fits an operator's close: flush and close quietly.
+                // Flush what is queued, then tell the client why it ends.
                 _ = closed_by_operator.cancelled() => {
                     info!("closed by an operator over HTTP");
-                    return Ending::Quiet;
+                    return close(ErrorCode::ClosedByOperator, "closed by an operator");
                 }
                 _ = ticker.tick(), if heartbeat_on => {
                     if std::mem::take(&mut self.activity) {

@@ -49,7 +49,7 @@ const QUEUE_FIGURES: &[QueueFigure] = &[
     ),
     (
         "bytes",
-        "Payload bytes of the stored, unacked messages.",
+        "Bytes of the stored, unacked messages as max_bytes counts them (payload, topic, headers, ids and a fixed overhead each).",
         Kind::Gauge,
         |q| q.info.bytes,
     ),

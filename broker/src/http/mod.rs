@@ -15,6 +15,10 @@
 //! The server runs beside the client listener ([`crate::server`]) and stops after
 //! it, so `/readyz` answers "draining" while connections finish. Admin actions
 //! are guarded in one place, [`admin::authorize`].
+//!
+//! With TLS on the client port it serves HTTPS with the same certificate
+//! (`--http-tls`, [`crate::HttpTls`]); handshakes run in their own tasks
+//! ([`listener`]).
 
 mod admin;
 mod api;
@@ -40,6 +44,7 @@ use crate::connections::Connections;
 use crate::queue::QueueEngine;
 use crate::stats::Stats;
 use crate::telemetry::Health;
+use crate::tls::Tls;
 
 pub(crate) use rates::RateHistory;
 
@@ -89,15 +94,22 @@ fn routes(ctx: Ctx) -> Router {
 }
 
 /// Serves HTTP on `listener` until `stop` resolves; then open requests get a short
-/// grace period. Also samples the message rates the dashboard charts.
-pub(crate) async fn serve(listener: TcpListener, ctx: HttpContext, stop: CancellationToken) {
+/// grace period. Also samples the message rates the dashboard charts. With `tls`
+/// (the client port's certificate, and the handshake timeout) it serves HTTPS.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: HttpContext,
+    tls: Option<(Tls, Duration)>,
+    stop: CancellationToken,
+) {
     let ctx = Arc::new(ctx);
     let addr = listener.local_addr().ok();
-    info!(addr = ?addr, "HTTP listener (metrics, health, API, dashboard) up");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(addr = ?addr, scheme, "HTTP listener (metrics, health, API, dashboard) up");
     let sampler = tokio::spawn(rates::sample(ctx.clone(), stop.clone()));
     let app = routes(ctx);
     let shutdown = stop.clone();
-    let server = axum::serve(listener::Limited::new(listener), app)
+    let server = axum::serve(listener::Limited::new(listener, tls), app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await });
     let served = run_bounded(server.into_future(), &stop).await;
     if let Some(Err(err)) = served {

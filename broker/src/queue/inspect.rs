@@ -83,7 +83,7 @@ pub struct PeekedMessage {
 /// A consumer attached to a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumerView {
-    /// The [`QueueSession`](crate::queue::QueueSession) (one per connection).
+    /// The [`ConsumerSession`](crate::queue::ConsumerSession) (one per connection).
     pub session_id: u64,
     /// The consumer id the client chose.
     pub consumer_id: u32,

@@ -69,6 +69,24 @@ pub async fn request(
     .await
 }
 
+/// GET `path` over an established stream (HTTPS, say); `None` when the stream
+/// fails or closes without an HTTP response (a TLS alert, say).
+pub async fn get_on<S>(mut stream: S, path: &str) -> Option<Response>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    within(&format!("GET {path}"), async {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.ok()?;
+        stream.flush().await.ok()?;
+        let mut raw = Vec::new();
+        // A TLS peer that closes without close_notify still sent a whole response.
+        let _ = stream.read_to_end(&mut raw).await;
+        raw.starts_with(b"HTTP/").then(|| parse(&raw))
+    })
+    .await
+}
+
 fn parse(raw: &[u8]) -> Response {
     let split = raw
         .windows(4)

@@ -530,6 +530,7 @@ fn error_codes_are_stable() {
         (37, "StorageFailure", false),
         (40, "PermissionDenied", false),
         (41, "LimitExceeded", false),
+        (42, "ClosedByOperator", true),
         (45, "EnvelopeTooLarge", false),
         (99, "Internal", false),
     ];

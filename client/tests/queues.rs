@@ -430,3 +430,33 @@ async fn cli_pub_confirm_to_an_unbound_topic_fails_unless_allowed() {
         "confirmed: queues=0 rejected=0 duplicate=false\n"
     );
 }
+
+#[tokio::test]
+async fn a_consumer_of_a_deleted_queue_ends_with_a_typed_error_over_tcp() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    within(client.declare_queue(QueueConfig::new("doomed").bind("doomed.>")))
+        .await
+        .unwrap();
+    within(client.publish_confirmed(Message::new("doomed.one", "1")))
+        .await
+        .unwrap();
+    let mut consumer = within(client.consume("doomed", 8)).await.unwrap();
+    let first = within(consumer.try_next())
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(first.payload().as_ref(), b"1");
+    // Another connection deletes the queue: the broker cancels the consumer
+    // (CONSUMER_CANCELLED) and its stream ends with a typed error.
+    let admin = broker.client().await;
+    within(admin.delete_queue("doomed")).await.unwrap();
+    let ended = within(consumer.try_next()).await.unwrap_err();
+    assert!(ended.queue_deleted(), "{ended}");
+    // The consumer id is free again on a queue of the same name.
+    within(client.declare_queue(QueueConfig::new("doomed").bind("doomed.>")))
+        .await
+        .unwrap();
+    let again = within(client.consume("doomed", 8)).await;
+    assert!(again.is_ok(), "{:?}", again.err());
+}

@@ -32,12 +32,15 @@
 //! nacked or timed-out message coming back is never refused: it was counted all
 //! along.
 //!
-//! # Moves are two-step
+//! # Moves never lose a message
 //!
-//! A message that moves — a delayed message falling due, a nack with a delay, a dead
-//! letter, a redrive — is first stored in its new place, and removed from the old
-//! one only once the new copy is durable. At every instant a crash leaves each
-//! confirmed message in at least one place: it may come back twice, never vanish.
+//! A move within a queue (a delayed message falling due, a nack with a delay) puts
+//! the new copy and removes the old one in one store round; the store applies a
+//! round to its index only once the round is durable in the log, so after a crash
+//! the message is in exactly one of the two places. A move between queues (a dead
+//! letter, a redrive) is two-step: the copy is stored in the other queue first, and
+//! the original removed only once the copy is durable. A crash in between leaves it
+//! in both (a duplicate, as any at-least-once redelivery), never in neither.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tidings_protocol::{DeadLetter, QueueOptions, Text};
 
-use crate::queue::durable::{Appended, DedupCheck, Departure, Queue};
+use crate::queue::durable::{Appended, Departure, Queue};
 use crate::queue::engine::{EngineInner, QueueEngine};
 use crate::queue::error::QueueError;
 use crate::queue::options::Settings;
@@ -207,15 +207,17 @@ impl EngineInner {
         let now = self.clock.now_ms();
         let mut done = Vec::with_capacity(moving.len());
         let mut tickets: Vec<Ticket> = Vec::new();
+        let mut arriving = Vec::new();
         for d in moving {
             let size = d.message.size();
             let copy = dead_letter_copy(d.message.clone(), d.reason, &source.name);
-            match dlq.append(copy, None, now, DedupCheck::Skip) {
-                Ok((Appended::Stored, ticket)) => {
+            match dlq.append_arriving(copy, now) {
+                Ok((Appended::Stored, ticket, seq)) => {
                     tickets.extend(ticket);
+                    arriving.extend(seq);
                     done.push((d.slot, size, d.message));
                 }
-                Ok((Appended::Duplicate | Appended::Rejected | Appended::Gone, _)) | Err(_) => {
+                Ok((Appended::Duplicate | Appended::Rejected | Appended::Gone, _, _)) | Err(_) => {
                     tracing::warn!(queue = %source.name, dlq = %dlq.name, "dead-letter queue refused a message; kept in its queue");
                     source.abort_departure(d.slot, d.message);
                 }
@@ -244,6 +246,10 @@ impl EngineInner {
                         source.abort_departure(slot, msg);
                     }
                 }
+                // Only now may a redrive take the letters: the originals' removal
+                // is in an earlier round than any copy a redrive writes, so it is
+                // durable first (the store makes rounds durable in order).
+                dlq.arrived(&arriving);
                 moves.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             },
             &self.runtime,

@@ -446,6 +446,7 @@ impl Queue {
         st.pending.clear();
         st.delayed.clear();
         st.departures.clear();
+        st.arriving.clear();
         st.dedup.clear();
         self.deadlines.cancel(self.qid);
         ended

@@ -94,7 +94,7 @@ impl Queue {
         }
         for loaded in page {
             let seq = loaded.key.1;
-            if seq >= st.committed_below || !wanted(&loaded.message) {
+            if seq >= st.committed_below || st.arriving.contains(&seq) || !wanted(&loaded.message) {
                 continue;
             }
             if let Some(e) = take_in_memory(&mut st, seq) {

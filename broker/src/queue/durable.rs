@@ -112,6 +112,11 @@ pub(crate) struct State {
     pub skip: BTreeSet<u64>,
     /// Messages waiting for the engine to move them to another queue.
     pub departures: Vec<Departure>,
+    /// Seqs of dead letters whose move here is not finished: their origin has not
+    /// yet issued the removal of its copy. A redrive must not claim them, or its
+    /// fresh copy in the origin could become durable before that removal and a
+    /// crash in between would leave the origin holding the message twice.
+    pub arriving: BTreeSet<u64>,
     /// The deadline registered with the engine's timer (`u64::MAX`: none).
     pub wake_at: u64,
     pub dedup: Dedup,
@@ -253,6 +258,7 @@ impl Queue {
                 committed_below: c.next_seq,
                 skip: BTreeSet::new(),
                 departures: Vec::new(),
+                arriving: BTreeSet::new(),
                 wake_at: u64::MAX,
                 dedup: Dedup::default(),
                 stats: Stats::default(),
@@ -325,14 +331,46 @@ impl Queue {
     /// happened and, when something was written, a ticket for its commit.
     pub fn append(
         &self,
-        mut msg: Message,
+        msg: Message,
         delay_ms: Option<u64>,
         now: u64,
         dedup: DedupCheck,
     ) -> Result<(Appended, Option<Ticket>), QueueError> {
+        self.append_inner(msg, delay_ms, now, dedup, false)
+            .map(|(appended, ticket, _)| (appended, ticket))
+    }
+
+    /// Appends a dead letter that is still arriving: a redrive passes it over until
+    /// [`Queue::arrived`] is called with the seq returned (once the origin has
+    /// issued the removal of its copy).
+    pub fn append_arriving(
+        &self,
+        msg: Message,
+        now: u64,
+    ) -> Result<(Appended, Option<Ticket>, Option<u64>), QueueError> {
+        self.append_inner(msg, None, now, DedupCheck::Skip, true)
+    }
+
+    /// The move of these letters here is finished (or given up): a redrive may
+    /// claim them.
+    pub fn arrived(&self, seqs: &[u64]) {
+        let mut st = self.lock();
+        for seq in seqs {
+            st.arriving.remove(seq);
+        }
+    }
+
+    fn append_inner(
+        &self,
+        mut msg: Message,
+        delay_ms: Option<u64>,
+        now: u64,
+        dedup: DedupCheck,
+        arriving: bool,
+    ) -> Result<(Appended, Option<Ticket>, Option<u64>), QueueError> {
         let mut st = self.lock();
         if st.deleted {
-            return Ok((Appended::Gone, None));
+            return Ok((Appended::Gone, None, None));
         }
         let window = self.settings.dedup_window_ms;
         let record_id = match (&msg.message_id, dedup) {
@@ -344,7 +382,7 @@ impl Queue {
                     // duplicate's confirm waits for the current batch, which comes
                     // after it.
                     let ticket = self.store.batch(|b| b.ticket());
-                    return Ok((Appended::Duplicate, Some(ticket)));
+                    return Ok((Appended::Duplicate, Some(ticket), None));
                 }
                 Some(id.clone())
             }
@@ -354,7 +392,7 @@ impl Queue {
         let size = msg.size();
         if !self.make_room(&mut st, size) {
             st.stats.rejected += 1;
-            return Ok((Appended::Rejected, None));
+            return Ok((Appended::Rejected, None, None));
         }
         msg.published_ms = now;
         let due = delay_ms.filter(|d| *d > 0).map(|d| now.saturating_add(d));
@@ -399,14 +437,18 @@ impl Queue {
                 msg,
                 moved: false,
             });
-            Ok(b.ticket())
+            Ok((b.ticket(), seq))
         })?;
+        let (ticket, seq) = ticket;
+        if arriving {
+            st.arriving.insert(seq);
+        }
         if msg_had_id {
             // Keeps the table within its bounds right after it grew.
             self.prune_dedup(st, now);
         }
         st.stats.count(Event::Published, now);
-        Ok((Appended::Stored, Some(ticket)))
+        Ok((Appended::Stored, Some(ticket), Some(seq)))
     }
 
     /// Messages and bytes the queue holds: ready (in memory, in the store, waiting

@@ -3,7 +3,10 @@
 //! Like a dead-letter move it is two-step: each letter's fresh copy is appended to
 //! the queue, and the letter is removed from the dead-letter queue only once that
 //! copy is durable. Only the queue's own letters move, even when its dead-letter
-//! queue is shared.
+//! queue is shared. A letter whose own move in has not finished (its original's
+//! removal not yet issued) is passed over: redriving it then could make the fresh
+//! copy durable before that removal, and a crash would leave the queue holding the
+//! message twice.
 
 use crate::queue::durable::{Appended, DedupCheck};
 use crate::queue::engine::QueueEngine;

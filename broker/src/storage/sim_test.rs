@@ -457,7 +457,15 @@ fn check(config: &EngineConfig, model: &mut Model) -> Result<(), String> {
                 .get(&id)
                 .is_some_and(|m| m.seen.iter().any(|(at, _)| at.contains(DLQ)));
             if !ids.insert(id) && !moved {
-                return Err(format!("{name}: message {id} is stored twice"));
+                return Err(format!(
+                    "{name}: message {id} is stored twice (keys {:?}, history {:?}, events {:?})",
+                    all.iter()
+                        .filter(|o| id_of(&o.message.payload) == id)
+                        .map(|o| (o.key, o.message.deliveries))
+                        .collect::<Vec<_>>(),
+                    model.msgs.get(&id).map(|m| &m.seen),
+                    model.events
+                ));
             }
             if let Some(mid) = &l.message.message_id {
                 if !mids.insert(mid.to_string()) && !moved {

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tidings_protocol::{
-    Ack, Consume, Frame, FrameCodec, Hello, Nack, PROTOCOL_VERSION, Publish, QueueDeclare,
-    QueueInfoRequest, QueueOptions, Redrive,
+    Ack, Consume, DeadLetters, Frame, FrameCodec, Hello, Nack, PROTOCOL_VERSION, Publish,
+    QueueDeclare, QueueInfoRequest, QueueOptions, Redrive,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -34,6 +34,9 @@ const PUBLISHERS: u64 = 3;
 const WINDOW: usize = 16;
 /// Upper bound for any single wait, so a broken test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(20);
+/// Silence after which the final drain gives up on messages that have not come back
+/// (longer than the queue's ack timeout, so redeliveries arrive within it).
+const DRAIN_GAP: Duration = Duration::from_secs(5);
 
 async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, fut)
@@ -409,11 +412,24 @@ async fn confirmed_messages_survive_repeated_sigkill() {
     })])
     .await
     .expect("consume");
+    // Every confirmed message that was not acked must come back. Drain until each has
+    // been seen, not just `depth` deliveries: a delivery may come twice (redelivered
+    // after its ack timeout under load, or caught mid-move) and count twice. A message
+    // that never comes stops the loop after `DRAIN_GAP` of silence.
+    let expected: HashSet<String> = confirmed
+        .iter()
+        .filter(|id| !work_done.acked.contains(*id))
+        .cloned()
+        .collect();
     let mut seen: HashSet<String> = HashSet::new();
     let mut received = 0u64;
+    let mut late = 0u64;
     let mut next_request = 10u32;
-    while received < depth {
-        match within("a delivery while draining", c.recv()).await {
+    while received < depth || !expected.iter().all(|id| seen.contains(id)) {
+        let Ok(frame) = tokio::time::timeout(DRAIN_GAP, c.recv()).await else {
+            break;
+        };
+        match frame {
             Some(Frame::Delivery(d)) => {
                 received += 1;
                 let id = String::from_utf8(d.payload.to_vec()).expect("utf-8 id");
@@ -422,6 +438,9 @@ async fn confirmed_messages_survive_repeated_sigkill() {
                     "{id} came back but was never published (seed {seed})"
                 );
                 // A message caught mid-move may come back twice (at-least-once).
+                if received > depth && expected.contains(&id) && !seen.contains(&id) {
+                    late += 1;
+                }
                 seen.insert(id);
                 next_request += 1;
                 c.send(&[Frame::Ack(Ack {
@@ -438,7 +457,8 @@ async fn confirmed_messages_survive_repeated_sigkill() {
     println!(
         "{CYCLES} kills ({replays} restarts replayed the log): {} confirmed, {} deliveries \
          ({} from the dead-letter queue, {} acked, {} nacks), {redriven} redriven during \
-         the cycles, {moved:?} at the end, {depth} drained",
+         the cycles, {moved:?} at the end, depth {depth}, {received} drained \
+         ({late} expected ones only after the first `depth`)",
         confirmed.len(),
         work_done.delivered,
         work_done.from_dlq,
@@ -449,12 +469,15 @@ async fn confirmed_messages_survive_repeated_sigkill() {
         .iter()
         .filter(|id| !seen.contains(*id) && !work_done.acked.contains(*id))
         .collect();
-    assert!(
-        missing.is_empty(),
-        "{} confirmed messages that were never acked are lost, e.g. {:?} (seed {seed})",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
+    if !missing.is_empty() {
+        let whereabouts = locate(addr, &missing).await;
+        panic!(
+            "{} confirmed messages that were never acked are lost, e.g. {:?} \
+             ({received} deliveries of depth {depth}; {whereabouts}) (seed {seed})",
+            missing.len(),
+            missing.iter().take(5).collect::<Vec<_>>()
+        );
+    }
     assert!(
         confirmed.len() as u64 >= CYCLES,
         "every cycle confirmed something"
@@ -474,4 +497,64 @@ async fn queue_depth(c: &mut Conn) -> u64 {
         Some(Frame::QueueInfo(reply)) => reply.info.depth,
         other => panic!("expected QUEUE_INFO_REPLY, got {other:?}"),
     }
+}
+
+/// Where the `missing` messages are, as far as the broker says: the dead letters of
+/// `crash` that hold them and both queues' QUEUE_INFO, for the failure message.
+async fn locate(addr: SocketAddr, missing: &[&String]) -> String {
+    let Some(mut c) = within("connect", Conn::open(addr)).await else {
+        return "the broker did not answer".into();
+    };
+    let mut dead = Vec::new();
+    let mut letters = 0u64;
+    let mut from = None;
+    for request_id in 100u32..1100 {
+        c.send(&[Frame::DeadLetters(DeadLetters {
+            request_id,
+            queue: "crash".into(),
+            limit: 0,
+            from,
+        })])
+        .await
+        .expect("dead letters");
+        match within("dead letters", c.recv()).await {
+            Some(Frame::DeadLettersReply(r)) => {
+                letters += r.letters.len() as u64;
+                for l in &r.letters {
+                    let id = String::from_utf8_lossy(&l.payload).into_owned();
+                    if missing.iter().any(|m| **m == id) {
+                        dead.push(format!(
+                            "{id} dead at {} ({}, {} attempts)",
+                            l.id, l.reason, l.attempts
+                        ));
+                    }
+                }
+                match r.next {
+                    Some(next) if !r.letters.is_empty() => from = Some(next),
+                    _ => break,
+                }
+            }
+            other => {
+                dead.push(format!("DEAD_LETTERS answered {other:?}"));
+                break;
+            }
+        }
+    }
+    let mut infos = Vec::new();
+    for (request_id, name) in [(2000, "crash"), (2001, "crash.dlq")] {
+        c.send(&[Frame::QueueInfoRequest(QueueInfoRequest {
+            request_id,
+            name: name.into(),
+        })])
+        .await
+        .expect("info");
+        infos.push(format!(
+            "{name}: {:?}",
+            within("queue info", c.recv()).await
+        ));
+    }
+    format!(
+        "{letters} dead letters, the missing among them: {dead:?}; {}",
+        infos.join("; ")
+    )
 }

@@ -331,9 +331,23 @@ mod tests {
             .resolve()
             .expect("resolves");
         assert_eq!(measured.broker_pid, Some(4242));
-        let peer = target(&["--system", "redis", "--peers-dir", "/nonexistent"])
-            .resolve()
-            .expect("resolves");
+        // A port nobody listens on (bound, then released): no pid file and no process
+        // found by its port, so nothing is measured — whatever runs on this machine
+        // (a redis on its default port would otherwise be found).
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .to_string();
+        let peer = target(&[
+            "--system",
+            "redis",
+            "--peers-dir",
+            "/nonexistent",
+            "--server",
+            &free,
+        ])
+        .resolve()
+        .expect("resolves");
         assert_eq!(peer.broker_pid, None, "no pid file, nothing measured");
     }
 

@@ -4,12 +4,14 @@
 //! the type, flags and body bytes. Each struct's docs give its body layout; the
 //! full reference, with worked hex examples, is PROTOCOL.md.
 
+mod consumer;
 mod control;
 mod messaging;
 mod queue;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+pub use consumer::*;
 pub use control::*;
 pub use messaging::*;
 pub use queue::*;

@@ -167,8 +167,8 @@ impl Stats {
 }
 
 /// `InvalidTopic` -> `invalid_topic`. `ErrorCode::name` gives the variant's name,
-/// and stats use snake_case.
-fn snake_case(name: &str) -> String {
+/// and stats (and the Prometheus error labels) use snake_case.
+pub(crate) fn snake_case(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 4);
     for (i, c) in name.chars().enumerate() {
         if c.is_ascii_uppercase() {

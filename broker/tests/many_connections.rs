@@ -5,6 +5,8 @@
 //! resident memory per idle authenticated connection is measured from /proc and
 //! printed (target: at most 30 KiB).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -23,25 +25,6 @@ const TOKEN: &str = "member-token-0123456789";
 const WAIT: Duration = Duration::from_secs(120);
 /// Connections being set up at once.
 const PARALLEL: usize = 200;
-
-fn raise_fd_limit(need: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    #[allow(unsafe_code)]
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    assert!(
-        limit.rlim_cur >= need,
-        "need {need} descriptors, the hard limit is {}",
-        limit.rlim_cur
-    );
-}
 
 fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -142,7 +125,7 @@ async fn member(addr: SocketAddr, i: usize) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_authenticated_connections_get_one_shared_publish() {
-    raise_fd_limit(CONNECTIONS as u64 + 200);
+    common::raise_fd_limit(CONNECTIONS as u64 + 200);
     let dir = tempfile::tempdir().unwrap();
     let (child, addr) = spawn_broker(dir.path()).await;
     let pid = child.id().unwrap();

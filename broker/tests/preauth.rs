@@ -20,27 +20,6 @@ const ATTACKERS: usize = 1_000;
 const BODY: usize = 768 * 1024;
 const TOKEN: &str = "pre-auth-test-token";
 
-/// Lifts the soft descriptor limit to the hard one (client and broker sockets
-/// both live in this process).
-fn raise_fd_limit(need: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    #[allow(unsafe_code)]
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    assert!(
-        limit.rlim_cur >= need,
-        "need {need} descriptors, the hard limit is {}",
-        limit.rlim_cur
-    );
-}
-
 /// Peak resident set size of this process, from /proc (kB → bytes).
 fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -77,7 +56,7 @@ async fn attack(addr: std::net::SocketAddr, i: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_floods_are_closed_with_bounded_memory() {
-    raise_fd_limit(2 * ATTACKERS as u64 + 100);
+    common::raise_fd_limit(2 * ATTACKERS as u64 + 100);
     let broker = common::start_with(|c| {
         c.auth_token = Some(TOKEN.into());
         c.max_connections = 2 * ATTACKERS;

@@ -23,6 +23,7 @@ use tidings_protocol::ErrorCode;
 use super::Ctx;
 use super::health::stat;
 use crate::queue::QueueView;
+use crate::stats::snake_case;
 
 /// The `queue` label value that sums the queues past the cap.
 pub(crate) const OTHER_QUEUES: &str = "_other";
@@ -374,20 +375,4 @@ fn open_fds() -> Option<u64> {
     std::fs::read_dir("/proc/self/fd")
         .ok()
         .map(|d| d.count() as u64)
-}
-
-/// `InvalidTopic` -> `invalid_topic`.
-fn snake_case(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 4);
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

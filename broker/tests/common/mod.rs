@@ -242,3 +242,24 @@ impl Client {
         frames
     }
 }
+
+/// Lifts the soft descriptor limit to the hard one, for tests that hold thousands
+/// of sockets; fails when the hard limit is below `need`.
+pub fn raise_fd_limit(need: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    #[allow(unsafe_code)]
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(
+        limit.rlim_cur >= need,
+        "need {need} descriptors, the hard limit is {}",
+        limit.rlim_cur
+    );
+}

@@ -68,6 +68,7 @@ impl Job {
                 prefetch: 256,
                 size: 1024,
                 messages: n(200_000),
+                rate: 0,
             }),
             Workload::Latency => Job::Latency(LatencyParams {
                 rate: 10_000,

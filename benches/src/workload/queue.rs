@@ -37,6 +37,10 @@ pub struct QueueParams {
     /// Messages in total.
     #[arg(short = 'n', long, default_value_t = 200_000)]
     pub messages: u64,
+    /// Publish at this many messages per second in all (shared by the producers),
+    /// for a latency figure at a fixed load; 0: as fast as the window allows.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 impl QueueParams {
@@ -55,6 +59,7 @@ impl QueueParams {
         let v = json!({
             "producers": self.producers, "consumers": self.consumers, "window": self.window,
             "prefetch": self.prefetch, "size": self.size, "messages": self.messages,
+            "rate": self.rate,
         });
         v.as_object().cloned().unwrap_or_default()
     }
@@ -64,11 +69,19 @@ async fn produce<P: Producer>(
     mut producer: P,
     seqs: Range<u64>,
     size: usize,
+    rate: f64,
     ctl: Arc<RunControl>,
 ) -> Sent {
     let started = Instant::now();
     let (mut count, mut error) = (0, None);
     for seq in seqs {
+        if rate > 0.0 {
+            // Paced: message `count` is due `count / rate` seconds after the start.
+            let due = started + std::time::Duration::from_secs_f64(count as f64 / rate);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
         if seq % 256 == 0 && (ctl.expired() || ctl.stop.is_cancelled()) {
             error = Some(format!("stopped by the deadline after {count} messages"));
             break;
@@ -150,7 +163,10 @@ async fn measure<D: Driver>(
     let senders: Vec<_> = producers
         .into_iter()
         .zip(split(p.messages, p.producers))
-        .map(|(producer, seqs)| tokio::spawn(produce(producer, seqs, p.size, ctl.clone())))
+        .map(|(producer, seqs)| {
+            let rate = p.rate as f64 / p.producers as f64;
+            tokio::spawn(produce(producer, seqs, p.size, rate, ctl.clone()))
+        })
         .collect();
 
     let mut errors = Vec::new();

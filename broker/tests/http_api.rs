@@ -59,6 +59,16 @@ async fn traffic(broker: &TestBroker) -> Client {
     {
         worker.delivery().await;
     }
+    // The nacked message moves to orders.dlq in two steps (the copy, then the
+    // original's removal), and the third delivery may come before the second step:
+    // wait for it, so that every figure below is settled.
+    let http = broker.handle.http_addr().unwrap();
+    common::within("the dead-letter move to finish", async {
+        while get(http, "/api/queues/orders").await.json()["depth"] != 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    })
+    .await;
     worker
 }
 

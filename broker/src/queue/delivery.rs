@@ -61,6 +61,7 @@ impl Queue {
             }
             self.deliver(st, ci, entry, now);
         }
+        self.request_mark(st);
         self.expire_head(st, now);
         self.maybe_page_ready(st);
         self.prune_skip(st);
@@ -114,22 +115,41 @@ impl Queue {
     }
 
     /// Lets the store know which fresh messages are about to be delivered, so that
-    /// after a crash they come back marked as redeliveries. Covers exactly what the
-    /// consumers' credit lets out, so undelivered messages are not marked.
+    /// after a crash they come back marked as redeliveries.
+    ///
+    /// The mark runs ahead of the deliveries: it covers up to twice the consumers'
+    /// credit of the ready messages in memory, and the next mark is asked for once
+    /// fewer than one credit's worth of marked messages are left. So while
+    /// consumers keep up, deliveries never wait for a mark's round; the price is
+    /// that after a crash up to twice the consumers' credit of messages that were
+    /// never delivered come back counted as delivered once. A message stored while
+    /// a consumer had credit for it was marked in its own round instead
+    /// (`Queue::premark`).
     fn request_mark(&self, st: &mut State) {
-        if st.marks.pending.is_some() {
+        if st.marks.pending.is_some() || st.marks.settled {
             return;
         }
-        let n = st.consumers.total_available().min(st.ready.len());
-        let Some(target) = st
-            .ready
-            .keys()
-            .nth(n.saturating_sub(1))
-            .map(|(_, seq)| *seq)
-        else {
+        let credit = st.consumers.total_credit();
+        let len = st.ready.len();
+        if credit == 0 || len == 0 {
+            return;
+        }
+        let mut keys = st.ready.keys().map(|(_, seq)| *seq);
+        // Still a credit's worth marked ahead: no round needed yet.
+        let low = keys.nth(credit.min(len) - 1);
+        if low.is_some_and(|seq| seq <= st.marks.durable) {
+            return;
+        }
+        let far = credit.saturating_mul(2).min(len);
+        let target = if far > credit.min(len) {
+            keys.nth(far - credit.min(len) - 1)
+        } else {
+            low
+        };
+        let Some(target) = target else {
             return;
         };
-        if n == 0 || target <= st.marks.durable {
+        if target <= st.marks.durable {
             return;
         }
         st.c.mark = st.c.mark.max(target);
@@ -155,6 +175,7 @@ impl Queue {
             return;
         };
         entry.msg.deliveries = entry.msg.deliveries.saturating_add(1);
+        st.marks.delivered = st.marks.delivered.max(entry.slot.seq);
         consumer.outstanding += 1;
         if let Some(left) = &mut consumer.remaining {
             *left = left.saturating_sub(1);
@@ -250,6 +271,7 @@ impl Queue {
             due: Some(due),
             msg,
             moved: true,
+            marked: false,
         });
     }
 
@@ -415,6 +437,7 @@ impl Queue {
                     due: None,
                     msg,
                     moved: true,
+                    marked: false,
                 });
             }
             b.set_counters(self.qid, st.c);

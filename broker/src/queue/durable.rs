@@ -72,6 +72,9 @@ pub(crate) struct PendingEntry {
     /// Set when this is the new copy of a move within the queue (delayed to ready,
     /// ready to delayed); its old copy's removal is in the same round.
     pub moved: bool,
+    /// Its round also raised the delivery mark to its seq (see
+    /// [`Queue::premark`]): once committed it may be delivered at once.
+    pub marked: bool,
 }
 
 /// Which fresh messages the store has been told may be delivered (see store.rs on
@@ -85,6 +88,11 @@ pub(crate) struct Marks {
     /// Messages at or below this seq were stored before the last restart and may
     /// have been delivered then.
     pub restart: u64,
+    /// The highest seq delivered since the start.
+    pub delivered: u64,
+    /// Set at a graceful shutdown, once the exact mark is written: no mark may
+    /// rise any more (see [`Queue::settle_mark`]).
+    pub settled: bool,
 }
 
 pub(crate) struct State {
@@ -411,6 +419,7 @@ impl Queue {
             }
             let seq = st.c.next_seq;
             st.c.next_seq += 1;
+            let marked = due.is_none() && self.premark(st, seq);
             let slot = match due {
                 Some(due) => {
                     b.put_delayed(self.qid, due, seq, &msg);
@@ -436,6 +445,7 @@ impl Queue {
                 due,
                 msg,
                 moved: false,
+                marked,
             });
             Ok((b.ticket(), seq))
         })?;
@@ -449,6 +459,45 @@ impl Queue {
         }
         st.stats.count(Event::Published, now);
         Ok((Appended::Stored, Some(ticket), Some(seq)))
+    }
+
+    /// Raises the delivery mark to `seq`, a fresh ready message about to be stored,
+    /// when a consumer has credit for it now: it will be delivered the moment its
+    /// round commits, so the mark rides in that round (its counters are written
+    /// anyway) instead of costing a round of its own between commit and delivery.
+    /// After a crash such a message comes back as a redelivery even if its delivery
+    /// never went out; that over-count is bounded by the consumers' credit.
+    fn premark(&self, st: &mut State, seq: u64) -> bool {
+        if st.marks.settled || st.ready.unloaded() > 0 || st.marks.durable.max(st.c.mark) >= seq {
+            return false;
+        }
+        let ahead = st.retry.len() + st.ready.len() + st.pending.len();
+        if ahead >= st.consumers.total_available() {
+            return false;
+        }
+        st.c.mark = seq;
+        true
+    }
+
+    /// At a graceful shutdown: lowers the stored delivery mark from where it ran
+    /// ahead (`request_mark`, `premark`) to the last message actually delivered, so
+    /// that after a clean restart only messages that were delivered come back as
+    /// redeliveries. From then on no mark rises, so no fresh message is delivered
+    /// past it.
+    pub fn settle_mark(&self) {
+        let mut st = self.lock();
+        if st.deleted || st.marks.settled {
+            return;
+        }
+        st.marks.settled = true;
+        st.marks.pending = None;
+        let exact = st.marks.restart.max(st.marks.delivered);
+        st.marks.durable = st.marks.durable.min(exact);
+        if st.c.mark > exact {
+            st.c.mark = exact;
+            let c = st.c;
+            self.store.batch(|b| b.set_counters(self.qid, c));
+        }
     }
 
     /// Messages and bytes the queue holds: ready (in memory, in the store, waiting

@@ -376,6 +376,9 @@ impl QueueEngine {
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
         self.inner.finish_moves().await;
+        for q in self.inner.read().queues.values() {
+            q.settle_mark();
+        }
         let store = self.inner.store.clone();
         if tokio::task::spawn_blocking(move || store.shutdown())
             .await

@@ -174,6 +174,20 @@ impl Consumers {
             .fold(0, usize::saturating_add)
     }
 
+    /// Credit the live consumers have in all, outstanding deliveries included.
+    pub fn total_credit(&self) -> usize {
+        self.list
+            .iter()
+            .filter(|c| c.alive)
+            .map(|c| {
+                let window = usize::try_from(c.window).unwrap_or(usize::MAX);
+                c.remaining.map_or(window, |left| {
+                    window.min(usize::try_from(left).unwrap_or(usize::MAX))
+                })
+            })
+            .fold(0, usize::saturating_add)
+    }
+
     pub fn len(&self) -> usize {
         self.list.len()
     }

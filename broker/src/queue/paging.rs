@@ -203,6 +203,9 @@ impl CommitListener for Queue {
                 break;
             };
             st.committed_below = st.committed_below.max(p.slot.seq + 1);
+            if p.marked && result.is_ok() && !st.marks.settled {
+                st.marks.durable = st.marks.durable.max(p.slot.seq);
+            }
             if result.is_err() && !p.moved {
                 // A publish whose round failed may not be stored: forget its id, so
                 // that the publisher's retry is stored rather than called a duplicate.
@@ -224,7 +227,7 @@ impl CommitListener for Queue {
                 st.marks.pending = None;
                 // A mark whose round failed is not on disk: nothing past the old one
                 // may be delivered as a first delivery (fail-stop).
-                if result.is_ok() {
+                if result.is_ok() && !st.marks.settled {
                     st.marks.durable = st.marks.durable.max(target);
                 }
             }

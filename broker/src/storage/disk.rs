@@ -26,6 +26,20 @@ pub trait DiskFile: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Cuts or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Gives the file `len` bytes of allocated blocks that read as zeros, so that
+    /// later writes within them need no block allocation at their sync. The
+    /// default writes the zeros.
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        const STEP: u64 = 1 << 20;
+        let zeros = vec![0u8; usize::try_from(STEP.min(len)).unwrap_or(0)];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(STEP);
+            self.write_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
+            at += n;
+        }
+        Ok(())
+    }
 }
 
 /// A directory tree holding the queue log. Paths are absolute or relative to the
@@ -79,6 +93,34 @@ impl DiskFile for RealFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+
+    /// `fallocate`: the blocks are reserved and marked unwritten, without writing
+    /// them (falls back to writing zeros where the file system cannot).
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let Ok(len_arg) = libc::off_t::try_from(len) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate on an open descriptor we own; no memory is passed.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::fallocate(self.0.as_raw_fd(), 0, 0, len_arg) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(1 << 20);
+                self.0
+                    .write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
+                at += n;
+            }
+            return Ok(());
+        }
+        Err(err)
     }
 }
 

@@ -20,7 +20,10 @@
 //!   commit: one `pwrite` per round, one `fdatasync` per sync).
 //! - **The index never runs ahead of the log.** A round's index writes are logged as
 //!   one batch record in the round, and applied to the index only after the round is
-//!   durable. The index is made durable only at checkpoints; between them it may write
+//!   durable. They go to an overlay in memory first (overlay.rs), which writes
+//!   what is left of them to sled at the next checkpoint, so that a chunk acked
+//!   within a second costs sled nothing. The index is made durable only at
+//!   checkpoints; between them it may write
 //!   back any prefix of its writes on its own (sled does), and a restart replays the
 //!   log from the last durable checkpoint, which brings every such state to the same
 //!   one. So a round is atomic: a move done in one round (delayed to ready), a queue
@@ -91,6 +94,7 @@ mod index;
 mod keys;
 mod log;
 mod open;
+mod overlay;
 mod records;
 mod replay;
 mod scan;

@@ -17,6 +17,7 @@ use super::keys::{
     CHECKPOINT_KEY, Counters, TAG_CHUNK, TAG_COUNTERS, TAG_REMOVED, check_layout, prefix,
     segment_key, seq_key, stored_segments,
 };
+use super::overlay::{DEFAULT_OVERLAY_LIMIT, OverlayIndex};
 use super::records::{IndexBatch, Position};
 use super::replay::{Damage, ReplayError, cut, replay, seal};
 use super::scan::{load, scan, stored_chunk_state};
@@ -43,6 +44,9 @@ pub struct StorageBackend {
     /// Test only: apply each round to the index before it is durable (the order this
     /// store had before), so the simulation can show that its checker catches it.
     pub(crate) index_ahead_of_log: bool,
+    /// Keys the index overlay holds before it writes them to the index proper
+    /// ahead of a checkpoint (overlay.rs).
+    pub(crate) overlay_limit: usize,
 }
 
 impl StorageBackend {
@@ -52,6 +56,7 @@ impl StorageBackend {
             disk: Arc::new(RealDisk),
             index: None,
             index_ahead_of_log: false,
+            overlay_limit: DEFAULT_OVERLAY_LIMIT,
         }
     }
 
@@ -61,6 +66,7 @@ impl StorageBackend {
             disk: Arc::new(disk),
             index: Some(Arc::new(index)),
             index_ahead_of_log: false,
+            overlay_limit: DEFAULT_OVERLAY_LIMIT,
         }
     }
 
@@ -72,6 +78,18 @@ impl StorageBackend {
             index_ahead_of_log: true,
             ..Self::simulated(disk, index)
         }
+    }
+}
+
+impl StorageBackend {
+    /// The same, with the index overlay writing to the index proper once it holds
+    /// more than `limit` keys (0: at every write), instead of
+    /// `DEFAULT_OVERLAY_LIMIT` — so that a simulation can also see the index written
+    /// through.
+    #[cfg(test)]
+    pub(crate) fn with_overlay_limit(mut self, limit: usize) -> Self {
+        self.overlay_limit = limit;
+        self
     }
 }
 
@@ -114,7 +132,7 @@ impl Store {
     pub fn open(config: &EngineConfig) -> Result<Opened, QueueError> {
         let dir = config.data_dir.clone();
         let disk = config.storage.disk.clone();
-        let index: Arc<dyn Index> = match &config.storage.index {
+        let proper: Arc<dyn Index> = match &config.storage.index {
             Some(index) => index.clone(),
             None => {
                 std::fs::create_dir_all(&dir)
@@ -122,6 +140,8 @@ impl Store {
                 Arc::new(SledIndex::open(&dir, config.cache_bytes)?)
             }
         };
+        let index: Arc<dyn Index> =
+            Arc::new(OverlayIndex::new(proper, config.storage.overlay_limit));
         check_layout(&*index)?;
         let segments_dir = dir.join("segments");
         let from = index

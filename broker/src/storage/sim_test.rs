@@ -122,6 +122,10 @@ fn config(disk: &SimDisk, index: &MemoryIndex, seed: u64, broken: Broken) -> Eng
     } else {
         StorageBackend::simulated(disk.clone(), index.clone())
     };
+    // The index overlay written through at once, now and then, and at checkpoints.
+    c.storage = c
+        .storage
+        .with_overlay_limit([0, 4, 100_000][usize::try_from(seed % 3).unwrap_or(0)]);
     c.segment_bytes = 24 << 10;
     c.checkpoint_interval = Duration::from_millis(15);
     c.ready_window = 6;

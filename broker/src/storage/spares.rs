@@ -1,14 +1,19 @@
 //! Spare segment files, made ready before the queue log needs them.
 //!
 //! Every confirm waits for an `fdatasync` of the log. After an append that grows a
-//! file, ext4 must also commit the file's new size and newly allocated blocks to its
-//! journal: about 600 µs for a 100 KiB write here, against about 320 µs to overwrite
-//! blocks the file already has. So a new segment starts as a file whose blocks are
-//! already written and synced: a retired segment renamed for reuse, or else one that
-//! a background thread (`tidings-spares`) fills with zeros. Stale records in a reused
-//! file never verify, since a record's checksum covers its segment id, and zeros are
-//! no record at all, so replay ends the log where the writes end (replay.rs). On a
-//! simulated disk ([`Disk::wants_spares`] false) no spares are made.
+//! file, the file system must also make the file's new size and newly allocated
+//! blocks durable. Measured here (ext4, 100 KiB writes, median `fdatasync`): 0.25 ms
+//! appending, 0.20 ms writing into blocks reserved with `fallocate`, 0.14 ms
+//! overwriting blocks written before. So a new segment starts as a file whose blocks
+//! are already there: a retired segment renamed for reuse (the steady state), or else
+//! one that a background thread (`tidings-spares`) reserves with `fallocate` and
+//! syncs. Zero-filling instead would make the first pass over the log cost twice its
+//! bytes in writes (it did: up to a quarter of the broker's CPU in a short
+//! benchmark), for 0.06 ms a sync. Stale records in a reused file never verify,
+//! since a record's checksum covers its segment id, and reserved blocks read as
+//! zeros, which are no record at all, so replay ends the log where the writes end
+//! (replay.rs). On a simulated disk ([`Disk::wants_spares`] false) no spares are
+//! made.
 //!
 //! The thread starts when the log's first segment is half full and then keeps one
 //! spare ready; a broker whose queues see little traffic writes no spares.
@@ -24,7 +29,6 @@ use super::disk::Disk;
 /// Spares kept ready.
 const WANT: usize = 1;
 const PREFIX: &str = "spare-";
-const ZEROS: usize = 1 << 20;
 
 #[derive(Default)]
 struct State {
@@ -150,7 +154,7 @@ impl Drop for Spares {
     }
 }
 
-/// The spares thread: zero-fills a spare whenever fewer than [`WANT`] are ready.
+/// The spares thread: prepares a spare whenever fewer than [`WANT`] are ready.
 fn prepare(disk: &dyn Disk, shared: &Shared, dir: &Path, size: u64) {
     loop {
         {
@@ -166,7 +170,7 @@ fn prepare(disk: &dyn Disk, shared: &Shared, dir: &Path, size: u64) {
             }
         }
         let path = shared.name(dir);
-        match zero_fill(disk, shared, &path, size) {
+        match reserve(disk, shared, &path, size) {
             Ok(true) => shared.lock().ready.push_back(path),
             Ok(false) => {
                 let _ = disk.remove(&path);
@@ -181,19 +185,15 @@ fn prepare(disk: &dyn Disk, shared: &Shared, dir: &Path, size: u64) {
     }
 }
 
-/// Writes `size` zero bytes to a new file and syncs it; false if told to stop first.
-fn zero_fill(disk: &dyn Disk, shared: &Shared, path: &Path, size: u64) -> io::Result<bool> {
+/// Allocates `size` bytes to a new file and syncs it (its size and blocks are
+/// then durable, so the log's writes into it need no metadata at their sync);
+/// false if told to stop first.
+fn reserve(disk: &dyn Disk, shared: &Shared, path: &Path, size: u64) -> io::Result<bool> {
     let file = disk.create_new(path)?;
-    let zeros = vec![0u8; ZEROS];
-    let mut written = 0u64;
-    while written < size {
-        if shared.lock().stop {
-            return Ok(false);
-        }
-        let n = usize::try_from(size - written).map_or(ZEROS, |left| left.min(ZEROS));
-        file.write_at(&zeros[..n], written)?;
-        written += n as u64;
+    if shared.lock().stop {
+        return Ok(false);
     }
+    file.allocate(size)?;
     file.sync_data()?;
     Ok(true)
 }
@@ -204,7 +204,7 @@ mod tests {
     use crate::storage::disk::RealDisk;
 
     #[test]
-    fn the_first_take_starts_zero_filling_and_recycling_tops_up() {
+    fn the_first_take_starts_reserving_and_recycling_tops_up() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("spare-9.tmp"), b"left over").unwrap();
         let spares = Spares::new(Arc::new(RealDisk), dir.path(), 3 << 20).unwrap();
@@ -230,6 +230,10 @@ mod tests {
         let bytes = std::fs::read(&spare).unwrap();
         assert_eq!(bytes.len(), 3 << 20);
         assert!(bytes.iter().all(|b| *b == 0));
+        // Its blocks are reserved, not a sparse file's holes.
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&spare).unwrap().blocks() * 512;
+        assert!(allocated >= 3 << 20, "only {allocated} bytes allocated");
 
         // With one ready, a retired segment is not kept; without, it is.
         drop(spares);

@@ -1,7 +1,8 @@
 //! The sync thread (`tidings-sync`): takes every round the writer handed over since
 //! its last sync, makes them durable with one `fdatasync` per segment written (per
-//! the fsync policy), and then, round by round, applies the round's batch to the
-//! index, resolves its ticket, tells its listeners and serves its reads. Between
+//! the fsync policy), resolves the tickets of those rounds (the confirms), and then,
+//! round by round, applies the round's batch to the index, tells its listeners and
+//! serves its reads. Between
 //! rounds it runs the checkpoints and deletes the segments they free.
 //!
 //! So the index only ever holds rounds that are durable in the log (under
@@ -159,6 +160,16 @@ impl Syncer {
                 last_sync = Instant::now();
                 dirty = false;
             }
+            // Confirms first: a round is durable once the sync above returned, and
+            // replay rebuilds the index from the log, so no confirm needs to wait
+            // for the index writes or for the deliveries the listeners make.
+            // Listeners and reads still run after their round's index writes.
+            for round in &mut rounds {
+                if let Some(ticket) = round.ticket.take() {
+                    let result = round.result.clone().and_then(|()| synced.clone());
+                    ticket.send_replace(Some(result));
+                }
+            }
             for round in rounds {
                 let mut result = round.result.and_then(|()| synced.clone());
                 if result.is_ok() {
@@ -172,9 +183,6 @@ impl Syncer {
                     if result.is_ok() {
                         self.log_end = self.log_end.max(round.log_end);
                     }
-                }
-                if let Some(ticket) = round.ticket {
-                    ticket.send_replace(Some(result.clone()));
                 }
                 for listener in &round.listeners {
                     listener.committed(round.epoch, &result);

@@ -1,0 +1,376 @@
+//! `OverlayIndex`: the index writes of the rounds since the last checkpoint, kept in
+//! memory in front of the index proper (sled), and written to it only at the next
+//! checkpoint (or once there are too many of them).
+//!
+//! Why: most index writes are short-lived. A chunk of messages that consumers ack
+//! within a second is inserted, gets its removal bitmap written a few times, and is
+//! removed again, all between two checkpoints; its segment's live count goes up and
+//! down; the queue's counters are rewritten every round. Written through to sled, each
+//! of those is a sled operation of a few microseconds on the sync thread, the thread
+//! every confirm and delivery waits behind. Kept here, each is a `BTreeMap` update,
+//! and the checkpoint writes only what is left: the last value of each key, and no
+//! trace at all of a chunk that came and went.
+//!
+//! Durability is unchanged. The index is only ever durable at checkpoints, and
+//! between them may hold any prefix of its writes (sled writes back on its own);
+//! holding back more of them is one more such state, and a replay of the log from
+//! the last durable checkpoint re-applies every write since (replay.rs). Writes
+//! reach the overlay only from durable rounds, as before (syncer.rs), so the index
+//! proper can still never be ahead of the log.
+//!
+//! Reads see the overlay over the index proper: a key's overlay entry (a value, or
+//! a removal) wins. A flush takes a write gate that every range read holds for
+//! reading, so a range never misses a key that moves from the overlay to the index
+//! proper under it. Callbacks of [`Index::range`] must not write to the index.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use super::StoreError;
+use super::index::{Index, Tree};
+
+/// Overlay entries (keys written since the last flush) at which the overlay is
+/// written to the index proper before the next checkpoint: bounds its memory (about
+/// 150 bytes an entry) whatever the checkpoint interval.
+pub(crate) const DEFAULT_OVERLAY_LIMIT: usize = 100_000;
+
+/// A key's state in the overlay: its new value, or `None` when removed.
+type Entries = BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>>;
+
+fn tag(tree: Tree) -> u8 {
+    match tree {
+        Tree::Data => 0,
+        Tree::Defs => 1,
+    }
+}
+
+fn tree_of(tag: u8) -> Tree {
+    if tag == 0 { Tree::Data } else { Tree::Defs }
+}
+
+/// The greatest key below `key` that any of our keys can be, as an inclusive bound:
+/// the key with its last byte one lower and then as high as any longer key goes,
+/// or the key without its last byte when that byte is 0.
+fn below(key: &[u8]) -> Option<Vec<u8>> {
+    let (&last, head) = key.split_last()?;
+    let mut out = head.to_vec();
+    if last > 0 {
+        out.push(last - 1);
+        out.extend_from_slice(&[0xff; 512]);
+    }
+    Some(out)
+}
+
+/// See the module docs.
+pub(crate) struct OverlayIndex {
+    base: Arc<dyn Index>,
+    entries: Mutex<Entries>,
+    /// Held for reading by range reads, for writing by a flush.
+    gate: RwLock<()>,
+    limit: usize,
+}
+
+impl OverlayIndex {
+    /// An overlay in front of `base`, written to it at every checkpoint and once it
+    /// holds more than `limit` keys (0: at every write).
+    pub fn new(base: Arc<dyn Index>, limit: usize) -> Self {
+        Self {
+            base,
+            entries: Mutex::new(BTreeMap::new()),
+            gate: RwLock::new(()),
+            limit,
+        }
+    }
+
+    fn entries(&self) -> MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keys written since the last flush.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.entries().len()
+    }
+
+    fn put(&self, tree: Tree, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        let full = {
+            let mut entries = self.entries();
+            entries.insert((tag(tree), key.to_vec()), value.map(<[u8]>::to_vec));
+            entries.len() > self.limit
+        };
+        if full { self.flush() } else { Ok(()) }
+    }
+
+    /// Writes every overlay entry to the index proper, in key order, and forgets
+    /// them. On an error the entries not yet written stay, so reads stay right; the
+    /// store stops on it anyway (fail-stop).
+    fn flush(&self) -> Result<(), StoreError> {
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self.entries();
+        while let Some(((t, key), value)) = entries.pop_first() {
+            let tree = tree_of(t);
+            let written = match &value {
+                Some(v) => self.base.insert(tree, &key, v),
+                None => self.base.remove(tree, &key),
+            };
+            if let Err(err) = written {
+                entries.insert((t, key), value);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// The first overlay entry of `tree` in `(after, end)` (or `[start, end)`),
+    /// cloned so that no lock is held while a callback runs.
+    fn next_entry(
+        &self,
+        tree: Tree,
+        from: Bound<&[u8]>,
+        end: &[u8],
+    ) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        let t = tag(tree);
+        let lower = match from {
+            Bound::Included(k) => Bound::Included((t, k.to_vec())),
+            Bound::Excluded(k) => Bound::Excluded((t, k.to_vec())),
+            Bound::Unbounded => Bound::Included((t, Vec::new())),
+        };
+        let upper = Bound::Excluded((t, end.to_vec()));
+        self.entries()
+            .range((lower, upper))
+            .next()
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+    }
+}
+
+impl Index for OverlayIndex {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(entry) = self.entries().get(&(tag(tree), key.to_vec())) {
+            return Ok(entry.clone());
+        }
+        self.base.get(tree, key)
+    }
+
+    fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.put(tree, key, Some(value))
+    }
+
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
+        self.put(tree, key, None)
+    }
+
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        // The next overlay entry not yet merged, and whether `f` asked to stop.
+        let mut next = self.next_entry(tree, Bound::Included(start), end);
+        let mut stopped = false;
+        self.base.range(tree, start, end, &mut |key, value| {
+            // Overlay keys below this one first.
+            while let Some((k, v)) = next.take_if(|(k, _)| k.as_slice() < key) {
+                next = self.next_entry(tree, Bound::Excluded(&k), end);
+                if let Some(v) = v {
+                    if !f(&k, &v) {
+                        stopped = true;
+                        return false;
+                    }
+                }
+            }
+            // The overlay's entry for this very key replaces it (or removes it).
+            if let Some((k, v)) = next.take_if(|(k, _)| k.as_slice() == key) {
+                next = self.next_entry(tree, Bound::Excluded(&k), end);
+                return match v {
+                    Some(v) if !f(&k, &v) => {
+                        stopped = true;
+                        false
+                    }
+                    _ => true,
+                };
+            }
+            if f(key, value) {
+                true
+            } else {
+                stopped = true;
+                false
+            }
+        })?;
+        // Overlay keys past the last one the index proper has.
+        while !stopped {
+            let Some((k, v)) = next.take() else {
+                break;
+            };
+            next = self.next_entry(tree, Bound::Excluded(&k), end);
+            if let Some(v) = v {
+                stopped = !f(&k, &v);
+            }
+        }
+        Ok(())
+    }
+
+    fn last_in(&self, tree: Tree, low: &[u8], high: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let t = tag(tree);
+        let mut high = high.to_vec();
+        loop {
+            if high.as_slice() < low {
+                return Ok(None);
+            }
+            let base = self.base.last_in(tree, low, &high)?;
+            let over = self
+                .entries()
+                .range((
+                    Bound::Included((t, low.to_vec())),
+                    Bound::Included((t, high.clone())),
+                ))
+                .next_back()
+                .map(|((_, k), v)| (k.clone(), v.is_some()));
+            match (base, over) {
+                (None, None) => return Ok(None),
+                (Some(b), Some((o, _))) if b > o => return Ok(Some(b)),
+                (Some(b), None) => return Ok(Some(b)),
+                (_, Some((o, true))) => return Ok(Some(o)),
+                // Removed in the overlay: look below it.
+                (_, Some((o, false))) => match below(&o) {
+                    Some(b) => high = b,
+                    None => return Ok(None),
+                },
+            }
+        }
+    }
+
+    fn is_empty(&self, tree: Tree) -> Result<bool, StoreError> {
+        let mut any = false;
+        self.range(tree, &[], &[0xff; 64], &mut |_, _| {
+            any = true;
+            false
+        })?;
+        Ok(!any)
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.base.checkpoint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryIndex;
+    use crate::storage::SimRng;
+
+    fn all(index: &dyn Index, tree: Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        index
+            .range(tree, &[], &[0xff; 8], &mut |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                true
+            })
+            .unwrap();
+        out
+    }
+
+    /// The overlay reads exactly like the index it stands for, whatever mix of
+    /// writes, flushes and reads: checked against a plain in-memory index fed the
+    /// same writes, over seeded random operations on a small key space.
+    #[test]
+    fn reads_like_the_index_it_stands_for() {
+        for seed in 0..200u64 {
+            let mut rng = SimRng::new(seed);
+            let base = Arc::new(MemoryIndex::new());
+            let limit = [0usize, 3, 1000][usize::try_from(seed % 3).unwrap()];
+            let overlay = OverlayIndex::new(base.clone(), limit);
+            let reference = MemoryIndex::new();
+            let key = |rng: &mut SimRng| vec![1u8, u8::try_from(rng.below(12)).unwrap()];
+            for step in 0..200 {
+                let tree = if rng.below(4) == 0 {
+                    Tree::Defs
+                } else {
+                    Tree::Data
+                };
+                match rng.below(6) {
+                    0 | 1 => {
+                        let (k, v) = (key(&mut rng), vec![u8::try_from(step % 251).unwrap()]);
+                        overlay.insert(tree, &k, &v).unwrap();
+                        reference.insert(tree, &k, &v).unwrap();
+                    }
+                    2 => {
+                        let k = key(&mut rng);
+                        overlay.remove(tree, &k).unwrap();
+                        reference.remove(tree, &k).unwrap();
+                    }
+                    3 => overlay.checkpoint().unwrap(),
+                    4 => {
+                        let k = key(&mut rng);
+                        assert_eq!(
+                            overlay.get(tree, &k).unwrap(),
+                            reference.get(tree, &k).unwrap(),
+                            "seed {seed} step {step}: get"
+                        );
+                        let low = [1u8, 0];
+                        assert_eq!(
+                            overlay.last_in(tree, &low, &k).unwrap(),
+                            reference.last_in(tree, &low, &k).unwrap(),
+                            "seed {seed} step {step}: last_in"
+                        );
+                    }
+                    _ => {
+                        assert_eq!(
+                            all(&overlay, tree),
+                            all(&reference, tree),
+                            "seed {seed} step {step}: range"
+                        );
+                        assert_eq!(
+                            overlay.is_empty(tree).unwrap(),
+                            reference.is_empty(tree).unwrap()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A range whose callback stops early stops, whichever side the keys are on.
+    #[test]
+    fn a_range_stops_when_told() {
+        let base = Arc::new(MemoryIndex::new());
+        base.insert(Tree::Data, b"a", b"1").unwrap();
+        base.insert(Tree::Data, b"c", b"3").unwrap();
+        let overlay = OverlayIndex::new(base, 100);
+        overlay.insert(Tree::Data, b"b", b"2").unwrap();
+        overlay.insert(Tree::Data, b"d", b"4").unwrap();
+        for n in 1..=4 {
+            let mut seen = Vec::new();
+            overlay
+                .range(Tree::Data, b"", b"z", &mut |k, _| {
+                    seen.push(k.to_vec());
+                    seen.len() < n
+                })
+                .unwrap();
+            assert_eq!(seen.len(), n);
+        }
+    }
+
+    /// Writes stay in memory until a checkpoint, which leaves only the last state
+    /// of each key in the index proper (a key written and removed leaves nothing).
+    #[test]
+    fn a_checkpoint_writes_only_what_is_left() {
+        let base = Arc::new(MemoryIndex::new());
+        let overlay = OverlayIndex::new(base.clone(), 100);
+        overlay.insert(Tree::Data, b"gone", b"x").unwrap();
+        overlay.insert(Tree::Data, b"kept", b"1").unwrap();
+        overlay.insert(Tree::Data, b"kept", b"2").unwrap();
+        overlay.remove(Tree::Data, b"gone").unwrap();
+        assert_eq!(overlay.held(), 2);
+        assert!(base.is_empty(Tree::Data).unwrap());
+        overlay.checkpoint().unwrap();
+        assert_eq!(overlay.held(), 0);
+        assert_eq!(all(&*base, Tree::Data), [(b"kept".to_vec(), b"2".to_vec())]);
+    }
+}

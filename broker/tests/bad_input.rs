@@ -76,6 +76,7 @@ async fn server_only_frames_and_second_hello_are_unexpected() {
         max_frame_len: 1,
         max_payload: 1,
         heartbeat_ms: 0,
+        max_credit: None,
     }))
     .await;
     c.expect_error(ErrorCode::UnexpectedFrame).await;

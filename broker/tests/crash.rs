@@ -398,9 +398,10 @@ async fn confirmed_messages_survive_repeated_sigkill() {
         "no restart replayed the queue log: the test did not crash where it matters"
     );
     // Every dead letter back into the queue, then drain it with acks.
-    // The dead-letter queue has its own (default: 5 deliveries, `crash.dlq.dlq`):
-    // letters the worker nacked or held there often enough moved on into it. Back
-    // into `crash.dlq` first, as fresh letters, so the redrive of `crash` takes them.
+    // Dead-letter queues are not chained by default: `crash.dlq.dlq` is not created,
+    // so letters the worker nacked there stay there. A broker that did chain them
+    // would have moved some on: back into `crash.dlq` first, so the redrive of
+    // `crash` takes them either way.
     let second = within(
         "the redrive of the second dead-letter queue",
         redrive_queue(addr, "crash.dlq", Duration::ZERO),

@@ -1,17 +1,20 @@
 //! Protocol 1.1 over TCP: the minor version is negotiated in the handshake, 1.1
 //! sessions get the new fields (MESSAGE and DELIVERY ids and reply topics,
 //! QUEUE_INFO options) while 1.0 sessions get exactly the 1.0 layouts, errors about
-//! undecodable frames carry their request id, unknown HELLO flags can be probed, and
-//! no frame the server sends is larger than the `max_frame_len` it announced.
+//! undecodable frames carry their request id, unknown HELLO flags can be probed, the
+//! server's max credit is announced to 1.1 sessions (and a larger credit clamped to
+//! it), and no frame the server sends is larger than the `max_frame_len` it
+//! announced.
 
 mod common;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::{Client, start, start_with};
 use tidings_protocol::{
-    Consume, Delivery, ErrorCode, Frame, Hello, MAX_ENVELOPE_LEN, PROTOCOL_MINOR, PROTOCOL_VERSION,
-    Publish, QueueDeclare, QueueInfoRequest, QueueOptions, Text, kind,
+    Ack, Consume, Credit, Delivery, ErrorCode, Frame, Hello, MAX_ENVELOPE_LEN, PROTOCOL_MINOR,
+    PROTOCOL_VERSION, Publish, QueueDeclare, QueueInfoRequest, QueueOptions, Text, kind,
 };
+use tokio::io::AsyncReadExt;
 
 fn raw_frame(kind: u8, flags: u8, body: &[u8]) -> BytesMut {
     let mut b = BytesMut::new();
@@ -369,4 +372,136 @@ async fn frames_for_a_max_size_publish_fit_the_announced_max_frame() {
     let e = c.expect_error(ErrorCode::EnvelopeTooLarge).await;
     assert_eq!(e.request_id, 51);
     c.stats().await;
+}
+
+#[tokio::test]
+async fn welcome_announces_the_max_credit_on_1_1_sessions_only() {
+    let broker = start_with(|config| config.max_credit = 7).await;
+    let mut new = Client::connect(broker.addr).await;
+    let welcome = new.handshake_minor("new", None, Some(1)).await;
+    assert_eq!(welcome.max_credit, Some(7), "the broker's --max-credit");
+
+    // A 1.0 HELLO: the WELCOME's bytes are exactly the 1.0 layout, no flag set and
+    // nothing after heartbeat_ms.
+    let mut old = Client::connect(broker.addr).await;
+    old.send(Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        client_name: "old".into(),
+        token: None,
+        user: None,
+        minor: None,
+    }))
+    .await;
+    let mut len = [0u8; 4];
+    common::within("WELCOME length", old.stream.read_exact(&mut len))
+        .await
+        .unwrap();
+    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+    common::within("WELCOME", old.stream.read_exact(&mut frame))
+        .await
+        .unwrap();
+    assert_eq!(frame[..2], [kind::Welcome, 0], "type WELCOME, no flags");
+    let version = env!("CARGO_PKG_VERSION");
+    // version, server_version (u16 length + text), max_frame_len, max_payload,
+    // heartbeat_ms.
+    assert_eq!(
+        frame.len(),
+        2 + 2 + 2 + version.len() + 4 + 4 + 4,
+        "{frame:02x?}"
+    );
+}
+
+#[tokio::test]
+async fn a_credit_above_the_announced_cap_is_clamped_to_it() {
+    let broker = start_with(|config| config.max_credit = 2).await;
+    let mut c = Client::connect(broker.addr).await;
+    let welcome = c.handshake_minor("c", None, Some(1)).await;
+    let cap = welcome.max_credit.expect("a 1.1 session is told the cap");
+    assert_eq!(cap, 2);
+    declare(
+        &mut c,
+        "capped",
+        QueueOptions {
+            bindings: vec!["capped".into()],
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    for i in 0..5 {
+        let request_id = c.request_id();
+        c.send(Frame::Publish(Publish {
+            request_id: Some(request_id),
+            confirm: true,
+            ..Publish::new("capped", i.to_string())
+        }))
+        .await;
+        match c.recv().await {
+            Some(Frame::Confirm(conf)) => assert_eq!(conf.queues, 1),
+            other => panic!("expected CONFIRM, got {other:?}"),
+        }
+    }
+    // CONSUME asks for 100: it succeeds, and the window is the announced cap.
+    let request_id = c.request_id();
+    c.send(Frame::Consume(Consume {
+        limit: None,
+        request_id,
+        consumer_id: 1,
+        queue: "capped".into(),
+        credit: 100,
+    }))
+    .await;
+    let mut got = Vec::new();
+    let mut ok = false;
+    while !ok || got.len() < 2 {
+        match c.recv().await {
+            Some(Frame::Ok(reply)) if reply.request_id == request_id => ok = true,
+            Some(Frame::Delivery(d)) => got.push(d),
+            other => panic!("expected OK or DELIVERY, got {other:?}"),
+        }
+    }
+    // CREDIT past the cap changes nothing either. Frames are handled in order and
+    // a delivery it let out would go out before the QUEUE_INFO reply.
+    c.send(Frame::Credit(Credit {
+        consumer_id: 1,
+        credit: 1_000,
+    }))
+    .await;
+    let info = queue_info(&mut c, "capped").await;
+    assert_eq!(
+        info.in_flight,
+        u64::from(cap),
+        "credit 100 was clamped to {cap}"
+    );
+    // Acking one makes room for exactly one more.
+    let request_id = c.request_id();
+    c.send(Frame::Ack(Ack {
+        request_id,
+        ids: vec![got[0].delivery_id],
+    }))
+    .await;
+    let mut next = None;
+    let mut acked = false;
+    while !acked || next.is_none() {
+        match c.recv().await {
+            Some(Frame::Ok(reply)) if reply.request_id == request_id => acked = true,
+            Some(Frame::Delivery(d)) if next.is_none() => next = Some(d),
+            other => panic!("expected OK or one DELIVERY, got {other:?}"),
+        }
+    }
+    assert_eq!(next.unwrap().payload, Bytes::from_static(b"2"));
+    let info = queue_info(&mut c, "capped").await;
+    assert_eq!((info.in_flight, info.depth), (2, 4));
+}
+
+async fn queue_info(c: &mut Client, name: &str) -> tidings_protocol::QueueInfo {
+    let request_id = c.request_id();
+    c.send(Frame::QueueInfoRequest(QueueInfoRequest {
+        request_id,
+        name: name.into(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Frame::QueueInfo(reply)) if reply.request_id == request_id => reply.info,
+        other => panic!("expected QUEUE_INFO_REPLY, got {other:?}"),
+    }
 }

@@ -1,25 +1,52 @@
 //! Model test: random sequences of publishes (some delayed), acks, nacks (with and
-//! without a delay), time passing (ack timeouts, delayed messages falling due),
-//! consumers cancelled and restarted with new credit, dead-lettering after
-//! max_deliveries, redrive, and restarts — against a real queue engine, checked step
+//! without a delay), time passing (ack timeouts, delayed messages falling due, TTL
+//! expiry), consumers cancelled and restarted with new credit, dead-lettering after
+//! max_deliveries, redrive, and crashes — against a real queue engine, checked step
 //! by step against a plain model of what must be delivered next, to which consumer
 //! credit, with which attempt number, and what is left where. Limits run under both
 //! overflow policies.
 //!
-//! Time is a [`ManualClock`], so timeouts and delays happen exactly when the model
-//! says; after each step the test waits for the engine to settle, then expects
-//! exactly the deliveries the model predicts: a missing one, a wrong order, a wrong
-//! attempt or a stray extra delivery fails the step.
+//! Time is a [`ManualClock`], so timeouts, delays and TTLs happen exactly when the
+//! model says; after each step the test waits for the engine to settle, then
+//! expects exactly the deliveries the model predicts: a missing one, a wrong order,
+//! a wrong attempt or a stray extra delivery fails the step. A message that expired
+//! early is missing, one that expired late is a stray delivery or a wrong depth.
 //!
-//! Restarts shut the engine down without letting the consumers' session go first, so
-//! the restarted engine knows what was delivered only from what it stored. (They are
-//! not power losses: the simulated disk of issue 11 tests those.)
+//! TTL: a queue with `ttl_ms` drops a message once `now >= published + ttl` when
+//! it reaches the head of the queue or is about to be delivered (never while in
+//! flight or delayed); it is counted in the queue's `expired` figure, and
+//! dead-lettered with reason `expired` when the dead-letter queue exists (here:
+//! declared up front). Without one it is only counted; such setups never use up
+//! deliveries, so that the dead-letter queue's coming into being cannot race an
+//! expiry.
 //!
-//! 1,000 cases by default (`PROPTEST_CASES` overrides); a failure is shrunk, printed,
-//! and its seed saved to `queue_engine_model.proptest-regressions`, which later runs
-//! replay first.
+//! Crashes: the store runs on the simulated disk ([`SimDisk`], [`MemoryIndex`]) with
+//! `fsync` always. A crash is a process crash (what was written stays) or a power
+//! loss (what was not `fdatasync`ed is lost, the newest write maybe torn), and the
+//! index loses what its last checkpoint did not hold; then the engine is dropped
+//! without a graceful shutdown (its later writes fail on the dead disk handles) and
+//! a new one opens on what survived. A crash may follow an ack that was not yet
+//! settled. After a crash the model expects:
+//!
+//! - every confirmed message that was not acked back exactly once, in the order it
+//!   was stored (in-flight and retried ones included), with an attempt number that
+//!   never goes down (its last attempt or one more);
+//! - an acked message never back, except the one acked just before the crash, which
+//!   may come back (its ack was not durable) and then only as a redelivery
+//!   (attempt >= 2); whether it did is read off the engine's depth and expired
+//!   count, which add up to one more if it did;
+//! - dead letters, delayed messages and their due times as they were.
+//!
+//! 1,000 cases by default (`PROPTEST_CASES` overrides); a failure is shrunk, printed
+//! with the inputs that reproduce it, and its seed saved to
+//! `queue_engine_model.proptest-regressions`, which later runs replay first.
+//!
+//! ```text
+//! cargo test -p tidings-broker --test queue_engine_model
+//! MODEL_DEBUG=1 cargo test -p tidings-broker --test queue_engine_model   # dump on a depth mismatch
+//! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +56,24 @@ use proptest::test_runner::FileFailurePersistence;
 use tidings_broker::queue::{
     ConsumerSession, DeliverySink, EngineConfig, FsyncPolicy, ManualClock, QueueEngine,
 };
+use tidings_broker::storage::{MemoryIndex, SimDisk, SimRng, StorageBackend};
 use tidings_protocol::{Delivery, Overflow, Publish, QueueOptions, Text};
 use tokio::sync::mpsc;
 
 const ACK_TIMEOUT: u64 = 1_000;
 const START_MS: u64 = 1_700_000_000_000;
+/// `max_deliveries` of setups with a TTL and no declared dead-letter queue: never
+/// reached in a case.
+const NEVER_SPENT: u32 = 1_000;
+const DLQ: &str = "q.dlq";
+
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    /// `kill -9`: everything written stays, as the operating system holds it.
+    Process,
+    /// The machine loses power: only what was synced stays.
+    PowerLoss { tear: bool },
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -46,7 +86,13 @@ enum Op {
     /// Cancel a consumer and start it again with this credit.
     Recycle(usize, u32),
     Redrive,
-    Restart,
+    /// The broker dies, right after acking this outstanding delivery (if any) without
+    /// waiting; `seed` drives what the power loss keeps.
+    Crash {
+        how: Crash,
+        ack: Option<usize>,
+        seed: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,7 +105,15 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop_oneof![Just(100u64), Just(400u64), Just(1_100u64)].prop_map(Op::Advance),
         1 => (0usize..2, 1u32..4).prop_map(|(c, credit)| Op::Recycle(c, credit)),
         1 => Just(Op::Redrive),
-        1 => Just(Op::Restart),
+        1 => (
+            prop_oneof![
+                Just(Crash::Process),
+                any::<bool>().prop_map(|tear| Crash::PowerLoss { tear }),
+            ],
+            proptest::option::of(any::<usize>()),
+            any::<u64>(),
+        )
+            .prop_map(|(how, ack, seed)| Op::Crash { how, ack, seed }),
     ]
 }
 
@@ -69,6 +123,9 @@ struct Setup {
     max_length: Option<u64>,
     drop_head: bool,
     credits: [u32; 2],
+    ttl: Option<u64>,
+    /// `q.dlq` is declared before the first message (else a dead letter creates it).
+    declare_dlq: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -77,13 +134,23 @@ fn setup() -> impl Strategy<Value = Setup> {
         prop_oneof![Just(None), (3u64..8).prop_map(Some)],
         any::<bool>(),
         (1u32..4, 1u32..4),
+        prop_oneof![2 => Just(None), 1 => prop_oneof![Just(500u64), Just(900), Just(1_500)].prop_map(Some)],
+        any::<bool>(),
     )
-        .prop_map(|(max_deliveries, max_length, drop_head, (a, b))| Setup {
-            max_deliveries,
-            max_length,
-            drop_head,
-            credits: [a, b],
-        })
+        .prop_map(
+            |(max_deliveries, max_length, drop_head, (a, b), ttl, declare_dlq)| Setup {
+                max_deliveries: if ttl.is_some() && !declare_dlq {
+                    NEVER_SPENT
+                } else {
+                    max_deliveries
+                },
+                max_length,
+                drop_head,
+                credits: [a, b],
+                ttl,
+                declare_dlq,
+            },
+        )
 }
 
 struct Sink(mpsc::UnboundedSender<Delivery>);
@@ -100,6 +167,8 @@ struct Held {
     id: u64,
     /// The queue's seq: the order it is stored in.
     seq: u64,
+    /// When it was stored (published or redriven): its TTL counts from here.
+    published: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +184,7 @@ struct Model {
     next_id: u64,
     next_seq: u64,
     now: u64,
+    ttl: Option<u64>,
     /// Redeliveries, served first.
     retry: VecDeque<Held>,
     /// Fresh ready messages in seq order.
@@ -122,12 +192,18 @@ struct Model {
     /// Delayed messages by (due, seq).
     delayed: Vec<(u64, Held)>,
     out: Vec<Out>,
-    /// Ids in the dead-letter queue (any order).
-    letters: Vec<u64>,
+    /// Ids in the dead-letter queue with their reason (any order).
+    letters: Vec<(u64, &'static str)>,
+    /// Whether `q.dlq` exists: declared, or created by a dead letter.
+    dlq_exists: bool,
+    /// Messages expired since the engine started (its `expired` figure).
+    expired: u64,
     /// Attempt of the last delivery, per id (deliveries made so far).
     attempts: HashMap<u64, u32>,
-    /// Ids whose next delivery follows a restart (its attempt may repeat).
+    /// Ids whose next delivery follows a crash (its attempt may repeat).
     restarted: HashMap<u64, bool>,
+    /// Acked just before a crash and back after it: must come as a redelivery.
+    ack_undone: HashSet<u64>,
     credits: [u32; 2],
 }
 
@@ -158,16 +234,41 @@ impl Model {
     fn take_back(&mut self, o: Out, delay: Option<u64>, max: u32) {
         let deliveries = self.attempts.get(&o.held.id).copied().unwrap_or(0);
         if deliveries >= max {
-            self.letters.push(o.held.id);
+            self.letters.push((o.held.id, "max_deliveries"));
+            self.dlq_exists = true;
             return;
         }
         match delay.filter(|d| *d > 0) {
             None => self.retry.push_back(o.held),
             Some(d) => {
                 let seq = self.seq();
-                self.delayed
-                    .push((self.now + d, Held { id: o.held.id, seq }));
+                self.delayed.push((self.now + d, Held { seq, ..o.held }));
             }
+        }
+    }
+
+    /// Past its TTL now: never earlier.
+    fn is_expired(&self, h: &Held) -> bool {
+        self.ttl.is_some_and(|ttl| self.now >= h.published + ttl)
+    }
+
+    fn expire(&mut self, h: Held) {
+        self.expired += 1;
+        if self.dlq_exists {
+            self.letters.push((h.id, "expired"));
+        }
+    }
+
+    /// Expired messages at the head of the retry and the ready queue leave; one
+    /// behind a live message waits until it gets to the head.
+    fn expire_head(&mut self) {
+        while self.retry.front().is_some_and(|h| self.is_expired(h)) {
+            let h = self.retry.pop_front().unwrap();
+            self.expire(h);
+        }
+        while self.fresh.front().is_some_and(|h| self.is_expired(h)) {
+            let h = self.fresh.pop_front().unwrap();
+            self.expire(h);
         }
     }
 }
@@ -177,27 +278,56 @@ fn cid(i: usize) -> u32 {
     u32::try_from(i).unwrap() + 1
 }
 
+/// The simulated machine: its disk and index outlive each engine.
+struct Machine {
+    disk: SimDisk,
+    index: MemoryIndex,
+    clock: ManualClock,
+}
+
+impl Machine {
+    fn config(&self) -> EngineConfig {
+        let mut c = EngineConfig::new("/sim/model");
+        c.storage = StorageBackend::simulated(self.disk.clone(), self.index.clone());
+        // A confirm means durable, so a power loss keeps every confirmed message.
+        c.fsync = FsyncPolicy::Always;
+        c.clock = Some(self.clock.clone());
+        c
+    }
+
+    /// Cuts the engine off its disk as `how` says; the engine's writes from now on
+    /// fail (its handles belong to the old run).
+    fn crash(&mut self, how: Crash, rng: &mut SimRng) {
+        match how {
+            Crash::Process => self.disk.process_crash(),
+            Crash::PowerLoss { tear } => self.disk.power_loss(rng, tear),
+        }
+        self.index.power_loss(rng);
+        self.disk = self.disk.reboot();
+        self.index = self.index.reboot();
+    }
+}
+
 struct Live {
     engine: QueueEngine,
     session: ConsumerSession,
     rx: mpsc::UnboundedReceiver<Delivery>,
 }
 
-fn config(dir: &std::path::Path, clock: &ManualClock) -> EngineConfig {
-    let mut c = EngineConfig::new(dir);
-    // Durability is issue 11's simulation; this model checks semantics, fast.
-    c.fsync = FsyncPolicy::Never;
-    c.clock = Some(clock.clone());
-    c
-}
-
-async fn start(dir: &std::path::Path, clock: &ManualClock, s: &Setup, credits: [u32; 2]) -> Live {
-    let engine = QueueEngine::open(config(dir, clock)).unwrap();
+/// Opens the engine on what the disk holds and declares the queues (a match for
+/// what is stored after a crash). No consumers yet.
+async fn open(machine: &Machine, s: &Setup) -> QueueEngine {
+    let config = machine.config();
+    let engine = tokio::task::block_in_place(|| QueueEngine::open(config)).unwrap();
+    if s.declare_dlq {
+        engine.declare(DLQ, &QueueOptions::default()).await.unwrap();
+    }
     let options = QueueOptions {
         bindings: vec![Text::from("t")],
         max_deliveries: Some(s.max_deliveries),
         ack_timeout_ms: Some(ACK_TIMEOUT),
         max_length: s.max_length,
+        ttl_ms: s.ttl,
         overflow: Some(if s.drop_head {
             Overflow::DropHead
         } else {
@@ -206,6 +336,10 @@ async fn start(dir: &std::path::Path, clock: &ManualClock, s: &Setup, credits: [
         ..Default::default()
     };
     engine.declare("q", &options).await.unwrap();
+    engine
+}
+
+fn attach(engine: QueueEngine, credits: [u32; 2]) -> Live {
     let (tx, rx) = mpsc::unbounded_channel();
     let session = engine.session(Arc::new(Sink(tx)));
     for (i, credit) in credits.iter().enumerate() {
@@ -229,6 +363,10 @@ async fn settle(live: &mut Live, model: &mut Model) -> Result<(), TestCaseError>
         let Some(held) = model.retry.pop_front().or_else(|| model.fresh.pop_front()) else {
             break;
         };
+        if model.is_expired(&held) {
+            model.expire(held);
+            continue;
+        }
         let d = tokio::time::timeout(Duration::from_secs(5), live.rx.recv())
             .await
             .map_err(|_| TestCaseError::fail(format!("message {} was not delivered", held.id)))?
@@ -246,13 +384,21 @@ async fn settle(live: &mut Live, model: &mut Model) -> Result<(), TestCaseError>
             let low = prev.max(1);
             prop_assert!(
                 d.attempt >= low && d.attempt <= low + 1,
-                "message {} attempt {} after {} and a restart",
+                "message {} attempt {} after {} and a crash",
                 held.id,
                 d.attempt,
                 prev
             );
         } else {
             prop_assert_eq!(d.attempt, prev + 1, "attempt of message {}", held.id);
+        }
+        if model.ack_undone.remove(&held.id) {
+            prop_assert!(
+                d.attempt >= 2,
+                "message {} acked before a crash came back as attempt {}",
+                held.id,
+                d.attempt
+            );
         }
         model.attempts.insert(held.id, d.attempt);
         model.out.push(Out {
@@ -262,6 +408,7 @@ async fn settle(live: &mut Live, model: &mut Model) -> Result<(), TestCaseError>
             deadline: model.now + ACK_TIMEOUT,
         });
     }
+    model.expire_head();
     if let Ok(d) = live.rx.try_recv() {
         return Err(TestCaseError::fail(format!("a stray delivery {d:?}")));
     }
@@ -280,20 +427,104 @@ async fn settle(live: &mut Live, model: &mut Model) -> Result<(), TestCaseError>
     prop_assert_eq!(info.depth, model.held() as u64, "depth");
     prop_assert_eq!(info.in_flight, model.out.len() as u64, "in flight");
     prop_assert_eq!(info.delayed, model.delayed.len() as u64, "delayed");
-    let dlq = live.engine.info("q.dlq").map(|i| i.depth).unwrap_or(0);
+    prop_assert_eq!(
+        live.engine.view("q").unwrap().expired,
+        model.expired,
+        "expired"
+    );
+    let dlq = live.engine.info(DLQ).map(|i| i.depth).unwrap_or(0);
     prop_assert_eq!(dlq, model.letters.len() as u64, "dead letters");
+    prop_assert_eq!(
+        live.engine.info(DLQ).is_ok(),
+        model.dlq_exists,
+        "q.dlq exists"
+    );
     Ok(())
 }
 
+/// Crashes the engine and opens a new one on what survived; brings the model to
+/// what must be there after it.
+async fn crash(
+    live: Live,
+    machine: &mut Machine,
+    model: &mut Model,
+    s: &Setup,
+    how: Crash,
+    ack: Option<usize>,
+    seed: u64,
+) -> Result<Live, TestCaseError> {
+    let mut rng = SimRng::new(seed);
+    // An ack the crash may catch before it is durable.
+    let unsettled = match ack {
+        Some(i) if !model.out.is_empty() => {
+            let o = model.out.remove(i % model.out.len());
+            live.session.ack(&[o.delivery_id]).unwrap();
+            Some(o.held)
+        }
+        _ => None,
+    };
+    machine.crash(how, &mut rng);
+    let Live {
+        engine, session, ..
+    } = live;
+    // No graceful shutdown reaches the disk: the old engine's handles are dead, so
+    // letting its session go and stopping its tasks writes nothing.
+    drop(session);
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open(machine, s).await;
+    engine.settle().await;
+    // Everything the queue held comes back ready, in the order it was stored.
+    let mut ready: Vec<Held> = model
+        .retry
+        .drain(..)
+        .chain(model.fresh.drain(..))
+        .chain(model.out.drain(..).map(|o| o.held))
+        .collect();
+    let certain = (ready.len() + model.delayed.len()) as u64;
+    // Whatever expires on the way is counted: depth and expired together say
+    // whether the unsettled ack was undone.
+    let view = engine.view("q").unwrap();
+    let present = view.info.depth + view.expired;
+    if let Some(h) = unsettled {
+        prop_assert!(
+            present == certain || present == certain + 1,
+            "{} messages and {} expired after a crash, {} expected (or one more)",
+            view.info.depth,
+            view.expired,
+            certain
+        );
+        if present == certain + 1 {
+            ready.push(h);
+            model.ack_undone.insert(h.id);
+        }
+    } else {
+        prop_assert_eq!(present, certain, "messages after a crash");
+    }
+    ready.sort_by_key(|h| h.seq);
+    for h in &ready {
+        model.restarted.insert(h.id, true);
+    }
+    model.fresh = ready.into();
+    model.expired = 0;
+    Ok(attach(engine, model.credits))
+}
+
 async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(START_MS);
+    let mut machine = Machine {
+        disk: SimDisk::new(),
+        index: MemoryIndex::new(),
+        clock: ManualClock::new(START_MS),
+    };
     let mut model = Model {
         now: START_MS,
+        ttl: s.ttl,
         credits: s.credits,
+        dlq_exists: s.declare_dlq,
         ..Model::default()
     };
-    let mut live = start(dir.path(), &clock, &s, model.credits).await;
+    let mut live = attach(open(&machine, &s).await, model.credits);
     let max = s.max_deliveries;
     for op in ops {
         match op {
@@ -314,7 +545,11 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let stored = fits || (s.drop_head && model.drop_oldest());
                     if stored {
                         let seq = model.seq();
-                        let held = Held { id, seq };
+                        let held = Held {
+                            id,
+                            seq,
+                            published: model.now,
+                        };
                         if delay > 0 {
                             model.delayed.push((model.now + delay, held));
                         } else {
@@ -346,7 +581,8 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Advance(ms) => {
                 model.now += ms;
                 // Ack timeouts first, by (deadline, seq); then delayed messages due,
-                // by (due, seq), each to the end of the queue with a new seq.
+                // by (due, seq), each to the end of the queue with a new seq (and its
+                // first publish time still).
                 let mut timed_out: Vec<Out> = Vec::new();
                 model.out.retain(|o| {
                     let due = o.deadline <= model.now;
@@ -366,9 +602,9 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.delayed = later;
                 for (_, h) in due {
                     let seq = model.seq();
-                    model.fresh.push_back(Held { id: h.id, seq });
+                    model.fresh.push_back(Held { seq, ..h });
                 }
-                clock.advance(ms);
+                machine.clock.advance(ms);
             }
             Op::Recycle(c, credit) => {
                 live.session.cancel(cid(c)).unwrap();
@@ -401,16 +637,26 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .await
                     .unwrap()
                     .letters;
-                let mut listed: Vec<u64> = letters
+                let mut listed: Vec<(u64, String)> = letters
                     .iter()
-                    .map(|l| String::from_utf8_lossy(&l.payload).parse().unwrap())
+                    .map(|l| {
+                        (
+                            String::from_utf8_lossy(&l.payload).parse().unwrap(),
+                            l.reason.to_string(),
+                        )
+                    })
                     .collect();
-                let mut expected = model.letters.clone();
-                let order = listed.clone();
+                let order: Vec<u64> = listed.iter().map(|(id, _)| *id).collect();
+                let mut expected: Vec<(u64, String)> = model
+                    .letters
+                    .iter()
+                    .map(|(id, reason)| (*id, (*reason).to_owned()))
+                    .collect();
                 listed.sort_unstable();
                 expected.sort_unstable();
                 prop_assert_eq!(listed, expected, "dead letters");
-                // Redriven in the listed order, each as a publish would be.
+                // Redriven in the listed order, each as a publish would be: a new
+                // message, its TTL counted from now.
                 let mut moved = 0u64;
                 for id in order {
                     let fits = s.max_length.is_none_or(|l| (model.held() as u64) < l);
@@ -419,40 +665,25 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         break;
                     }
                     moved += 1;
-                    model.letters.retain(|l| *l != id);
+                    let at = model.letters.iter().position(|(l, _)| *l == id).unwrap();
+                    model.letters.remove(at);
                     model.attempts.remove(&id);
                     model.restarted.remove(&id);
+                    model.ack_undone.remove(&id);
                     let seq = model.seq();
-                    model.fresh.push_back(Held { id, seq });
+                    model.fresh.push_back(Held {
+                        id,
+                        seq,
+                        published: model.now,
+                    });
                 }
                 match live.engine.redrive("q", 0).await {
                     Ok(n) => prop_assert_eq!(n, moved, "redriven"),
                     Err(e) => prop_assert!(moved == 0, "redrive failed after moving: {}", e),
                 }
             }
-            Op::Restart => {
-                let Live {
-                    engine, session, ..
-                } = live;
-                engine.settle().await;
-                // Stop the store before the session lets go of its deliveries, as a
-                // crash would: only the delivery mark and stored attempt counts tell
-                // the restarted engine what was delivered.
-                engine.shutdown().await;
-                drop(session);
-                drop(engine);
-                live = start(dir.path(), &clock, &s, model.credits).await;
-                let mut ready: Vec<Held> = model
-                    .retry
-                    .drain(..)
-                    .chain(model.fresh.drain(..))
-                    .chain(model.out.drain(..).map(|o| o.held))
-                    .collect();
-                ready.sort_by_key(|h| h.seq);
-                for h in &ready {
-                    model.restarted.insert(h.id, true);
-                }
-                model.fresh = ready.into();
+            Op::Crash { how, ack, seed } => {
+                live = crash(live, &mut machine, &mut model, &s, how, ack, seed).await?;
             }
         }
         settle(&mut live, &mut model).await?;
@@ -463,7 +694,11 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 1_000,
+        // An explicit `cases` would hide the environment's: read it here.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1_000),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "tests/queue_engine_model.proptest-regressions"
         ))),

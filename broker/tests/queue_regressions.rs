@@ -639,3 +639,50 @@ async fn limits_count_headers_and_message_ids_are_capped() {
     assert_eq!(e.request_id, request_id);
     assert_eq!(c.info("q").await.depth, 3, "nothing stored");
 }
+
+#[tokio::test]
+async fn a_dead_letter_queue_gets_no_dead_letter_queue_of_its_own() {
+    let broker = Restartable::start(|_| {}).await;
+    let mut c = broker.client().await;
+    c.declare_ok(
+        "jobs",
+        QueueOptions {
+            max_deliveries: Some(1),
+            ..bound("jobs")
+        },
+    )
+    .await;
+    c.publish("jobs", "poison").await;
+    c.consume(1, "jobs", 1).await;
+    let d = c.delivery().await;
+    c.nack(d.delivery_id).await;
+    c.wait_letters("jobs", 1).await;
+    // `jobs.dlq` was created with the defaults (5 deliveries); a consumer of it that
+    // keeps failing gets the letter again and again, attempts growing, and it is
+    // never moved on into a `jobs.dlq.dlq`.
+    c.consume(2, "jobs.dlq", 1).await;
+    for attempt in 1..=8 {
+        let d = c.delivery().await;
+        assert_eq!(d.queue, "jobs.dlq");
+        assert_eq!(d.attempt, attempt, "redelivered in the dead-letter queue");
+        c.nack(d.delivery_id).await;
+    }
+    let d = c.delivery().await;
+    assert_eq!((body(&d), d.attempt), ("poison", 9));
+    let request_id = c.0.request_id();
+    c.0.send(Frame::QueueInfoRequest(QueueInfoRequest {
+        request_id,
+        name: "jobs.dlq.dlq".into(),
+    }))
+    .await;
+    c.0.expect_error(ErrorCode::QueueNotFound).await;
+    assert_eq!(c.info("jobs.dlq").await.depth, 1);
+
+    // A declared dead-letter queue of the dead-letter queue is used.
+    c.declare_ok("jobs.dlq.dlq", QueueOptions::default()).await;
+    c.nack(d.delivery_id).await;
+    let letters = c.wait_letters("jobs.dlq", 1).await;
+    assert_eq!(letters[0].payload, Bytes::from_static(b"poison"));
+    assert_eq!(c.info("jobs.dlq.dlq").await.depth, 1);
+    assert_eq!(c.info("jobs.dlq").await.depth, 0);
+}

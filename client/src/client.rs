@@ -72,6 +72,9 @@ impl Client {
         let opened = connection::open(&opts).await?;
         let (state_tx, state_rx) = watch::channel(ConnState::Connected);
         let shared = Arc::new(Shared::new(opts, state_rx, opened.max_payload()));
+        shared
+            .max_credit
+            .store(opened.max_credit(), Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = Handle { tx, shared };
         let close = CancellationToken::new();
@@ -97,6 +100,30 @@ impl Client {
     /// The largest payload the broker accepts (learned in the handshake).
     pub fn max_payload(&self) -> usize {
         self.handle().shared.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// The most credit the broker grants one consumer, as it announced in the
+    /// handshake; `None` from a broker that does not say (protocol 1.0). Learned
+    /// again on every reconnect.
+    ///
+    /// The client never asks for more: [`Client::consume`]'s `prefetch` and
+    /// [`Consumer::add_credit`](crate::Consumer::add_credit) are clamped to it
+    /// before they are sent, as the broker would clamp them anyway.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: tidings_client::Client) -> Result<(), tidings_client::Error> {
+    /// let prefetch = 10_000;
+    /// if let Some(cap) = client.max_credit() {
+    ///     if cap < prefetch {
+    ///         println!("the broker grants at most {cap} deliveries in flight");
+    ///     }
+    /// }
+    /// let consumer = client.consume("jobs", prefetch).await?; // window: min(10,000, cap)
+    /// # consumer.close().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn max_credit(&self) -> Option<u32> {
+        self.handle().shared.max_credit()
     }
 
     /// Connection events (disconnected, reconnected, closed).

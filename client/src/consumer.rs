@@ -19,7 +19,8 @@ use crate::handle::Handle;
 impl Client {
     /// Starts a consumer on `queue` with a credit window of `prefetch`
     /// deliveries: the broker sends at most that many unacknowledged deliveries at
-    /// once, and each ack or nack makes room for the next.
+    /// once, and each ack or nack makes room for the next. A `prefetch` above the
+    /// broker's [`Client::max_credit`] is clamped to it (0 counts as 1).
     ///
     /// ```no_run
     /// # async fn demo(client: tidings_client::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -71,8 +72,8 @@ impl Client {
         prefetch: u32,
         limit: Option<u32>,
     ) -> Result<Consumer, QueueError> {
-        let prefetch = prefetch.max(1);
         let handle = self.handle();
+        let prefetch = handle.shared.clamp_credit(prefetch.max(1));
         let cid = handle.shared.next_sid();
         // Room for one window from the current connection and one left over from a
         // connection that dropped, whose deliveries the user may still be holding.
@@ -219,7 +220,8 @@ impl Consumer {
         self.ended.get()
     }
 
-    /// Widens the credit window by `credit` deliveries (a CREDIT frame).
+    /// Widens the credit window by `credit` deliveries (a CREDIT frame), up to the
+    /// broker's [`Client::max_credit`]: past it nothing is sent.
     pub fn add_credit(&self, credit: u32) -> Result<(), QueueError> {
         self.client
             .handle()

@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     /// acks for a dead connection are refused instead of confusing the new one.
     pub(crate) epoch: AtomicU64,
     pub(crate) max_payload: AtomicUsize,
+    /// The broker's max credit from WELCOME; 0 when it did not say (a 1.0 broker).
+    pub(crate) max_credit: AtomicU32,
     /// `_INBOX.<random>`, or `_INBOX.<user>.<random>` when logged in as a user
     /// (the broker always lets a user read `_INBOX.<user>.>`): the prefix of every
     /// reply topic of this client.
@@ -57,6 +59,7 @@ impl Shared {
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(1),
             max_payload: AtomicUsize::new(max_payload),
+            max_credit: AtomicU32::new(0),
             inbox: match &opts.user {
                 Some(user) => format!("_INBOX.{user}.{}", random_token()),
                 None => format!("_INBOX.{}", random_token()),
@@ -65,6 +68,20 @@ impl Shared {
             events,
             opts,
         }
+    }
+
+    /// The broker's max credit, when it announced one.
+    pub(crate) fn max_credit(&self) -> Option<u32> {
+        match self.max_credit.load(Ordering::Relaxed) {
+            0 => None,
+            cap => Some(cap),
+        }
+    }
+
+    /// `credit` clamped to the broker's max credit (unchanged when unknown), so the
+    /// client never asks for more than the broker grants.
+    pub(crate) fn clamp_credit(&self, credit: u32) -> u32 {
+        self.max_credit().map_or(credit, |cap| credit.min(cap))
     }
 
     /// A request id, never 0 (0 means "not tied to a request" on the wire).

@@ -112,6 +112,7 @@ async fn silent_broker() -> String {
                     max_payload: 1 << 16,
                     heartbeat_ms: 0,
                     minor: Some(1),
+                    max_credit: Some(8),
                 });
                 codec.encode(welcome, &mut out).unwrap();
                 stream.write_all(&out).await.unwrap();
@@ -428,6 +429,7 @@ async fn a_1_0_broker_is_dialled_again_with_a_1_0_hello() {
                     max_payload: 1 << 16,
                     heartbeat_ms: 0,
                     minor: None,
+                    max_credit: None,
                 })
             };
             codec.encode(answer, &mut out).unwrap();
@@ -443,6 +445,7 @@ async fn a_1_0_broker_is_dialled_again_with_a_1_0_hello() {
     });
     let client = within(ClientBuilder::new(addr).connect()).await.unwrap();
     assert!(client.is_connected());
+    assert_eq!(client.max_credit(), None, "a 1.0 broker announces no cap");
     drop(client);
     assert_eq!(within(server).await.unwrap(), vec![Some(1), None]);
 }

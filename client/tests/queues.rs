@@ -460,3 +460,36 @@ async fn a_consumer_of_a_deleted_queue_ends_with_a_typed_error_over_tcp() {
     let again = within(client.consume("doomed", 8)).await;
     assert!(again.is_ok(), "{:?}", again.err());
 }
+
+#[tokio::test]
+async fn the_client_learns_the_brokers_max_credit_and_never_asks_for_more() {
+    let broker = TestBroker::start_with(|config| config.max_credit = 3).await;
+    let client = broker.client().await;
+    assert_eq!(client.max_credit(), Some(3), "announced in WELCOME");
+    within(client.declare_queue(QueueConfig::new("capped").bind("capped.>")))
+        .await
+        .unwrap();
+    for i in 0..6 {
+        within(client.publish_confirmed(Message::new("capped.x", format!("{i}"))))
+            .await
+            .unwrap();
+    }
+    let mut consumer = within(client.consume("capped", 100)).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let d = within(consumer.next()).await.unwrap();
+        assert_eq!(d.payload(), format!("{i}").as_bytes());
+        held.push(d);
+    }
+    // Past the cap a CREDIT would change nothing; the client does not send it.
+    consumer.add_credit(50).unwrap();
+    let info = within(client.queue_info("capped")).await.unwrap();
+    assert_eq!(info.in_flight, 3, "prefetch 100 was clamped to 3");
+    // An ack frees one place of the window of 3, not of 100 or 150.
+    within(held.remove(0).ack()).await.unwrap();
+    let d = within(consumer.next()).await.unwrap();
+    assert_eq!(d.payload().as_ref(), b"3");
+    let info = within(client.queue_info("capped")).await.unwrap();
+    assert_eq!((info.in_flight, info.depth), (3, 5));
+    consumer.close().await.unwrap();
+}

@@ -218,7 +218,8 @@ pub struct Config {
     pub queue_window: usize,
 
     /// Most credit (deliveries outstanding at once) one queue consumer may have; a
-    /// CONSUME or CREDIT asking for more is clamped to it [default: 1024].
+    /// CONSUME or CREDIT asking for more is clamped to it. Announced to 1.1 clients
+    /// in WELCOME [default: 1024].
     #[arg(
         long,
         env = "TIDINGS_MAX_CREDIT",

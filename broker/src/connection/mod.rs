@@ -274,6 +274,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             max_payload: u32::try_from(config.max_payload).unwrap_or(u32::MAX),
             heartbeat_ms: u32::try_from(config.heartbeat.as_millis()).unwrap_or(u32::MAX),
             minor,
+            // A 1.1 addition: a 1.0 client gets the 1.0 layout.
+            max_credit: minor
+                .filter(|m| *m >= 1)
+                .map(|_| shared.queues.engine.max_credit()),
         }));
 
         // Established: frames until the peer leaves, an error closes, or shutdown.

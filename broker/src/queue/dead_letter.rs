@@ -172,8 +172,12 @@ impl EngineInner {
 
     /// Moves messages leaving `source` into its dead-letter queue. Expired messages
     /// go there only if it exists (they are dropped otherwise); messages that used
-    /// up their deliveries create it. Each message is removed from `source` once
-    /// its copy is durable; one the dead-letter queue refuses stays in `source`.
+    /// up their deliveries create it, unless they are dead letters already: a
+    /// dead-letter queue's own dead-letter queue is used only if it exists (was
+    /// declared), so dead-letter queues are not chained by default (`x.dlq.dlq`,
+    /// `x.dlq.dlq.dlq` …) and a letter that used up its deliveries there stays and
+    /// is redelivered. Each message is removed from `source` once its copy is
+    /// durable; one the dead-letter queue refuses stays in `source`.
     pub(crate) fn move_departures(&self, source: &Arc<Queue>, departures: Vec<Departure>) {
         if departures.is_empty() {
             return;
@@ -181,6 +185,14 @@ impl EngineInner {
         let (expired, spent): (Vec<Departure>, Vec<Departure>) =
             departures.into_iter().partition(|d| d.reason == "expired");
         let exists = self.queue(&source.settings.dead_letter).is_ok();
+        let (kept, spent): (Vec<Departure>, Vec<Departure>) = if exists {
+            (Vec::new(), spent)
+        } else {
+            spent.into_iter().partition(|d| d.message.dead.is_some())
+        };
+        for d in kept {
+            source.abort_departure(d.slot, d.message);
+        }
         let (dropped, mut moving) = if exists {
             (Vec::new(), expired)
         } else {

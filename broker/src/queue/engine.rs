@@ -339,7 +339,19 @@ impl QueueEngine {
     /// of continuous activity.
     pub async fn settle(&self) {
         let inner = &self.inner;
+        let busy = || {
+            let due = inner
+                .deadlines
+                .next()
+                .is_some_and(|at| at <= inner.clock.now_ms());
+            let queues: Vec<Arc<Queue>> = inner.read().queues.values().cloned().collect();
+            due || inner.moves.load(Ordering::SeqCst) > 0 || queues.iter().any(|q| !q.is_quiet())
+        };
         for _ in 0..1000 {
+            // Quiet before the rounds are queued, not only after: work in motion
+            // then (a dead-letter move finishing) may queue its writes after the
+            // rounds and be quiet by the time they resolve, with nothing durable.
+            let quiet_before = !busy();
             // Two rounds: the second is queued after the first resolved, so the
             // first round's callbacks have run when it resolves.
             for _ in 0..2 {
@@ -347,15 +359,7 @@ impl QueueEngine {
                     return;
                 }
             }
-            let due = inner
-                .deadlines
-                .next()
-                .is_some_and(|at| at <= inner.clock.now_ms());
-            let queues: Vec<Arc<Queue>> = inner.read().queues.values().cloned().collect();
-            let busy = due
-                || inner.moves.load(Ordering::SeqCst) > 0
-                || queues.iter().any(|q| !q.is_quiet());
-            if !busy {
+            if quiet_before && !busy() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;

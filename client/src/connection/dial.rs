@@ -23,6 +23,11 @@ impl Opened {
         usize::try_from(self.welcome.max_payload).unwrap_or(usize::MAX)
     }
 
+    /// The broker's max credit (0: not announced, a 1.0 broker).
+    pub(crate) fn max_credit(&self) -> u32 {
+        self.welcome.max_credit.unwrap_or(0)
+    }
+
     /// The largest frame the broker said it sends or accepts.
     pub(crate) fn max_frame_len(&self) -> usize {
         usize::try_from(self.welcome.max_frame_len).unwrap_or(usize::MAX)

@@ -226,6 +226,10 @@ impl Task {
                     .shared
                     .max_payload
                     .store(opened.max_payload(), Ordering::Relaxed);
+                self.handle
+                    .shared
+                    .max_credit
+                    .store(opened.max_credit(), Ordering::Relaxed);
                 self.codec = FrameCodec::new(opened.max_frame_len());
                 let heartbeat = match opened.welcome.heartbeat_ms {
                     0 => None,
@@ -357,10 +361,15 @@ impl Task {
             self.restoring += 1;
             self.send_tracked(request_id, &frame, Pending::Subscribe { sid, reply: None });
         }
+        // The broker reconnected to may grant less credit than the one before.
+        let shared = self.handle.shared.clone();
         let consumers: Vec<(u32, Text, u32, Option<u32>)> = self
             .consumers
-            .iter()
-            .map(|(cid, c)| (*cid, c.queue.clone(), c.window, c.remaining))
+            .iter_mut()
+            .map(|(cid, c)| {
+                c.window = shared.clamp_credit(c.window);
+                (*cid, c.queue.clone(), c.window, c.remaining)
+            })
             .collect();
         for (cid, queue, credit, limit) in consumers {
             let request_id = self.handle.shared.next_id();

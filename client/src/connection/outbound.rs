@@ -133,6 +133,8 @@ impl Task {
                 sink,
                 reply,
             } => {
+                // Never more than the broker grants (it would clamp it anyway).
+                let prefetch = self.handle.shared.clamp_credit(prefetch);
                 let frame = Frame::Consume(Consume {
                     limit,
                     request_id: id,
@@ -179,11 +181,20 @@ impl Task {
             }
             Command::Credit { cid, credit } => {
                 if let Some(consumer) = self.consumers.get_mut(&cid) {
-                    consumer.window = consumer.window.saturating_add(credit);
-                    self.encode(&Frame::Credit(Credit {
-                        consumer_id: cid,
-                        credit,
-                    }));
+                    // Up to the broker's max credit: asking past it is a no-op
+                    // there, and a CREDIT of 0 would be refused.
+                    let window = self
+                        .handle
+                        .shared
+                        .clamp_credit(consumer.window.saturating_add(credit));
+                    let credit = window.saturating_sub(consumer.window);
+                    consumer.window = window;
+                    if credit > 0 {
+                        self.encode(&Frame::Credit(Credit {
+                            consumer_id: cid,
+                            credit,
+                        }));
+                    }
                 }
             }
             Command::Ack { epoch, delivery_id } => {

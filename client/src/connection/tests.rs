@@ -30,6 +30,7 @@ fn welcome() -> Frame {
         max_frame_len: 1 << 20,
         max_payload: 1 << 16,
         heartbeat_ms: 0,
+        max_credit: None,
     })
 }
 

@@ -97,8 +97,11 @@ impl Hello {
 /// WELCOME: the server accepts the handshake and states its limits.
 ///
 /// Body: `version:u16 server_version:str max_frame_len:u32 max_payload:u32
-/// heartbeat_ms:u32 [minor:u16]`. Flag `0x01` (`MINOR`): the session's minor
-/// version follows; a server sets it only when the HELLO carried one.
+/// heartbeat_ms:u32 [minor:u16] [max_credit:u32]`. Flag `0x01` (`MINOR`): the
+/// session's minor version follows; a server sets it only when the HELLO carried
+/// one. Flag `0x02` (`MAX_CREDIT`, protocol 1.1): the server's cap on a consumer's
+/// credit follows, after `minor`; a server sends it only on 1.1 sessions, so a 1.0
+/// client sees exactly the 1.0 layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// The protocol version the session will use.
@@ -114,11 +117,17 @@ pub struct Welcome {
     /// The minor version the session uses, when the HELLO announced one; `None`
     /// means 1.0.
     pub minor: Option<u16>,
+    /// The most credit (deliveries outstanding) the server grants one consumer: a
+    /// CONSUME or CREDIT asking for more is clamped to it. Sent on 1.1 sessions
+    /// only; `None` from a 1.0 session (or a server that does not say).
+    pub max_credit: Option<u32>,
 }
 
 impl Welcome {
     /// Flag: the session's minor version follows.
     pub const FLAG_MINOR: u8 = 0x01;
+    /// Flag (1.1): the server's max credit follows, after `minor`.
+    pub const FLAG_MAX_CREDIT: u8 = 0x02;
 
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
         w.u16(self.version);
@@ -126,15 +135,20 @@ impl Welcome {
         w.u32(self.max_frame_len);
         w.u32(self.max_payload);
         w.u32(self.heartbeat_ms);
+        let mut flags = 0;
         if let Some(minor) = self.minor {
             w.u16(minor);
-            return Ok(Self::FLAG_MINOR);
+            flags |= Self::FLAG_MINOR;
         }
-        Ok(0)
+        if let Some(max_credit) = self.max_credit {
+            w.u32(max_credit);
+            flags |= Self::FLAG_MAX_CREDIT;
+        }
+        Ok(flags)
     }
 
     pub(crate) fn decode(flags: u8, r: &mut Reader) -> Result<Self, ProtocolError> {
-        check_flags("WELCOME", flags, Self::FLAG_MINOR)?;
+        check_flags("WELCOME", flags, Self::FLAG_MINOR | Self::FLAG_MAX_CREDIT)?;
         Ok(Self {
             version: r.u16("version")?,
             server_version: r.text("server_version")?,
@@ -143,6 +157,11 @@ impl Welcome {
             heartbeat_ms: r.u32("heartbeat_ms")?,
             minor: if flags & Self::FLAG_MINOR != 0 {
                 Some(r.u16("minor")?)
+            } else {
+                None
+            },
+            max_credit: if flags & Self::FLAG_MAX_CREDIT != 0 {
+                Some(r.u32("max_credit")?)
             } else {
                 None
             },

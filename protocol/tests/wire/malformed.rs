@@ -57,6 +57,7 @@ fn invalid_utf8_names_the_field_and_offset() {
                 max_frame_len: 1,
                 max_payload: 1,
                 heartbeat_ms: 1,
+                max_credit: None,
             }
             .into(),
             "server_version",

@@ -92,6 +92,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 max_frame_len: 1_114_112,
                 max_payload: 1_048_576,
                 heartbeat_ms: 15_000,
+                max_credit: None,
             }
             .into(),
         ),
@@ -475,7 +476,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
 pub fn known_flags(kind: u8) -> u8 {
     match kind {
         kind::Hello => Hello::FLAG_TOKEN | Hello::FLAG_USER | Hello::FLAG_MINOR,
-        kind::Welcome => Welcome::FLAG_MINOR,
+        kind::Welcome => Welcome::FLAG_MINOR | Welcome::FLAG_MAX_CREDIT,
         kind::Publish => 0x3f,
         kind::Subscribe => Subscribe::FLAG_GROUP,
         kind::Message => Message::FLAG_REPLY_TO | Message::FLAG_MESSAGE_ID,

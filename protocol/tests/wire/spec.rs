@@ -69,6 +69,20 @@ fn examples() -> BTreeMap<&'static str, Frame> {
                 max_payload: 1_048_576,
                 heartbeat_ms: 10_000,
                 minor: Some(1),
+                max_credit: Some(1024),
+            }
+            .into(),
+        ),
+        (
+            "welcome-1-0",
+            Welcome {
+                version: 1,
+                server_version: t("0.1.0"),
+                max_frame_len: 1_114_112,
+                max_payload: 1_048_576,
+                heartbeat_ms: 10_000,
+                minor: None,
+                max_credit: None,
             }
             .into(),
         ),

@@ -178,11 +178,13 @@ fn session_frames() -> BoxedStrategy<Frame> {
             any::<u16>(),
             text(),
             any::<[u32; 3]>(),
-            option::of(any::<u16>())
+            option::of(any::<u16>()),
+            option::of(any::<u32>()),
         )
-            .prop_map(|(version, sv, n, minor)| {
+            .prop_map(|(version, sv, n, minor, max_credit)| {
                 Frame::from(Welcome {
                     minor,
+                    max_credit,
                     version,
                     server_version: sv,
                     max_frame_len: n[0],

@@ -123,9 +123,15 @@ fn config(disk: &SimDisk, index: &MemoryIndex, seed: u64, broken: Broken) -> Eng
         StorageBackend::simulated(disk.clone(), index.clone())
     };
     // The index overlay written through at once, now and then, and at checkpoints.
-    c.storage = c
-        .storage
-        .with_overlay_limit([0, 4, 100_000][usize::try_from(seed % 3).unwrap_or(0)]);
+    // The index-ahead self-check writes through at once: what it shows is sled
+    // writing back early on its own, which an overlay holding the writes would hide
+    // in most seeds (and then the check would pass by luck or not at all).
+    let overlay = if broken == Broken::IndexAhead {
+        0
+    } else {
+        [0, 4, 100_000][usize::try_from(seed % 3).unwrap_or(0)]
+    };
+    c.storage = c.storage.with_overlay_limit(overlay);
     c.segment_bytes = 24 << 10;
     c.checkpoint_interval = Duration::from_millis(15);
     c.ready_window = 6;
@@ -691,6 +697,7 @@ fn seeds() {
 fn a_noop_fdatasync_is_caught() {
     let failures = run_seeds(0, 200, Broken::NoopSync);
     let losses = failures.iter().filter(|(_, e)| e.contains("LOSS")).count();
+    eprintln!("fdatasync a no-op: {losses} of 200 seeds found a loss");
     assert!(
         losses > 0,
         "no loss found with fdatasync a no-op: the checker proves nothing ({failures:?})"
@@ -703,7 +710,13 @@ fn a_noop_fdatasync_is_caught() {
 /// a confirmed message gone.
 #[test]
 fn an_index_ahead_of_the_log_is_caught() {
-    let failures = run_seeds(0, 300, Broken::IndexAhead);
+    // About 3 % of seeds hit such a state (a power loss right after sled wrote back
+    // a round that was not durable yet): 600 seeds find 10 to 30 of them.
+    let failures = run_seeds(0, 600, Broken::IndexAhead);
+    eprintln!(
+        "index ahead of the log: {} of 600 seeds found it",
+        failures.len()
+    );
     for (seed, err) in failures.iter().take(3) {
         eprintln!("index ahead of the log, seed {seed}: {err}");
     }

@@ -1,8 +1,8 @@
 //! The sync thread (`tidings-sync`): takes every round the writer handed over since
 //! its last sync, makes them durable with one `fdatasync` per segment written (per
-//! the fsync policy), resolves the tickets of those rounds (the confirms), and then,
-//! round by round, applies the round's batch to the index, tells its listeners and
-//! serves its reads. Between
+//! the fsync policy), applies each round's batch to the index and resolves its
+//! ticket (the confirms), and then, round by round, tells its listeners and serves
+//! its reads. Between
 //! rounds it runs the checkpoints and deletes the segments they free.
 //!
 //! So the index only ever holds rounds that are durable in the log (under
@@ -160,18 +160,14 @@ impl Syncer {
                 last_sync = Instant::now();
                 dirty = false;
             }
-            // Confirms first: a round is durable once the sync above returned, and
-            // replay rebuilds the index from the log, so no confirm needs to wait
-            // for the index writes or for the deliveries the listeners make.
-            // Listeners and reads still run after their round's index writes.
+            // Index writes of every round synced, then their confirms, then the
+            // listeners (which make messages visible and deliver them) and reads: a
+            // confirm waits for its round's sync and index writes, so what it
+            // confirms can be read back at once, but not for the deliveries of the
+            // rounds before it.
+            let mut results = Vec::with_capacity(rounds.len());
             for round in &mut rounds {
-                if let Some(ticket) = round.ticket.take() {
-                    let result = round.result.clone().and_then(|()| synced.clone());
-                    ticket.send_replace(Some(result));
-                }
-            }
-            for round in rounds {
-                let mut result = round.result.and_then(|()| synced.clone());
+                let mut result = round.result.clone().and_then(|()| synced.clone());
                 if result.is_ok() {
                     if let Some(batch) = &round.batch {
                         if let Err(err) = IndexBatch::apply(batch, &*self.index) {
@@ -184,6 +180,12 @@ impl Syncer {
                         self.log_end = self.log_end.max(round.log_end);
                     }
                 }
+                if let Some(ticket) = round.ticket.take() {
+                    ticket.send_replace(Some(result.clone()));
+                }
+                results.push(result);
+            }
+            for (round, result) in rounds.into_iter().zip(results) {
                 for listener in &round.listeners {
                     listener.committed(round.epoch, &result);
                 }

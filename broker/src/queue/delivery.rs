@@ -129,29 +129,34 @@ impl Queue {
         if st.marks.pending.is_some() || st.marks.settled {
             return;
         }
-        let credit = st.consumers.total_credit();
-        let len = st.ready.len();
-        if credit == 0 || len == 0 {
+        // Everything in memory marked already (the usual case when consumers keep
+        // up): no walk over the window.
+        if st
+            .ready
+            .last_key()
+            .is_none_or(|(_, seq)| seq <= st.marks.durable)
+        {
             return;
         }
+        let credit = st.consumers.total_credit();
+        if credit == 0 {
+            return;
+        }
+        let len = st.ready.len();
+        let (near, far) = (credit.min(len), credit.saturating_mul(2).min(len));
         let mut keys = st.ready.keys().map(|(_, seq)| *seq);
         // Still a credit's worth marked ahead: no round needed yet.
-        let low = keys.nth(credit.min(len) - 1);
-        if low.is_some_and(|seq| seq <= st.marks.durable) {
+        let Some(low) = keys.nth(near - 1) else {
+            return;
+        };
+        if low <= st.marks.durable {
             return;
         }
-        let far = credit.saturating_mul(2).min(len);
-        let target = if far > credit.min(len) {
-            keys.nth(far - credit.min(len) - 1)
+        let target = if far > near {
+            keys.nth(far - near - 1).unwrap_or(low)
         } else {
             low
         };
-        let Some(target) = target else {
-            return;
-        };
-        if target <= st.marks.durable {
-            return;
-        }
         st.c.mark = st.c.mark.max(target);
         let c = st.c;
         let listener = self.listener();

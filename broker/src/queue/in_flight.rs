@@ -102,13 +102,20 @@ pub(crate) struct Consumer {
 }
 
 impl Consumer {
-    fn available(&self) -> u32 {
+    /// Deliveries it may have outstanding at once: its window, or fewer if it asked
+    /// for only so many more; none once it is gone.
+    fn credit(&self) -> u32 {
         if self.alive {
-            let window = self.window.saturating_sub(self.outstanding);
-            self.remaining.map_or(window, |left| window.min(left))
+            self.remaining
+                .map_or(self.window, |left| self.window.min(left))
         } else {
             0
         }
+    }
+
+    fn available(&self) -> u32 {
+        self.credit()
+            .min(self.window.saturating_sub(self.outstanding))
     }
 }
 
@@ -178,13 +185,7 @@ impl Consumers {
     pub fn total_credit(&self) -> usize {
         self.list
             .iter()
-            .filter(|c| c.alive)
-            .map(|c| {
-                let window = usize::try_from(c.window).unwrap_or(usize::MAX);
-                c.remaining.map_or(window, |left| {
-                    window.min(usize::try_from(left).unwrap_or(usize::MAX))
-                })
-            })
+            .map(|c| usize::try_from(c.credit()).unwrap_or(usize::MAX))
             .fold(0, usize::saturating_add)
     }
 

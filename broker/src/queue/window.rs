@@ -69,6 +69,10 @@ impl PagedWindow {
         self.entries.first_key_value().map(|(k, _)| *k)
     }
 
+    pub fn last_key(&self) -> Option<Key> {
+        self.entries.last_key_value().map(|(k, _)| *k)
+    }
+
     pub fn first(&self) -> Option<&Entry> {
         self.entries.first_key_value().map(|(_, e)| e)
     }

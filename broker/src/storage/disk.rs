@@ -30,16 +30,21 @@ pub trait DiskFile: Send + Sync {
     /// later writes within them need no block allocation at their sync. The
     /// default writes the zeros.
     fn allocate(&self, len: u64) -> io::Result<()> {
-        const STEP: u64 = 1 << 20;
-        let zeros = vec![0u8; usize::try_from(STEP.min(len)).unwrap_or(0)];
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(STEP);
-            self.write_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
-            at += n;
-        }
-        Ok(())
+        write_zeros(|buf, at| self.write_at(buf, at), len)
     }
+}
+
+/// Writes `len` zero bytes from offset 0 with `write_at`, a MiB at a time.
+fn write_zeros(mut write_at: impl FnMut(&[u8], u64) -> io::Result<()>, len: u64) -> io::Result<()> {
+    const STEP: u64 = 1 << 20;
+    let zeros = vec![0u8; usize::try_from(STEP.min(len)).unwrap_or(0)];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(STEP);
+        write_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// A directory tree holding the queue log. Paths are absolute or relative to the
@@ -110,15 +115,7 @@ impl DiskFile for RealFile {
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = 0u64;
-            while at < len {
-                let n = (len - at).min(1 << 20);
-                self.0
-                    .write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
-                at += n;
-            }
-            return Ok(());
+            return write_zeros(|buf, at| self.0.write_all_at(buf, at), len);
         }
         Err(err)
     }

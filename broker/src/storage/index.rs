@@ -25,7 +25,7 @@ use super::sim_disk::SimRng;
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// One of the index's two trees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Tree {
     /// Every queue's messages, counters and dedup ids, by queue id.
     Data,

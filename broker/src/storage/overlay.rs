@@ -36,18 +36,7 @@ use super::index::{Index, Tree};
 pub(crate) const DEFAULT_OVERLAY_LIMIT: usize = 100_000;
 
 /// A key's state in the overlay: its new value, or `None` when removed.
-type Entries = BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>>;
-
-fn tag(tree: Tree) -> u8 {
-    match tree {
-        Tree::Data => 0,
-        Tree::Defs => 1,
-    }
-}
-
-fn tree_of(tag: u8) -> Tree {
-    if tag == 0 { Tree::Data } else { Tree::Defs }
-}
+type Entries = BTreeMap<(Tree, Vec<u8>), Option<Vec<u8>>>;
 
 /// The greatest key below `key` that any of our keys can be, as an inclusive bound:
 /// the key with its last byte one lower and then as high as any longer key goes,
@@ -96,7 +85,7 @@ impl OverlayIndex {
     fn put(&self, tree: Tree, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
         let full = {
             let mut entries = self.entries();
-            entries.insert((tag(tree), key.to_vec()), value.map(<[u8]>::to_vec));
+            entries.insert((tree, key.to_vec()), value.map(<[u8]>::to_vec));
             entries.len() > self.limit
         };
         if full { self.flush() } else { Ok(()) }
@@ -108,14 +97,13 @@ impl OverlayIndex {
     fn flush(&self) -> Result<(), StoreError> {
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         let mut entries = self.entries();
-        while let Some(((t, key), value)) = entries.pop_first() {
-            let tree = tree_of(t);
+        while let Some(((tree, key), value)) = entries.pop_first() {
             let written = match &value {
                 Some(v) => self.base.insert(tree, &key, v),
                 None => self.base.remove(tree, &key),
             };
             if let Err(err) = written {
-                entries.insert((t, key), value);
+                entries.insert((tree, key), value);
                 return Err(err);
             }
         }
@@ -130,13 +118,12 @@ impl OverlayIndex {
         from: Bound<&[u8]>,
         end: &[u8],
     ) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
-        let t = tag(tree);
         let lower = match from {
-            Bound::Included(k) => Bound::Included((t, k.to_vec())),
-            Bound::Excluded(k) => Bound::Excluded((t, k.to_vec())),
-            Bound::Unbounded => Bound::Included((t, Vec::new())),
+            Bound::Included(k) => Bound::Included((tree, k.to_vec())),
+            Bound::Excluded(k) => Bound::Excluded((tree, k.to_vec())),
+            Bound::Unbounded => Bound::Included((tree, Vec::new())),
         };
-        let upper = Bound::Excluded((t, end.to_vec()));
+        let upper = Bound::Excluded((tree, end.to_vec()));
         self.entries()
             .range((lower, upper))
             .next()
@@ -146,7 +133,7 @@ impl OverlayIndex {
 
 impl Index for OverlayIndex {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(entry) = self.entries().get(&(tag(tree), key.to_vec())) {
+        if let Some(entry) = self.entries().get(&(tree, key.to_vec())) {
             return Ok(entry.clone());
         }
         self.base.get(tree, key)
@@ -215,7 +202,6 @@ impl Index for OverlayIndex {
 
     fn last_in(&self, tree: Tree, low: &[u8], high: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-        let t = tag(tree);
         let mut high = high.to_vec();
         loop {
             if high.as_slice() < low {
@@ -225,8 +211,8 @@ impl Index for OverlayIndex {
             let over = self
                 .entries()
                 .range((
-                    Bound::Included((t, low.to_vec())),
-                    Bound::Included((t, high.clone())),
+                    Bound::Included((tree, low.to_vec())),
+                    Bound::Included((tree, high.clone())),
                 ))
                 .next_back()
                 .map(|((_, k), v)| (k.clone(), v.is_some()));

@@ -38,13 +38,13 @@ pub(crate) fn record_crc(segment: u64, kind: u8, payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// A record's header and payload appended to `buf`.
+/// A record's header and payload appended to `buf`; returns its length and checksum.
 pub(crate) fn encode_record(
     buf: &mut Vec<u8>,
     segment: u64,
     kind: u8,
     payload: &[u8],
-) -> io::Result<u32> {
+) -> io::Result<(u32, u32)> {
     let len = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record over 4 GiB"))?;
     let crc = record_crc(segment, kind, payload);
@@ -52,7 +52,7 @@ pub(crate) fn encode_record(
     buf.extend_from_slice(&len.to_be_bytes());
     buf.extend_from_slice(&crc.to_be_bytes());
     buf.extend_from_slice(payload);
-    Ok(len)
+    Ok((len, crc))
 }
 
 /// The fields of a record header: kind, payload length, checksum.

@@ -298,12 +298,12 @@ impl Segments {
             self.files.spares.start();
         }
         let offset = used + HEADER as u64;
-        let len = encode_record(&mut self.buf, segment, kind, payload)?;
+        let (len, crc) = encode_record(&mut self.buf, segment, kind, payload)?;
         Ok(Location {
             segment,
             offset,
             len,
-            crc: record_crc(segment, kind, payload),
+            crc,
         })
     }
 

@@ -38,7 +38,11 @@
 //!   the OS error, every pending and later confirm fails with `StorageFailure`, and
 //!   every later write is refused with it (publishes that reach a queue included).
 //!   No sync is ever retried: Linux reports a lost writeback once, and a retried
-//!   `fdatasync` "succeeds" over data that never reached the disk. Reads, pub/sub and
+//!   `fdatasync` "succeeds" over data that never reached the disk. Two threads sync
+//!   the log (the writer before a segment rolls, the syncer every round) through
+//!   one shared descriptor per file, so a lost writeback is reported to one of
+//!   them only: every sync goes through one gate (`Files::sync_file`) and, once one
+//!   has failed, the other's fails too. Reads, pub/sub and
 //!   deliveries of what is in memory go on. A write that fails before the kernel
 //!   took the data (`ENOSPC`, `EIO` from `pwrite`) stops the store the same way, for
 //!   two reasons: the queues have already counted the round in memory, so going on

@@ -36,7 +36,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::disk::{self, Disk, DiskFile};
 use super::records::{
@@ -63,6 +63,9 @@ pub(crate) struct Files {
     dir: PathBuf,
     open: RwLock<HashMap<u64, Arc<dyn DiskFile>>>,
     spares: Spares,
+    /// The first failed sync of a segment or the directory, held while every sync
+    /// runs; see [`Files::sync_file`].
+    sync_failure: Mutex<Option<(io::ErrorKind, String)>>,
 }
 
 impl Files {
@@ -128,11 +131,45 @@ impl Files {
         }
     }
 
+    /// `fdatasync` of segment `id`'s file. Two threads sync segments: the writer
+    /// (a segment's end record, before it rolls) and the syncer (every round).
+    /// They share each file's descriptor, and Linux reports a lost writeback to
+    /// the first sync after it only: the other thread's next sync of the file
+    /// "succeeds" over data that never reached the disk. So every sync runs under
+    /// one lock that also records the first failure, and once one has failed
+    /// every later sync fails with it, whichever thread asks.
+    pub fn sync_file(&self, id: u64, file: &dyn DiskFile) -> io::Result<()> {
+        self.gated(|| {
+            file.sync_data()
+                .map_err(|e| disk::at(&self.path(id), "fdatasync of", e))
+        })
+    }
+
     /// `fsync` of the segment directory, so that new files survive a power loss.
     pub fn sync_dir(&self) -> io::Result<()> {
-        self.disk
-            .sync_dir(&self.dir)
-            .map_err(|e| disk::at(&self.dir, "fsync of", e))
+        self.gated(|| {
+            self.disk
+                .sync_dir(&self.dir)
+                .map_err(|e| disk::at(&self.dir, "fsync of", e))
+        })
+    }
+
+    fn gated(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let mut failure = self
+            .sync_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((kind, text)) = &*failure {
+            return Err(io::Error::new(
+                *kind,
+                format!("an earlier sync of the queue log failed: {text}"),
+            ));
+        }
+        let result = sync();
+        if let Err(err) = &result {
+            *failure = Some((err.kind(), err.to_string()));
+        }
+        result
     }
 }
 
@@ -179,8 +216,7 @@ impl Unsynced {
     /// the file.
     pub fn sync(&mut self, files: &Files) -> io::Result<()> {
         for (id, file) in &self.files {
-            file.sync_data()
-                .map_err(|e| disk::at(&files.path(*id), "fdatasync of", e))?;
+            files.sync_file(*id, &**file)?;
         }
         if self.dir {
             files.sync_dir()?;
@@ -254,6 +290,7 @@ impl Segments {
                 dir: dir.to_owned(),
                 open: RwLock::new(open),
                 spares,
+                sync_failure: Mutex::new(None),
             }),
             max_bytes,
             active: None,
@@ -355,9 +392,7 @@ impl Segments {
         if let Some(old) = self.active.take() {
             // Its end record is durable before the next segment exists: a segment
             // other than the newest always ends in one (see the module docs).
-            old.file
-                .sync_data()
-                .map_err(|e| disk::at(&self.files.path(old.id), "fdatasync of", e))?;
+            self.files.sync_file(old.id, &*old.file)?;
             if self.live.get(&old.id).is_none_or(|n| *n == 0) {
                 self.live.remove(&old.id);
                 self.retired.push(old.id);
@@ -483,6 +518,30 @@ mod tests {
         );
         assert!(!segment_path(dir.path(), 1).exists());
         assert_eq!(files.read(&b).unwrap().unwrap().len(), big.len());
+    }
+
+    /// The writer's sync before a roll and the syncer's sync of the same file share
+    /// its descriptor; a lost writeback is reported once. The rounds the syncer is
+    /// about to confirm were in the lost data, so its sync must fail too.
+    #[test]
+    fn a_failed_sync_of_a_segment_fails_every_later_sync() {
+        let disk = crate::storage::SimDisk::new();
+        let dir = Path::new("/sim/gate");
+        let (mut segs, _) =
+            Segments::open(Arc::new(disk.clone()), dir, HashMap::new(), MAX).unwrap();
+        segs.append_chunk(b"a confirmed round's chunk").unwrap();
+        segs.write_out().unwrap();
+        let mut syncers_part = segs.take_unsynced();
+        disk.fail_sync(0, crate::storage::SimError::Io);
+        // The writer rolls: its sync of the old segment fails, and the disk drops
+        // the chunk the syncer has not synced yet.
+        assert!(segs.roll().is_err());
+        let files = segs.files();
+        let err = syncers_part
+            .sync(&files)
+            .expect_err("the syncer's sync after the writer's failed one");
+        assert!(err.to_string().contains("an earlier sync"), "{err}");
+        assert!(files.sync_dir().is_err(), "directory syncs fail too");
     }
 
     #[test]

@@ -198,6 +198,15 @@ impl Store {
         if let Some(end) = replayed.end {
             seal(&*disk, &segments_dir, end).map_err(|e| io_err("closing the queue log", e))?;
         }
+        // Replay re-wrote and synced what it applied (a failed fdatasync may have
+        // left it in the page cache only), but the segment holding it may be newer
+        // than the directory's last fsync: a broker that stopped after a failed sync
+        // of a new segment leaves a file whose name is not durable. Its records are
+        // now in the index, which is made durable below, so the name must be first.
+        if replayed.end.is_some() {
+            disk.sync_dir(&segments_dir)
+                .map_err(|e| io_err(&format!("fsync of {}", segments_dir.display()), e))?;
+        }
         let (mut segments, orphans) = Segments::open(
             disk.clone(),
             &segments_dir,

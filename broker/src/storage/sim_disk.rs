@@ -118,6 +118,8 @@ struct State {
     syncs: u64,
     fail_writes: Vec<(u64, SimError)>,
     fail_syncs: Vec<(u64, SimError)>,
+    /// The next directory fsync fails with this.
+    fail_dir_sync: Option<SimError>,
     noop_sync: bool,
     failures: u64,
 }
@@ -250,11 +252,18 @@ impl SimDisk {
         st.fail_syncs.push((at, error));
     }
 
+    /// Makes the next `fsync` of a directory fail with `error` (so that a file just
+    /// created stays without a durable name).
+    pub fn fail_next_dir_sync(&self, error: SimError) {
+        self.lock().fail_dir_sync = Some(error);
+    }
+
     /// Drops the faults not yet hit.
     pub fn clear_faults(&self) {
         let mut st = self.lock();
         st.fail_writes.clear();
         st.fail_syncs.clear();
+        st.fail_dir_sync = None;
     }
 
     /// How many injected faults were hit so far.
@@ -462,7 +471,7 @@ impl Disk for SimDisk {
         st.powered(self.generation)?;
         let n = st.syncs;
         st.syncs += 1;
-        if let Some(err) = State::fault(&mut st.fail_syncs, n) {
+        if let Some(err) = State::fault(&mut st.fail_syncs, n).or(st.fail_dir_sync.take()) {
             st.failures += 1;
             return Err(err.error());
         }

@@ -529,7 +529,8 @@ mod tests {
         let dir = Path::new("/sim/gate");
         let (mut segs, _) =
             Segments::open(Arc::new(disk.clone()), dir, HashMap::new(), MAX).unwrap();
-        segs.append_chunk(b"a confirmed round's chunk").unwrap();
+        segs.append_chunk(b"a round the syncer is to confirm")
+            .unwrap();
         segs.write_out().unwrap();
         let mut syncers_part = segs.take_unsynced();
         disk.fail_sync(0, crate::storage::SimError::Io);

@@ -430,12 +430,19 @@ async fn step(
         }
         89..=91 if !model.failed => {
             let n = rng.below(4);
-            model.events.push(format!("fault armed in {n}"));
-            match rng.below(3) {
+            match rng.below(4) {
                 0 => disk.fail_sync(n, SimError::Io),
                 1 => disk.fail_write(n, SimError::NoSpace),
-                _ => disk.fail_write(n, SimError::Io),
+                2 => disk.fail_write(n, SimError::Io),
+                // Directory fsyncs are rare among syncs (one per new segment), so
+                // counting syncs seldom hits one: aimed at directly.
+                _ => {
+                    model.events.push("directory fsync fault armed".into());
+                    disk.fail_next_dir_sync(SimError::Io);
+                    return Ok(());
+                }
             }
+            model.events.push(format!("fault armed in {n}"));
         }
         _ => {}
     }

@@ -89,6 +89,28 @@ impl Handoff {
     }
 }
 
+/// When a syncer with no rounds to take wakes by itself: for the interval sync of
+/// what was written since `dirty_since`, or for the checkpoint due at
+/// `checkpoint_at`. A failed store does neither any more (no sync is retried, no
+/// checkpoint runs), so it sleeps until rounds come: a deadline that stays in the
+/// past would have it spin a core until the broker restarts (it did, after a disk
+/// filled up).
+fn next_wake(
+    policy: FsyncPolicy,
+    dirty_since: Option<Instant>,
+    checkpoint_at: Option<Instant>,
+    failed: bool,
+) -> Option<Instant> {
+    if failed {
+        return None;
+    }
+    let sync = match (policy, dirty_since) {
+        (FsyncPolicy::Interval(every), Some(last_sync)) => Some(last_sync + every),
+        _ => None,
+    };
+    sync.into_iter().chain(checkpoint_at).min()
+}
+
 /// Makes written rounds durable, applies them to the index and releases their
 /// confirms and reads; checkpoints the index and deletes segments no longer needed.
 pub(crate) struct Syncer {
@@ -227,14 +249,13 @@ impl Syncer {
 
     /// When to stop waiting for rounds: the next interval sync or checkpoint.
     fn wake_at(&self, dirty: bool, last_sync: Instant) -> Option<Instant> {
-        let sync = match (self.policy, dirty) {
-            (FsyncPolicy::Interval(every), true) => Some(last_sync + every),
-            _ => None,
-        };
-        let checkpoint = self
-            .checkpoint_pending()
-            .then(|| self.last_checkpoint + self.checkpoint_every);
-        sync.into_iter().chain(checkpoint).min()
+        next_wake(
+            self.policy,
+            dirty.then_some(last_sync),
+            self.checkpoint_pending()
+                .then(|| self.last_checkpoint + self.checkpoint_every),
+            self.shared.failure().is_some(),
+        )
     }
 
     /// Every round handed over so far; with nothing handed, waits (until `wake_at`).
@@ -292,5 +313,30 @@ impl Syncer {
         self.segments.delete(&gone);
         self.unsynced.forget(&gone);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_store_has_no_deadline_to_wake_for() {
+        let past = Instant::now();
+        let every = Duration::from_millis(5);
+        let interval = FsyncPolicy::Interval(every);
+        assert_eq!(
+            next_wake(interval, Some(past), None, false),
+            Some(past + every)
+        );
+        assert_eq!(
+            next_wake(FsyncPolicy::Always, Some(past), Some(past), false),
+            Some(past),
+            "a pending checkpoint"
+        );
+        assert_eq!(next_wake(FsyncPolicy::Always, None, None, false), None);
+        // Failed: the sync and the checkpoint it would wake for never run, and their
+        // deadlines stay in the past.
+        assert_eq!(next_wake(interval, Some(past), Some(past), true), None);
     }
 }

@@ -90,7 +90,11 @@
 //!   `spares.rs`: preallocated segment files; `log.rs`: the log boundary;
 //! - `replay.rs`: recovery, torn tail vs damage, the repair cut;
 //! - `open.rs`: the startup sequence and repair; `store.rs`: the handle, batches,
-//!   tickets; `writer.rs`, `syncer.rs`: the two threads; `scan.rs`: reads.
+//!   tickets; `writer.rs`, `syncer.rs`: the two threads; `scan.rs`: reads;
+//!   `overlay.rs`: index writes held in memory until the next checkpoint;
+//! - tests only: `sim_test.rs` (the power-loss simulation), `sim_model.rs` (the
+//!   model and the check after each restart), `sim_checks.rs` (the simulation's
+//!   self-checks and regressions of what its seeds found).
 
 mod chunks;
 mod disk;
@@ -109,6 +113,10 @@ mod store;
 mod syncer;
 mod writer;
 
+#[cfg(test)]
+mod sim_checks;
+#[cfg(test)]
+mod sim_model;
 #[cfg(test)]
 mod sim_test;
 

@@ -7,7 +7,7 @@
 //! limit, declare/bind/unbind/delete — interleaved with injected I/O errors, power
 //! losses (with and without a torn write), process crashes and clean restarts.
 //! After every restart the checker opens the store on what survived and holds it
-//! against the model (see [`check`]). The workload and every fault come from the
+//! against the model (`sim_model.rs`). The workload and every fault come from the
 //! seed; the group-commit boundaries also depend on thread timing, which the checker
 //! does not rely on.
 //!
@@ -15,12 +15,13 @@
 //! cargo test -p tidings-broker --lib storage::sim_test                      # 2,000 seeds
 //! TIDINGS_SIM_SEED=1234 cargo test -p tidings-broker --lib storage::sim_test  # one seed
 //! TIDINGS_SIM_SEEDS=1000000 cargo test --release -p tidings-broker --lib storage::sim_test::seeds
+//! cargo test -p tidings-broker --lib storage::sim_checks    # the checks of the checker
 //! ```
 
 // Random numbers drawn below small bounds always fit the narrower types.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +29,10 @@ use bytes::Bytes;
 use tidings_protocol::{Delivery, Publish, QueueOptions};
 use tokio::sync::mpsc;
 
-use super::{MemoryIndex, SimDisk, SimError, SimRng, StorageBackend, Store};
+use super::sim_model::{DLQ, Fate, Model, Msg, Q, R, check, id_of};
+use super::{MemoryIndex, SimDisk, SimError, SimRng, StorageBackend};
 use crate::queue::{ConsumerSession, DeliverySink, EngineConfig, QueueEngine, QueueError};
 
-const Q: &str = "q";
-const DLQ: &str = "q.dlq";
-const R: &str = "r";
 const STEPS: u64 = 36;
 /// A seed that takes this long has hung: a failure, not a wait.
 const SEED_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,10 +48,10 @@ fn trace(seed: u64, what: &str) {
 /// What a restart logs at warning level and above: named in a failure's report (a
 /// message the store skipped as unreadable says where a loss came from).
 #[derive(Clone, Default)]
-struct Logged(Arc<std::sync::Mutex<Vec<u8>>>);
+pub(super) struct Logged(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Logged {
-    fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes).trim().to_owned();
         if text.is_empty() {
@@ -92,47 +91,6 @@ impl DeliverySink for Sink {
     }
 }
 
-/// What the model knows of one message of `q`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fate {
-    /// Not confirmed: may or may not be stored.
-    Maybe,
-    /// Confirmed and not acked: must be stored (in `q` or its dead-letter queue).
-    Required,
-    /// Acked (not necessarily durably): may come back only as a redelivery.
-    Acked,
-}
-
-#[derive(Debug)]
-struct Msg {
-    fate: Fate,
-    message_id: Option<String>,
-    delay_ms: u64,
-    /// Queues a delivery of it came from, with the attempt: its moves.
-    seen: Vec<(String, u32)>,
-    /// The queue of the delivery that was acked.
-    acked_in: String,
-}
-
-#[derive(Default)]
-struct Model {
-    msgs: BTreeMap<u64, Msg>,
-    /// Message ids answered `duplicate: true`: some copy must be stored (or acked).
-    duplicate_ids: HashSet<String>,
-    /// Payload ids published to `r` in its current life, and whether `r` exists.
-    r_ids: HashSet<u64>,
-    r_exists: bool,
-    /// `r` was deleted or declared with a result we do not know.
-    r_unknown: bool,
-    /// Moves seen since the start: for the report of a loss.
-    redrives: u64,
-    next_id: u64,
-    /// A call returned StorageFailure in this run: every later write must fail.
-    failed: bool,
-    /// Faults, redrives and restarts, in order: for the report of a failure.
-    events: Vec<String>,
-}
-
 struct Run {
     engine: QueueEngine,
     sessions: Vec<(ConsumerSession, mpsc::UnboundedReceiver<Delivery>)>,
@@ -144,7 +102,7 @@ struct Run {
 
 /// How the store under test is broken, for the self-checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Broken {
+pub(super) enum Broken {
     Not,
     /// `fdatasync` does nothing.
     NoopSync,
@@ -153,7 +111,12 @@ enum Broken {
     IndexAhead,
 }
 
-fn config(disk: &SimDisk, index: &MemoryIndex, seed: u64, broken: Broken) -> EngineConfig {
+pub(super) fn config(
+    disk: &SimDisk,
+    index: &MemoryIndex,
+    seed: u64,
+    broken: Broken,
+) -> EngineConfig {
     let mut c = EngineConfig::new(format!("/sim/{seed}"));
     c.storage = if broken == Broken::IndexAhead {
         StorageBackend::simulated_index_ahead(disk.clone(), index.clone())
@@ -184,7 +147,7 @@ fn config(disk: &SimDisk, index: &MemoryIndex, seed: u64, broken: Broken) -> Eng
     c
 }
 
-fn q_options() -> QueueOptions {
+pub(super) fn q_options() -> QueueOptions {
     QueueOptions {
         bindings: vec!["t.>".into()],
         max_deliveries: Some(2),
@@ -207,10 +170,6 @@ fn payload(id: u64, rng: &mut SimRng) -> Bytes {
     let mut p = id.to_be_bytes().to_vec();
     p.resize(8 + rng.below(2500) as usize, 0xab);
     Bytes::from(p)
-}
-
-fn id_of(payload: &[u8]) -> u64 {
-    u64::from_be_bytes(payload[..8].try_into().expect("8-byte id"))
 }
 
 async fn start(config: &EngineConfig, rng: &mut SimRng) -> Result<Run, String> {
@@ -457,154 +416,6 @@ enum End {
     Clean,
 }
 
-/// Opens the store on what survived and holds it against the model:
-///
-/// - every confirmed message that was not acked is stored (ready, delayed, in flight
-///   or dead-lettered; a move may leave it in both queues, never in neither);
-/// - within one queue, no message is stored twice and no message id twice;
-/// - an acked message that comes back does so as a redelivery (attempt >= 2);
-/// - each queue's stored counters (depth, bytes) equal what it holds;
-/// - a message id answered `duplicate` has a stored (or acked) copy;
-/// - a deleted queue does not come back, and a re-created one holds nothing of
-///   its earlier life.
-fn check(config: &EngineConfig, model: &mut Model) -> Result<(), String> {
-    let mut config = config.clone();
-    config.ready_window = usize::MAX;
-    config.ready_window_bytes = usize::MAX;
-    config.delayed_window = usize::MAX;
-    let opened = Store::open(&config).map_err(|e| format!("restart refused: {e}"))?;
-    opened.store.shutdown();
-    let mut stored: HashMap<u64, Vec<&'static str>> = HashMap::new();
-    let mut r_seen = false;
-    for q in &opened.queues {
-        let name: &'static str = match q.name.as_str() {
-            Q => Q,
-            DLQ => DLQ,
-            R => R,
-            other => return Err(format!("unknown queue {other} came back")),
-        };
-        let all: Vec<_> = q.ready.iter().chain(&q.delayed).collect();
-        let c = q.counters;
-        let bytes = |v: &[super::Loaded]| v.iter().map(|l| l.message.size()).sum::<u64>();
-        if (c.m_count, c.m_bytes, c.d_count, c.d_bytes)
-            != (
-                q.ready.len() as u64,
-                bytes(&q.ready),
-                q.delayed.len() as u64,
-                bytes(&q.delayed),
-            )
-        {
-            return Err(format!(
-                "{name}: counters say {} ready ({} bytes) and {} delayed ({} bytes), the store holds {} ({}) and {} ({})",
-                c.m_count,
-                c.m_bytes,
-                c.d_count,
-                c.d_bytes,
-                q.ready.len(),
-                bytes(&q.ready),
-                q.delayed.len(),
-                bytes(&q.delayed)
-            ));
-        }
-        let mut ids = HashSet::new();
-        let mut mids = HashSet::new();
-        for l in &all {
-            let id = id_of(&l.message.payload);
-            // A message that moved between queues and was caught by a crash between
-            // the two steps of a later move may be stored twice (at-least-once);
-            // nothing else may.
-            let moved = model
-                .msgs
-                .get(&id)
-                .is_some_and(|m| m.seen.iter().any(|(at, _)| at.contains(DLQ)));
-            if !ids.insert(id) && !moved {
-                return Err(format!(
-                    "{name}: message {id} is stored twice (keys {:?}, history {:?}, events {:?})",
-                    all.iter()
-                        .filter(|o| id_of(&o.message.payload) == id)
-                        .map(|o| (o.key, o.message.deliveries))
-                        .collect::<Vec<_>>(),
-                    model.msgs.get(&id).map(|m| &m.seen),
-                    model.events
-                ));
-            }
-            if let Some(mid) = &l.message.message_id {
-                if !mids.insert(mid.to_string()) && !moved {
-                    return Err(format!("{name}: message id {mid} is stored twice"));
-                }
-            }
-            stored.entry(id).or_default().push(name);
-            if let Some(m) = model.msgs.get_mut(&id) {
-                m.seen.push((
-                    format!(
-                        "stored in {name} at {:?}, mark {}, deliveries {}",
-                        l.key, c.mark, l.message.deliveries
-                    ),
-                    0,
-                ));
-            }
-            if name == R {
-                r_seen = true;
-                if !model.r_unknown && !model.r_ids.contains(&id) {
-                    return Err(format!(
-                        "r holds message {id} from an earlier life of the queue"
-                    ));
-                }
-            }
-            if let Some(m) = model.msgs.get(&id) {
-                let redelivery = l.message.deliveries >= 1 || (l.key.0 == 0 && l.key.1 <= c.mark);
-                // A copy of a message that moved may be another copy than the acked
-                // one (a redrive makes a fresh message): checked for unmoved ones.
-                if m.fate == Fate::Acked && m.acked_in == name && !redelivery && !moved {
-                    return Err(format!(
-                        "{name}: acked message {id} came back as a first delivery (seq {:?}, mark {}, deliveries seen {:?}, events {:?})",
-                        l.key, c.mark, m.seen, model.events
-                    ));
-                }
-            }
-        }
-    }
-    if r_seen && !model.r_exists && !model.r_unknown {
-        return Err("the deleted queue r came back with messages".into());
-    }
-    for (id, m) in &model.msgs {
-        let home = stored
-            .get(id)
-            .is_some_and(|qs| qs.iter().any(|q| *q == Q || *q == DLQ));
-        if m.fate == Fate::Required && !home {
-            return Err(format!(
-                "LOSS: confirmed message {id} is gone (delay {} ms, message id {:?}, deliveries seen {:?}, redrives {}, events {:?})",
-                m.delay_ms, m.message_id, m.seen, model.redrives, model.events
-            ));
-        }
-    }
-    for mid in &model.duplicate_ids {
-        let copy = model.msgs.iter().any(|(id, m)| {
-            m.message_id.as_deref() == Some(mid)
-                && (stored.contains_key(id) || m.fate == Fate::Acked)
-        });
-        if !copy {
-            return Err(format!(
-                "message id {mid} was answered duplicate but no copy is stored"
-            ));
-        }
-    }
-    // What is stored now is durable: from here on it is required like a confirm, and
-    // an acked message that came back is a stored message again.
-    for (id, m) in model.msgs.iter_mut() {
-        let back = stored
-            .get(id)
-            .is_some_and(|qs| qs.contains(&Q) || qs.contains(&DLQ));
-        if matches!(m.fate, Fate::Maybe | Fate::Acked) && back {
-            m.fate = Fate::Required;
-            m.acked_in.clear();
-        }
-    }
-    model.r_exists = opened.queues.iter().any(|q| q.name == R);
-    model.r_unknown = false;
-    Ok(())
-}
-
 /// Runs one seed; Err names what the checker found.
 async fn run_seed(seed: u64, broken: Broken) -> Result<(), String> {
     let mut rng = SimRng::new(seed);
@@ -694,11 +505,11 @@ async fn run_seed(seed: u64, broken: Broken) -> Result<(), String> {
     Ok(())
 }
 
-fn config_for_check(disk: &SimDisk, index: &MemoryIndex, seed: u64) -> EngineConfig {
+pub(super) fn config_for_check(disk: &SimDisk, index: &MemoryIndex, seed: u64) -> EngineConfig {
     config(disk, index, seed, Broken::Not)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(super) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -707,7 +518,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Runs `count` seeds from `first`, a few at a time; returns the failures.
-fn run_seeds(first: u64, count: u64, broken: Broken) -> Vec<(u64, String)> {
+pub(super) fn run_seeds(first: u64, count: u64, broken: Broken) -> Vec<(u64, String)> {
     runtime().block_on(async move {
         let mut failures = Vec::new();
         let mut next = first;
@@ -755,94 +566,5 @@ fn seeds() {
         "{} of {count} seeds failed (first: seed {})",
         failures.len(),
         failures[0].0
-    );
-}
-
-/// A broker whose store stopped on a failed `fsync` of the segment directory, right
-/// after it created a segment, leaves that segment with records in the page cache and
-/// no durable name. The next start replays those records into the index (and makes
-/// the index durable); it must make the name durable first, or a power loss after it
-/// leaves the index counting messages in a file that is gone.
-#[test]
-fn a_start_makes_the_names_of_the_segments_it_replayed_durable() {
-    runtime().block_on(async {
-        let disk = SimDisk::new();
-        let index = MemoryIndex::new();
-        let mut config = config(&disk, &index, 3, Broken::Not);
-        config.segment_bytes = 4 << 10;
-        let engine = tokio::task::block_in_place(|| QueueEngine::open(config.clone())).unwrap();
-        engine.declare(Q, &q_options()).await.unwrap();
-        // Larger than a segment: its round starts a new one, whose directory fsync fails.
-        disk.fail_next_dir_sync(SimError::Io);
-        let big = Publish::new("t.a", Bytes::from(vec![7u8; 6 << 10]));
-        let confirm = engine.publish(&big).await;
-        assert!(
-            matches!(confirm, Err(QueueError::Storage(_))),
-            "{confirm:?}"
-        );
-        engine.shutdown().await;
-        // A restart on the same disk (the machine stayed up), then the power goes.
-        let opened = tokio::task::block_in_place(|| Store::open(&config)).unwrap();
-        opened.store.shutdown();
-        drop(opened);
-        disk.power_loss(&mut SimRng::new(1), false);
-        let (disk, index) = (disk.reboot(), index.reboot());
-        let config = config_for_check(&disk, &index, 3);
-        let logged = Logged::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(logged.clone())
-            .finish();
-        let opened = tracing::subscriber::with_default(subscriber, || {
-            tokio::task::block_in_place(|| Store::open(&config))
-        })
-        .unwrap();
-        opened.store.shutdown();
-        let q = opened.queues.iter().find(|q| q.name == Q).expect("q");
-        assert_eq!(
-            (q.counters.m_count, q.ready.len()),
-            (1, 1),
-            "the replayed message stays, in a segment that is still there ({})",
-            logged.text()
-        );
-    });
-}
-
-/// The proof cannot pass vacuously: with `fdatasync` made a no-op, confirmed
-/// messages must be found lost.
-#[test]
-fn a_noop_fdatasync_is_caught() {
-    // About one seed in twenty finds a loss (the rest end in a clean restart, or
-    // their power loss hits nothing confirmed): 400 seeds leave no room for luck.
-    const SEEDS: u64 = 400;
-    let failures = run_seeds(0, SEEDS, Broken::NoopSync);
-    let losses = failures.iter().filter(|(_, e)| e.contains("LOSS")).count();
-    eprintln!("fdatasync a no-op: {losses} of {SEEDS} seeds found a loss");
-    assert!(
-        losses > 0,
-        "no loss found with fdatasync a no-op: the checker proves nothing ({failures:?})"
-    );
-}
-
-/// The checker catches the order the issue describes: with the index written before
-/// the log is durable (sled writes back on its own), a power loss leaves an index
-/// that disagrees with the log — counters off, a delayed message both moved and not,
-/// a confirmed message gone.
-#[test]
-fn an_index_ahead_of_the_log_is_caught() {
-    // About 3 % of seeds hit such a state (a power loss right after sled wrote back
-    // a round that was not durable yet): 600 seeds find 10 to 30 of them.
-    let failures = run_seeds(0, 600, Broken::IndexAhead);
-    eprintln!(
-        "index ahead of the log: {} of 600 seeds found it",
-        failures.len()
-    );
-    for (seed, err) in failures.iter().take(3) {
-        eprintln!("index ahead of the log, seed {seed}: {err}");
-    }
-    assert!(
-        failures.len() >= 3,
-        "the checker hardly notices an index ahead of the log: {failures:?}"
     );
 }

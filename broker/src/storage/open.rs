@@ -79,9 +79,7 @@ impl StorageBackend {
             ..Self::simulated(disk, index)
         }
     }
-}
 
-impl StorageBackend {
     /// The same, with the index overlay writing to the index proper once it holds
     /// more than `limit` keys (0: at every write), instead of
     /// `DEFAULT_OVERLAY_LIMIT` — so that a simulation can also see the index written

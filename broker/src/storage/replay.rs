@@ -31,8 +31,6 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::PoisonError;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::disk::{self, Disk};
 use super::records::{
@@ -185,48 +183,43 @@ fn looks_damaged(bytes: &[u8], segment: u64, at: u64) -> bool {
 const VERIFY_THREADS: usize = 4;
 
 /// Verifies the segments `ids` (none of them replayed) on up to
-/// [`VERIFY_THREADS`] threads, one buffer each; their results in `ids`' order.
+/// [`VERIFY_THREADS`] threads, each taking a run of consecutive ids with one buffer;
+/// their results in `ids`' order.
 fn verify_all(disk: &dyn Disk, dir: &Path, ids: &[u64]) -> Vec<Result<Walk, ReplayError>> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZeroUsize::get)
-        .clamp(1, VERIFY_THREADS)
-        .min(ids.len());
-    let verify = |id: u64, buf: &mut Vec<u8>| {
-        walk(
-            disk,
-            &segment_path(dir, id),
-            id,
-            None,
-            buf,
-            &mut |_, _, _| Ok(()),
-        )
-    };
-    if threads <= 1 {
+        .clamp(1, VERIFY_THREADS);
+    let verify = |run: &[u64]| {
         let mut buf = Vec::new();
-        return ids.iter().map(|&id| verify(id, &mut buf)).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<Option<Result<Walk, ReplayError>>> = Vec::new();
-    results.resize_with(ids.len(), || None);
-    let done = std::sync::Mutex::new(results);
+        run.iter()
+            .map(|&id| {
+                let path = segment_path(dir, id);
+                walk(disk, &path, id, None, &mut buf, &mut |_, _, _| Ok(()))
+            })
+            .collect::<Vec<_>>()
+    };
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let mut buf = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&id) = ids.get(i) else { break };
-                    let walked = verify(id, &mut buf);
-                    done.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(walked);
-                }
-            });
-        }
-    });
-    done.into_inner()
-        .unwrap_or_else(PoisonError::into_inner)
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(ReplayError::Apply("a verifying thread panicked".into()))))
-        .collect()
+        let runs: Vec<_> = ids
+            .chunks(ids.len().div_ceil(threads))
+            .map(|run| (run.len(), scope.spawn(move || verify(run))))
+            .collect();
+        runs.into_iter()
+            .flat_map(|(len, thread)| {
+                thread.join().unwrap_or_else(|_| {
+                    (0..len)
+                        .map(|_| {
+                            Err(ReplayError::Apply(
+                                "a thread verifying segments panicked".into(),
+                            ))
+                        })
+                        .collect()
+                })
+            })
+            .collect()
+    })
 }
 
 /// Reads the log (see the module docs): verifies every segment at or after `from`

@@ -471,7 +471,7 @@ impl Disk for SimDisk {
         st.powered(self.generation)?;
         let n = st.syncs;
         st.syncs += 1;
-        if let Some(err) = State::fault(&mut st.fail_syncs, n).or(st.fail_dir_sync.take()) {
+        if let Some(err) = State::fault(&mut st.fail_syncs, n).or_else(|| st.fail_dir_sync.take()) {
             st.failures += 1;
             return Err(err.error());
         }

@@ -2,8 +2,8 @@
 //! its last sync, makes them durable with one `fdatasync` per segment written (per
 //! the fsync policy), applies each round's batch to the index and resolves its
 //! ticket (the confirms), and then, round by round, tells its listeners and serves
-//! its reads. Between
-//! rounds it runs the checkpoints and deletes the segments they free.
+//! its reads. Between rounds it runs the checkpoints and deletes the segments they
+//! free.
 //!
 //! So the index only ever holds rounds that are durable in the log (under
 //! `--fsync always`): whatever prefix of its writes the index has written back when

@@ -172,7 +172,9 @@ impl Syncer {
             };
             if sync_now {
                 let started = Instant::now();
+                self.shared.set_syncing(true);
                 let result = self.unsynced.sync(&self.segments);
+                self.shared.set_syncing(false);
                 self.shared.metrics.fsync(started.elapsed());
                 if let Err(err) = result {
                     let err = StoreError::io("fdatasync of the queue log", err);

@@ -102,9 +102,10 @@ pub(crate) struct Pending {
     pub stopped: bool,
     /// Set by the first failed write or sync: the store takes no more writes.
     pub failed: Option<StoreError>,
-    /// The sync thread is in an `fdatasync`: what the writer would write now cannot
-    /// be part of it, so the writer lets it gather and writes it in one round when
-    /// the sync ends (see [`Shared::take`]).
+    /// The sync thread is in an `fdatasync` or answering the rounds it covered: what
+    /// the writer would write now cannot be part of that sync, so the writer lets it
+    /// gather and writes it as one round when the syncer is done (see
+    /// [`Shared::take`]).
     pub syncing: bool,
 }
 
@@ -376,10 +377,10 @@ impl Shared {
 
     /// Waits for work, then takes everything queued as one round.
     ///
-    /// While the syncer is in an `fdatasync` the writer waits for it to end (unless
-    /// [`WRITE_DURING_SYNC_BYTES`] are queued, or the store shuts down): a round
-    /// written now would only be covered by the next sync anyway, which starts after
-    /// this one's confirms and callbacks, so waiting adds no latency. It saves a
+    /// While the syncer is in an `fdatasync` and answering the rounds it covered
+    /// (confirms, index writes, deliveries), the writer waits for it to be done
+    /// (unless [`WRITE_DURING_SYNC_BYTES`] are queued, or the store shuts down): a
+    /// round written meanwhile could only make the next sync anyway. It saves a
     /// `pwrite`, a hand-over and a wake-up of each thread per round: without it the
     /// writer took every few messages as a round of its own, about four per sync.
     pub fn take(&self) -> Round {
@@ -408,8 +409,8 @@ impl Shared {
         round
     }
 
-    /// The syncer starts (`true`) or ends (`false`) an `fdatasync`; at its end the
-    /// writer is woken if work gathered meanwhile.
+    /// The syncer starts an `fdatasync` (`true`), or is done with it and the rounds
+    /// it covered (`false`); then the writer is woken if work gathered meanwhile.
     pub fn set_syncing(&self, syncing: bool) {
         let mut p = self.lock();
         p.syncing = syncing;

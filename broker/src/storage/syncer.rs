@@ -8,8 +8,9 @@
 //! So the index only ever holds rounds that are durable in the log (under
 //! `--fsync always`): whatever prefix of its writes the index has written back when
 //! the power goes, a replay of the log brings it to the same state. While one sync
-//! runs, the writer already writes the next round, and each sync covers everything
-//! that arrived meanwhile.
+//! runs, and while its confirms and deliveries go out, what arrives gathers; the
+//! writer writes it as one round when the syncer is done, and the next sync covers
+//! it.
 //!
 //! Fail-stop: an error from a sync, from the index at a checkpoint, or handed over
 //! from the writer is fatal. It is recorded once (`Shared::fail`), the round that hit
@@ -174,7 +175,6 @@ impl Syncer {
                 let started = Instant::now();
                 self.shared.set_syncing(true);
                 let result = self.unsynced.sync(&self.segments);
-                self.shared.set_syncing(false);
                 self.shared.metrics.fsync(started.elapsed());
                 if let Err(err) = result {
                     let err = StoreError::io("fdatasync of the queue log", err);
@@ -224,6 +224,12 @@ impl Syncer {
                     (read.then)(loaded);
                 }
                 self.handoff.finished(round.epoch);
+            }
+            if sync_now {
+                // Only now: what the writer wrote while this sync and the work after
+                // it ran could only make the next sync anyway, so it waits and writes
+                // it all as one round (`Shared::take`). During a checkpoint it writes.
+                self.shared.set_syncing(false);
             }
             // After the confirms above, so that a checkpoint delays none of them.
             if self.shared.failure().is_none() && (shutdown || self.checkpoint_due()) {

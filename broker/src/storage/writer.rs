@@ -1,9 +1,10 @@
 //! The writer thread (`tidings-store`): takes everything queued since its last round
 //! (writes and reads together, in the order they were queued), encodes the round's
 //! chunks and its one batch record of index writes, writes them out with one
-//! `pwrite`, and hands the round to the syncer; then it takes the next round at once,
-//! without waiting for the disk. It never writes to the index: the syncer applies a
-//! round's batch once the round is durable.
+//! `pwrite`, and hands the round to the syncer. It takes the next round at once,
+//! unless the syncer is busy with a sync (then it waits for that, see
+//! `Shared::take`). It never writes to the index: the syncer applies a round's batch
+//! once the round is durable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -598,23 +598,11 @@ impl EngineInner {
         let mut error = None;
         let now = self.clock.now_ms();
         let mut stored: Option<Message> = None;
-        reg.routes.for_each_match(&msg.topic, |q| {
-            if error.is_some() {
-                return;
-            }
-            if stored.is_none() {
-                let max = self.config.max_message_id_len;
-                if let Some(id) = msg.message_id.as_ref().filter(|id| id.len() > max) {
-                    error = Some(QueueError::InvalidArgument(format!(
-                        "message id is {} bytes, longer than the {max} a queued message may carry",
-                        id.len()
-                    )));
-                    return;
-                }
-            }
-            let message = stored
-                .get_or_insert_with(|| Message::from_publish(msg, now))
-                .clone();
+        // Each matching queue is appended to once the next match (or the end) is
+        // known, so that the last one, nearly always the only one, takes the message
+        // itself rather than a copy of its handles.
+        let mut held: Option<Arc<Queue>> = None;
+        let mut append = |q: &Queue, message: Message, error: &mut Option<QueueError>| {
             let (outcome, tickets) =
                 result.get_or_insert_with(|| (PublishOutcome::default(), Vec::new()));
             match q.append(message, msg.delay_ms, now, DedupCheck::Check) {
@@ -632,9 +620,33 @@ impl EngineInner {
                         tickets.push(t);
                     }
                 }
-                Err(err) => error = Some(err),
+                Err(err) => *error = Some(err),
+            }
+        };
+        reg.routes.for_each_match(&msg.topic, |q| {
+            if error.is_some() {
+                return;
+            }
+            let Some(message) = &stored else {
+                let max = self.config.max_message_id_len;
+                if let Some(id) = msg.message_id.as_ref().filter(|id| id.len() > max) {
+                    error = Some(QueueError::InvalidArgument(format!(
+                        "message id is {} bytes, longer than the {max} a queued message may carry",
+                        id.len()
+                    )));
+                    return;
+                }
+                stored = Some(Message::from_publish(msg, now));
+                held = Some(q.clone());
+                return;
+            };
+            if let Some(previous) = held.replace(q.clone()) {
+                append(&previous, message.clone(), &mut error);
             }
         });
+        if let (Some(q), Some(message), None) = (held, stored, &error) {
+            append(&q, message, &mut error);
+        }
         match error {
             Some(err) => Err(err),
             None => Ok(result),

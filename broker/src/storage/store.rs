@@ -107,6 +107,9 @@ pub(crate) struct Pending {
     /// gather and writes it as one round when the syncer is done (see
     /// [`Shared::take`]).
     pub syncing: bool,
+    /// The writer waits on [`Shared::wake`]; nobody else does, so with this unset a
+    /// notify (a system call with std's condvar, waiter or not) is skipped.
+    pub writer_waiting: bool,
 }
 
 /// While a sync runs, the writer still writes once this much is queued, so that a
@@ -390,7 +393,9 @@ impl Shared {
             if may_write && p.has_work() {
                 break;
             }
+            p.writer_waiting = true;
             p = self.wake.wait(p).unwrap_or_else(PoisonError::into_inner);
+            p.writer_waiting = false;
         }
         let round = Round {
             epoch: p.epoch,
@@ -414,7 +419,7 @@ impl Shared {
     pub fn set_syncing(&self, syncing: bool) {
         let mut p = self.lock();
         p.syncing = syncing;
-        if !syncing && p.has_work() {
+        if !syncing && p.has_work() && p.writer_waiting {
             self.wake.notify_one();
         }
     }
@@ -496,11 +501,12 @@ impl Store {
         let r = f(&mut Batch { p: &mut p });
         // During a sync the writer waits for its end (`Shared::set_syncing` wakes
         // it) unless enough gathers to write at once.
-        let wake = if p.syncing {
-            bytes_before < WRITE_DURING_SYNC_BYTES && p.bytes >= WRITE_DURING_SYNC_BYTES
-        } else {
-            was_idle
-        };
+        let wake = p.writer_waiting
+            && if p.syncing {
+                bytes_before < WRITE_DURING_SYNC_BYTES && p.bytes >= WRITE_DURING_SYNC_BYTES
+            } else {
+                was_idle
+            };
         if wake {
             self.shared.wake.notify_one();
         }

@@ -55,6 +55,10 @@ struct HandoffState {
     rounds: Vec<Written>,
     /// Every round up to this epoch has been applied (or failed) and answered.
     done: u64,
+    /// Who waits on the condvars: a notify (a system call with std's condvar, waiter
+    /// or not) is skipped when nobody does.
+    syncer_waiting: bool,
+    applied_waiters: usize,
 }
 
 /// Rounds passed from the writer to the syncer.
@@ -71,22 +75,29 @@ impl Handoff {
     }
 
     pub fn push(&self, round: Written) {
-        self.lock().rounds.push(round);
-        self.wake.notify_one();
+        let mut st = self.lock();
+        st.rounds.push(round);
+        if st.syncer_waiting {
+            self.wake.notify_one();
+        }
     }
 
     /// Waits until every round up to `epoch` is applied to the index.
     pub fn wait_applied(&self, epoch: u64) {
         let mut st = self.lock();
         while st.done < epoch {
+            st.applied_waiters += 1;
             st = self.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.applied_waiters -= 1;
         }
     }
 
     fn finished(&self, epoch: u64) {
         let mut st = self.lock();
         st.done = st.done.max(epoch);
-        self.done.notify_all();
+        if st.applied_waiters > 0 {
+            self.done.notify_all();
+        }
     }
 }
 
@@ -279,6 +290,7 @@ impl Syncer {
                     if left.is_zero() {
                         return Vec::new();
                     }
+                    st.syncer_waiting = true;
                     st = self
                         .handoff
                         .wake
@@ -287,6 +299,7 @@ impl Syncer {
                         .0;
                 }
                 None => {
+                    st.syncer_waiting = true;
                     st = self
                         .handoff
                         .wake
@@ -294,6 +307,7 @@ impl Syncer {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
             }
+            st.syncer_waiting = false;
         }
     }
 

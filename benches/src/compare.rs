@@ -377,17 +377,22 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
     let mut clean = true;
     for (i, w) in workloads.iter().enumerate() {
         let job = Job::scaled(*w, scale);
-        for s in &systems {
-            if s.supports(*w).is_err() {
-                continue;
-            }
-            let mut reports = Vec::new();
-            let mut errors = 0;
-            for run in 1..=runs {
+        let cells: Vec<System> = systems
+            .iter()
+            .copied()
+            .filter(|s| s.supports(*w).is_ok())
+            .collect();
+        // Runs alternate between the systems (run 1 of each, then run 2 of each, …),
+        // so that a shift in the load of a shared machine falls on all of them
+        // rather than on whichever ran during it.
+        let mut results: BTreeMap<System, (Vec<RunReport>, usize)> = BTreeMap::new();
+        for run in 1..=runs {
+            for s in &cells {
                 eprintln!("{w} on {s}, run {run}/{runs}");
                 let Some(target) = targets.get(s) else {
                     continue;
                 };
+                let (reports, errors) = results.entry(*s).or_default();
                 match job::run(target, &job, deadline, drain).await {
                     Ok(report) => {
                         eprint!("{}", report.human());
@@ -398,17 +403,20 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
                     }
                     Err(e) => {
                         eprintln!("  failed: {e:#}");
-                        errors += 1;
+                        *errors += 1;
                     }
                 }
             }
+        }
+        for (s, (reports, errors)) in results {
             let c = cell(&reports, errors);
             clean &= !c.lost;
-            rows.insert((i, *s), c);
+            rows.insert((i, s), c);
         }
     }
     println!(
-        "\nmedians of {runs} run(s), scale {scale}; ! = messages lost or a run failed; \
+        "\nmedians of {runs} run(s), alternating between the systems, scale {scale}; \
+         ! = messages lost or a run failed; \
          the ratio is msgs/s (latency: p99, lower is better) against the best peer; \
          RSS = the broker process's peak resident memory during the run; CPU = the broker \
          process's user+system CPU time over the run per message published; tidings ran {}\n",

@@ -1,13 +1,18 @@
 //! Durable storage for the queue engine: the queue log (segment files of records),
-//! the index (sled), checkpoints, and the writer and sync threads that turn queued
-//! writes into group commits.
+//! the index (sled), checkpoints, and the store thread that turns queued writes into
+//! group commits.
 //!
 //! ```text
 //!  queue.rs ──Store::batch──► Pending ──take──► writer (writer.rs) ──one pwrite──► log (segments.rs)
-//!                                                   │ hands the round over
+//!                                                   │ the round, on the same thread
 //!                                                   ▼
 //!  tickets, listeners, reads ◄──── syncer (syncer.rs): fdatasync, then apply to the index (index.rs)
 //! ```
+//!
+//! One thread (`tidings-store`) runs both halves in turn: it takes what is queued,
+//! writes it, syncs it, answers it, and only then takes again. What arrives meanwhile
+//! could not have made that sync anyway, so it gathers into the next round, and a
+//! round costs one wake-up of one thread.
 //!
 //! # The durability contract
 //!
@@ -16,8 +21,8 @@
 //! - **A confirm means durable.** A round's confirms (its `Ticket` and its
 //!   `CommitListener` calls) go out only after `fdatasync` of every segment the
 //!   round wrote, and `fsync` of the segment directory when the round created a
-//!   segment. One sync covers every round written while the previous one ran (group
-//!   commit: one `pwrite` per round, one `fdatasync` per sync).
+//!   segment. One sync covers everything queued while the previous sync and its
+//!   answers ran (group commit: one round, one `pwrite`, one `fdatasync`).
 //! - **The index never runs ahead of the log.** A round's index writes are logged as
 //!   one batch record in the round, and applied to the index only after the round is
 //!   durable. They go to an overlay in memory first (overlay.rs), which writes
@@ -38,11 +43,11 @@
 //!   the OS error, every pending and later confirm fails with `StorageFailure`, and
 //!   every later write is refused with it (publishes that reach a queue included).
 //!   No sync is ever retried: Linux reports a lost writeback once, and a retried
-//!   `fdatasync` "succeeds" over data that never reached the disk. Two threads sync
-//!   the log (the writer before a segment rolls, the syncer every round) through
-//!   one shared descriptor per file, so a lost writeback is reported to one of
-//!   them only: every sync goes through one gate (`Files::sync_file`) and, once one
-//!   has failed, the other's fails too. Reads, pub/sub and
+//!   `fdatasync` "succeeds" over data that never reached the disk. The log is synced
+//!   in two places (the writer before a segment rolls, the syncer every round)
+//!   through one shared descriptor per file, so a lost writeback is reported to one
+//!   of them only: every sync goes through one gate (`Files::sync_file`) and, once
+//!   one has failed, every later one fails too. Reads, pub/sub and
 //!   deliveries of what is in memory go on. A write that fails before the kernel
 //!   took the data (`ENOSPC`, `EIO` from `pwrite`) stops the store the same way, for
 //!   two reasons: the queues have already counted the round in memory, so going on
@@ -90,7 +95,8 @@
 //!   `spares.rs`: preallocated segment files; `log.rs`: the log boundary;
 //! - `replay.rs`: recovery, torn tail vs damage, the repair cut;
 //! - `open.rs`: the startup sequence and repair; `store.rs`: the handle, batches,
-//!   tickets; `writer.rs`, `syncer.rs`: the two threads; `scan.rs`: reads;
+//!   tickets; `writer.rs`, `syncer.rs`: the store thread's two halves (writing a
+//!   round out; syncing, applying and answering it); `scan.rs`: reads;
 //!   `overlay.rs`: index writes held in memory until the next checkpoint;
 //! - tests only: `sim_test.rs` (the power-loss simulation), `sim_model.rs` (the
 //!   model and the check after each restart), `sim_checks.rs` (the simulation's

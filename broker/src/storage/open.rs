@@ -1,5 +1,5 @@
 //! Opening the store: replay, the repair mode, the startup checkpoint, and starting
-//! the writer and sync threads.
+//! the store thread (writer and syncer).
 //!
 //! The order matters. The log is replayed into the index and its end sealed; the
 //! index is made durable; a new checkpoint is written at the start of a fresh
@@ -24,7 +24,7 @@ use super::scan::{load, scan, stored_chunk_state};
 use super::segments::{Files, Segments, segment_path};
 use super::sim_disk::SimDisk;
 use super::store::{Opened, Shared, Store};
-use super::syncer::{Handoff, Syncer};
+use super::syncer::Syncer;
 use super::writer::Writer;
 use super::{Range, StoreError};
 use crate::queue::{EngineConfig, QueueError};
@@ -248,10 +248,16 @@ impl Store {
         let (queues, next_qid) = load(&*index, &files, config)?;
 
         let shared = Arc::new(Shared::new(config.metrics.clone()));
-        let handoff = Arc::new(Handoff::default());
+        let writer = Writer {
+            shared: shared.clone(),
+            index: index.clone(),
+            next_qid,
+            chunks: HashMap::new(),
+            log: Box::new(segments),
+        };
         let syncer = Syncer {
             shared: shared.clone(),
-            handoff: handoff.clone(),
+            writer,
             index: index.clone(),
             segments: files.clone(),
             unsynced: Default::default(),
@@ -264,22 +270,9 @@ impl Store {
             checkpoint_every: config.checkpoint_interval,
             apply_early: config.storage.index_ahead_of_log,
         };
-        let syncer = std::thread::Builder::new()
-            .name("tidings-sync".into())
-            .spawn(move || syncer.run())
-            .map_err(|e| io_err("spawning the sync thread", e))?;
-        let writer = Writer {
-            shared: shared.clone(),
-            index: index.clone(),
-            next_qid,
-            chunks: HashMap::new(),
-            log: Box::new(segments),
-            handoff,
-            syncer: Some(syncer),
-        };
         let thread = std::thread::Builder::new()
             .name("tidings-store".into())
-            .spawn(move || writer.run())
+            .spawn(move || syncer.run())
             .map_err(|e| io_err("spawning the store thread", e))?;
         Ok(Opened {
             store: Store {

@@ -6,7 +6,7 @@
 //! within a second is inserted, gets its removal bitmap written a few times, and is
 //! removed again, all between two checkpoints; its segment's live count goes up and
 //! down; the queue's counters are rewritten every round. Written through to sled, each
-//! of those is a sled operation of a few microseconds on the sync thread, the thread
+//! of those is a sled operation of a few microseconds on the store thread, the thread
 //! every confirm and delivery waits behind. Kept here, each is a `BTreeMap` update,
 //! and the checkpoint writes only what is left: the last value of each key, and no
 //! trace at all of a chunk that came and went.

@@ -131,13 +131,14 @@ impl Files {
         }
     }
 
-    /// `fdatasync` of segment `id`'s file. Two threads sync segments: the writer
-    /// (a segment's end record, before it rolls) and the syncer (every round).
-    /// They share each file's descriptor, and Linux reports a lost writeback to
-    /// the first sync after it only: the other thread's next sync of the file
+    /// `fdatasync` of segment `id`'s file. Segments are synced in two places: by
+    /// the writer (a segment's end record, before it rolls) and by the syncer
+    /// (every round). They share each file's descriptor, and Linux reports a lost
+    /// writeback to the first sync after it only: the next sync of the file
     /// "succeeds" over data that never reached the disk. So every sync runs under
     /// one lock that also records the first failure, and once one has failed
-    /// every later sync fails with it, whichever thread asks.
+    /// every later sync fails with it, whoever asks (the writer's error may not
+    /// reach the syncer's round on its own).
     pub fn sync_file(&self, id: u64, file: &dyn DiskFile) -> io::Result<()> {
         self.gated(|| {
             file.sync_data()
@@ -188,7 +189,7 @@ pub(crate) fn list(disk: &dyn Disk, dir: &Path) -> io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-/// What the sync thread must make durable for the rounds handed to it.
+/// What the syncer must make durable for the rounds the writer wrote.
 #[derive(Default)]
 pub(crate) struct Unsynced {
     /// Segments written to, each once.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -70,7 +71,7 @@ pub(crate) struct ReadRequest {
 
 /// Told when a batch it wrote to has been made durable (or has failed).
 pub(crate) trait CommitListener: Send + Sync {
-    /// Runs on the writer thread; must not block on I/O.
+    /// Runs on the store thread; must not block on I/O.
     fn committed(&self, epoch: u64, result: &Result<(), StoreError>);
 }
 
@@ -102,19 +103,11 @@ pub(crate) struct Pending {
     pub stopped: bool,
     /// Set by the first failed write or sync: the store takes no more writes.
     pub failed: Option<StoreError>,
-    /// The sync thread is in an `fdatasync` or answering the rounds it covered: what
-    /// the writer would write now cannot be part of that sync, so the writer lets it
-    /// gather and writes it as one round when the syncer is done (see
-    /// [`Shared::take`]).
-    pub syncing: bool,
-    /// The writer waits on [`Shared::wake`]; nobody else does, so with this unset a
-    /// notify (a system call with std's condvar, waiter or not) is skipped.
+    /// The store thread waits on [`Shared::wake`] for work; nobody else does, so
+    /// with this unset a notify (a system call with std's condvar, waiter or not) is
+    /// skipped.
     pub writer_waiting: bool,
 }
-
-/// While a sync runs, the writer still writes once this much is queued, so that a
-/// slow sync does not leave a burst unwritten in memory.
-const WRITE_DURING_SYNC_BYTES: usize = 1 << 20;
 
 pub(crate) struct Shared {
     pending: Mutex<Pending>,
@@ -125,7 +118,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, Pending> {
-        // A panic on the writer thread must not turn every later call into a panic.
+        // A panic on the store thread must not turn every later call into a panic.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -146,7 +139,7 @@ impl Batch<'_> {
         self.p.bytes
     }
 
-    /// True once the writer has stopped or the store has failed; nothing queued now
+    /// True once the store thread has stopped or the store has failed; nothing queued now
     /// will be written. [`Batch::refusal`] also says why.
     #[allow(dead_code)]
     pub fn stopped(&self) -> bool {
@@ -315,7 +308,7 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Waits for the commit; errors if it failed or the writer stopped first.
+    /// Waits for the commit; errors if it failed or the store thread stopped first.
     pub async fn wait(mut self) -> Result<(), QueueError> {
         match self.rx.wait_for(Option::is_some).await {
             Ok(result) => match result.as_ref() {
@@ -378,23 +371,29 @@ impl Shared {
         }
     }
 
-    /// Waits for work, then takes everything queued as one round.
+    /// Waits for work (until `wake_at`, if given), then takes everything queued as
+    /// one round; `None` if `wake_at` passed first.
     ///
-    /// While the syncer is in an `fdatasync` and answering the rounds it covered
-    /// (confirms, index writes, deliveries), the writer waits for it to be done
-    /// (unless [`WRITE_DURING_SYNC_BYTES`] are queued, or the store shuts down): a
-    /// round written meanwhile could only make the next sync anyway. It saves a
-    /// `pwrite`, a hand-over and a wake-up of each thread per round: without it the
-    /// writer took every few messages as a round of its own, about four per sync.
-    pub fn take(&self) -> Round {
+    /// The store thread calls it once it has answered the last round: what arrived
+    /// during that round's `fdatasync` and answers is written and synced together.
+    pub fn take(&self, wake_at: Option<Instant>) -> Option<Round> {
         let mut p = self.lock();
-        loop {
-            let may_write = !p.syncing || p.bytes >= WRITE_DURING_SYNC_BYTES || p.shutdown;
-            if may_write && p.has_work() {
-                break;
-            }
+        while !p.has_work() {
             p.writer_waiting = true;
-            p = self.wake.wait(p).unwrap_or_else(PoisonError::into_inner);
+            p = match wake_at {
+                None => self.wake.wait(p).unwrap_or_else(PoisonError::into_inner),
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        p.writer_waiting = false;
+                        return None;
+                    }
+                    self.wake
+                        .wait_timeout(p, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
             p.writer_waiting = false;
         }
         let round = Round {
@@ -411,17 +410,7 @@ impl Shared {
         p.open_chunk.clear();
         p.epoch += 1;
         p.bytes = 0;
-        round
-    }
-
-    /// The syncer starts an `fdatasync` (`true`), or is done with it and the rounds
-    /// it covered (`false`); then the writer is woken if work gathered meanwhile.
-    pub fn set_syncing(&self, syncing: bool) {
-        let mut p = self.lock();
-        p.syncing = syncing;
-        if !syncing && p.has_work() && p.writer_waiting {
-            self.wake.notify_one();
-        }
+        Some(round)
     }
 
     /// The first failure, once the store has failed.
@@ -445,7 +434,7 @@ impl Shared {
         }
     }
 
-    /// Marks the writer stopped; refuses what was queued after its last round and
+    /// Marks the store thread stopped; refuses what was queued after its last round and
     /// returns the reads for the caller to answer (outside the lock).
     pub fn stop(&self) -> Vec<ReadRequest> {
         let mut p = self.lock();
@@ -477,7 +466,7 @@ pub(crate) struct Opened {
     pub next_qid: u32,
 }
 
-/// Handle to the writer thread.
+/// Handle to the store thread.
 pub(crate) struct Store {
     pub(super) shared: Arc<Shared>,
     pub(super) thread: Mutex<Option<JoinHandle<()>>>,
@@ -497,16 +486,8 @@ impl Store {
             && p.counters.is_empty()
             && p.chunks.is_empty()
             && p.removals.is_empty();
-        let bytes_before = p.bytes;
         let r = f(&mut Batch { p: &mut p });
-        // During a sync the writer waits for its end (`Shared::set_syncing` wakes
-        // it) unless enough gathers to write at once.
-        let wake = p.writer_waiting
-            && if p.syncing {
-                bytes_before < WRITE_DURING_SYNC_BYTES && p.bytes >= WRITE_DURING_SYNC_BYTES
-            } else {
-                was_idle
-            };
+        let wake = was_idle && p.writer_waiting;
         if wake {
             self.shared.wake.notify_one();
         }
@@ -514,7 +495,7 @@ impl Store {
     }
 
     /// Queues a read, served after every write queued before it; `then` runs on the
-    /// sync thread. Once the store has stopped, `then` runs on a thread of its own
+    /// store thread. Once the store has stopped, `then` runs on a thread of its own
     /// with an error: the caller may hold a lock that `then` takes.
     pub fn read(
         &self,
@@ -543,7 +524,7 @@ impl Store {
         self.shared.wake.notify_one();
     }
 
-    /// Reads at once on the calling thread (blocking), without waiting for the writer.
+    /// Reads at once on the calling thread (blocking), without waiting for the store thread.
     /// It sees the rounds applied so far, and not removals still queued: the caller
     /// keeps only seqs it has seen committed and not removed (queue.rs `take_page`).
     pub fn read_now(
@@ -571,7 +552,7 @@ impl Store {
     }
 
     /// Writes out everything queued, makes it durable whatever the policy (unless the
-    /// store has failed), and stops the writer thread (which closes the index).
+    /// store has failed), and stops the store thread (which closes the index).
     /// Blocking.
     pub fn shutdown(&self) {
         self.index

@@ -1,14 +1,13 @@
-//! The writer thread (`tidings-store`): takes everything queued since its last round
-//! (writes and reads together, in the order they were queued), encodes the round's
-//! chunks and its one batch record of index writes, writes them out with one
-//! `pwrite`, and hands the round to the syncer. It takes the next round at once,
-//! unless the syncer is busy with a sync (then it waits for that, see
-//! `Shared::take`). It never writes to the index: the syncer applies a round's batch
-//! once the round is durable.
+//! The writer, the first half of the store thread (`tidings-store`): takes everything
+//! queued since its last round (writes and reads together, in the order they were
+//! queued), encodes the round's chunks and its one batch record of index writes, and
+//! writes them out with one `pwrite`; the syncer, the other half, then syncs, applies
+//! and answers the round before the writer takes the next. It never writes to the
+//! index: the syncer applies a round's batch once the round is durable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::Instant;
 
 use super::StoreError;
 use super::chunks::{ChunkState, chunk_index_value, decode_chunk_index};
@@ -20,7 +19,7 @@ use super::log::Log;
 use super::records::IndexBatch;
 use super::scan::stored_chunk_state;
 use super::store::{Op, Round, Shared};
-use super::syncer::{Handoff, Written};
+use super::syncer::Written;
 use crate::queue::options::StoredDefinition;
 
 /// Chunk states the writer keeps between rounds; past this it forgets them all and
@@ -35,76 +34,58 @@ pub(crate) struct Writer {
     /// each, so an ack costs no read.
     pub chunks: HashMap<(u32, u64), (ChunkState, u64)>,
     pub log: Box<dyn Log>,
-    pub handoff: Arc<Handoff>,
-    pub syncer: Option<JoinHandle<()>>,
 }
 
 impl Writer {
-    pub fn run(mut self) {
-        loop {
-            let mut round = self.shared.take();
-            let wrote = round.writes();
-            let failed = self.shared.failure();
-            if wrote && failed.is_none() {
-                let messages: usize = round.chunks.iter().map(|c| usize::from(c.count)).sum();
-                if messages > 0 {
-                    self.shared.metrics.batch(messages);
+    /// Waits for work (until `wake_at`), takes it as one round and writes it out;
+    /// returns the round for the syncer, or `None` if `wake_at` passed first.
+    pub fn produce(&mut self, wake_at: Option<Instant>) -> Option<Written> {
+        let mut round = self.shared.take(wake_at)?;
+        let wrote = round.writes();
+        let failed = self.shared.failure();
+        if wrote && failed.is_none() {
+            let messages: usize = round.chunks.iter().map(|c| usize::from(c.count)).sum();
+            if messages > 0 {
+                self.shared.metrics.batch(messages);
+            }
+        }
+        let mut batch = None;
+        let result = match failed {
+            // Fail-stop: nothing more is written after a failure.
+            Some(err) => Err(err),
+            None if wrote => match self.write(&mut round) {
+                Ok(b) => {
+                    batch = Some(b);
+                    Ok(())
                 }
-            }
-            let mut batch = None;
-            let result = match failed {
-                // Fail-stop: nothing more is written after a failure.
-                Some(err) => Err(err),
-                None if wrote => match self.write(&mut round) {
-                    Ok(b) => {
-                        batch = Some(b);
-                        Ok(())
-                    }
-                    Err(err) => {
-                        self.shared.fail(&err);
-                        Err(err)
-                    }
-                },
-                None => Ok(()),
-            };
-            let shutdown = round.shutdown;
-            let epoch = round.epoch;
-            self.handoff.push(Written {
-                epoch,
-                wrote: wrote && result.is_ok(),
-                result,
-                batch,
-                listeners: round.listeners,
-                ticket: round.ticket,
-                reads: round.reads,
-                shutdown,
-                unsynced: self.log.take_unsynced(),
-                retired: self.log.take_retired(),
-                log_end: self.log.end(),
-            });
-            if shutdown {
-                break;
-            }
-        }
-        let reads = self.shared.stop();
-        for read in reads {
-            (read.then)(Err(StoreError("the store is shut down".into())));
-        }
-        // The last round makes everything durable; shutdown waits for it.
-        if let Some(syncer) = self.syncer.take() {
-            if syncer.join().is_err() {
-                tracing::error!("the sync thread panicked");
-            }
-        }
-        tracing::info!("queue store closed");
+                Err(err) => {
+                    self.shared.fail(&err);
+                    Err(err)
+                }
+            },
+            None => Ok(()),
+        };
+        Some(Written {
+            epoch: round.epoch,
+            wrote: wrote && result.is_ok(),
+            result,
+            batch,
+            listeners: round.listeners,
+            ticket: round.ticket,
+            reads: round.reads,
+            shutdown: round.shutdown,
+            unsynced: self.log.take_unsynced(),
+            retired: self.log.take_retired(),
+            log_end: self.log.end(),
+        })
     }
 
     /// Encodes and writes out one round; returns its batch record's payload for the
     /// syncer to apply once it is durable.
     fn write(&mut self, round: &mut Round) -> Result<Vec<u8>, StoreError> {
         if self.chunks.len() > CHUNK_CACHE_MAX {
-            // Misses read the index, which must first hold every round handed over.
-            self.handoff.wait_applied(round.epoch.saturating_sub(1));
+            // Misses read the index, which holds every earlier round: the store
+            // thread applies each round before it takes the next.
             self.chunks.clear();
         }
         let log_err = |e| StoreError::io("writing the queue log", e);
@@ -128,9 +109,7 @@ impl Writer {
                     batch.remove_def(name.as_bytes());
                     defs_touched = true;
                 }
-                Op::DropQueue(qid) => {
-                    self.drop_queue(*qid, round.epoch, &mut batch, &mut segments_touched)?
-                }
+                Op::DropQueue(qid) => self.drop_queue(*qid, &mut batch, &mut segments_touched)?,
             }
         }
         for c in &mut round.chunks {
@@ -214,12 +193,11 @@ impl Writer {
     fn drop_queue(
         &mut self,
         qid: u32,
-        epoch: u64,
         batch: &mut IndexBatch,
         segments_touched: &mut HashSet<u64>,
     ) -> Result<(), StoreError> {
-        // Its chunks written in earlier rounds must be in the index to be released.
-        self.handoff.wait_applied(epoch.saturating_sub(1));
+        // Its chunks written in earlier rounds are in the index (each round is
+        // applied before the next is taken), so they can be released.
         let (start, end) = (prefix(qid, TAG_CHUNK), prefix(qid, TAG_CHUNK + 1));
         let mut segments = Vec::new();
         self.index.range(Tree::Data, &start, &end, &mut |_, v| {

@@ -121,7 +121,8 @@ pub struct EngineConfig {
     /// Most credit (deliveries outstanding at once) one consumer may have (1024);
     /// a CONSUME or CREDIT asking for more is clamped to it.
     pub max_credit: u32,
-    /// Most bytes waiting for the store's writer before publishes are refused with
+    /// Most bytes queued for the store's next round (they wait while the store syncs
+    /// and answers the last one, or checkpoints) before publishes are refused with
     /// [`QueueError::Overloaded`](crate::queue::QueueError::Overloaded) (256 MiB).
     pub max_pending_bytes: usize,
     /// sled's page cache in bytes (64 MiB).

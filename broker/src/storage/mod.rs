@@ -21,8 +21,10 @@
 //! - **A confirm means durable.** A round's confirms (its `Ticket` and its
 //!   `CommitListener` calls) go out only after `fdatasync` of every segment the
 //!   round wrote, and `fsync` of the segment directory when the round created a
-//!   segment. One sync covers everything queued while the previous sync and its
-//!   answers ran (group commit: one round, one `pwrite`, one `fdatasync`).
+//!   segment. One sync covers everything queued while the previous round was synced
+//!   and answered (and a checkpoint ran, if one was due): group commit, one round,
+//!   one `pwrite` and one `fdatasync` (two of each when the round fills a segment
+//!   and rolls to the next).
 //! - **The index never runs ahead of the log.** A round's index writes are logged as
 //!   one batch record in the round, and applied to the index only after the round is
 //!   durable. They go to an overlay in memory first (overlay.rs), which writes

@@ -137,8 +137,7 @@ impl Files {
     /// writeback to the first sync after it only: the next sync of the file
     /// "succeeds" over data that never reached the disk. So every sync runs under
     /// one lock that also records the first failure, and once one has failed
-    /// every later sync fails with it, whoever asks (the writer's error may not
-    /// reach the syncer's round on its own).
+    /// every later sync fails with it, whoever asks.
     pub fn sync_file(&self, id: u64, file: &dyn DiskFile) -> io::Result<()> {
         self.gated(|| {
             file.sync_data()

@@ -71,7 +71,8 @@ pub(crate) struct ReadRequest {
 
 /// Told when a batch it wrote to has been made durable (or has failed).
 pub(crate) trait CommitListener: Send + Sync {
-    /// Runs on the store thread; must not block on I/O.
+    /// Runs on the store thread; must not block on I/O, nor wait for the store
+    /// (a [`Ticket`] or a read): the store thread would wait for itself.
     fn committed(&self, epoch: u64, result: &Result<(), StoreError>);
 }
 
@@ -495,8 +496,9 @@ impl Store {
     }
 
     /// Queues a read, served after every write queued before it; `then` runs on the
-    /// store thread. Once the store has stopped, `then` runs on a thread of its own
-    /// with an error: the caller may hold a lock that `then` takes.
+    /// store thread (so it must not wait for the store). Once the store has stopped,
+    /// `then` runs on a thread of its own with an error: the caller may hold a lock
+    /// that `then` takes.
     pub fn read(
         &self,
         range: Range,

@@ -153,8 +153,8 @@ impl Syncer {
             // Index writes of every round synced, then their confirms, then the
             // listeners (which make messages visible and deliver them) and reads: a
             // confirm waits for its round's sync and index writes, so what it
-            // confirms can be read back at once, but not for the deliveries of the
-            // rounds before it.
+            // confirms can be read back at once, but not for its round's
+            // deliveries.
             let mut results = Vec::with_capacity(rounds.len());
             for round in &mut rounds {
                 let mut result = round.result.clone().and_then(|()| synced.clone());
@@ -190,7 +190,8 @@ impl Syncer {
                     (read.then)(loaded);
                 }
             }
-            // After the confirms above, so that a checkpoint delays none of them.
+            // After the confirms above, so that a checkpoint delays none of this
+            // round's (the next round is taken after it, like after a sync).
             if self.shared.failure().is_none() && (shutdown || self.checkpoint_due()) {
                 let started = Instant::now();
                 if let Err(err) = self.run_checkpoint(shutdown) {

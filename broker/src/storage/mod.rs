@@ -55,7 +55,8 @@
 //!   two reasons: the queues have already counted the round in memory, so going on
 //!   would make them disagree with the disk, and how much of a failed `pwrite` reached
 //!   the file is unknown. Restarting recovers from what is on disk, once there is
-//!   space again.
+//!   space again. A panic on the store thread (a bug) stops the store the same way,
+//!   rather than leave every confirm waiting.
 //! - **After a crash** a restart brings back every confirmed message. It may also
 //!   bring back messages whose publish was answered with an error or never answered
 //!   (a failed confirm means "maybe stored"), an acked message whose ack was not yet

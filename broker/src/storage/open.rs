@@ -270,9 +270,23 @@ impl Store {
             checkpoint_every: config.checkpoint_interval,
             apply_early: config.storage.index_ahead_of_log,
         };
+        let on_panic = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tidings-store".into())
-            .spawn(move || syncer.run())
+            .spawn(move || {
+                // A bug on this thread (in the store, a commit listener or a read's
+                // callback) must not leave every confirm waiting for ever: the store
+                // fails and stops, so what waits gets an error and what comes is
+                // refused, as after a failed sync.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| syncer.run()));
+                if ran.is_err() {
+                    let err = StoreError("the store thread panicked (a bug: see the log)".into());
+                    on_panic.fail(&err);
+                    for read in on_panic.stop() {
+                        (read.then)(Err(err.clone()));
+                    }
+                }
+            })
             .map_err(|e| io_err("spawning the store thread", e))?;
         Ok(Opened {
             store: Store {
@@ -387,4 +401,61 @@ fn repair_index(index: &dyn Index, files: &Files, damages: &[Damage]) -> Result<
         index.insert(Tree::Data, &key, &c.encode())?;
     }
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::store::{CommitListener, Ticket};
+    use super::*;
+
+    struct Panics;
+
+    impl CommitListener for Panics {
+        fn committed(&self, _epoch: u64, _result: &Result<(), StoreError>) {
+            panic!("a listener's bug (this test's)");
+        }
+    }
+
+    /// A panic on the store thread fails the store: a publish afterwards is refused
+    /// or its confirm fails, and nothing waits for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_on_the_store_thread_fails_the_store_instead_of_hanging_it() {
+        let mut config = EngineConfig::new("/sim/panic");
+        config.storage = StorageBackend::simulated(SimDisk::new(), MemoryIndex::new());
+        let opened = tokio::task::block_in_place(|| Store::open(&config)).unwrap();
+        let store = opened.store;
+        let mut last = 0;
+        let first = store.batch(|b| {
+            b.listen(Arc::new(Panics), &mut last);
+            b.ticket()
+        });
+        // Confirms go out before the listeners run, so this one is answered.
+        first.wait().await.unwrap();
+        let next: Result<Ticket, QueueError> = store.batch(|b| match b.refusal() {
+            Some(refused) => Err(refused),
+            None => Ok(b.ticket()),
+        });
+        let outcome = match next {
+            Err(refused) => Err(refused),
+            // Queued before the thread stopped: failed when it stopped.
+            Ok(ticket) => tokio::time::timeout(Duration::from_secs(30), ticket.wait())
+                .await
+                .expect("a confirm after the panic waited for ever"),
+        };
+        assert!(
+            matches!(
+                &outcome,
+                Err(QueueError::Storage(_) | QueueError::ShuttingDown)
+            ),
+            "{outcome:?}"
+        );
+        let refused = store.batch(|b| b.refusal());
+        assert!(
+            matches!(&refused, Some(QueueError::Storage(msg)) if msg.contains("panicked")),
+            "{refused:?}"
+        );
+        tokio::task::block_in_place(|| store.shutdown());
+    }
 }

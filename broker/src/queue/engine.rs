@@ -597,11 +597,10 @@ impl EngineInner {
         let mut result: Routed = None;
         let mut error = None;
         let now = self.clock.now_ms();
-        let mut stored: Option<Message> = None;
         // Each matching queue is appended to once the next match (or the end) is
         // known, so that the last one, nearly always the only one, takes the message
         // itself rather than a copy of its handles.
-        let mut held: Option<Arc<Queue>> = None;
+        let mut held: Option<(Arc<Queue>, Message)> = None;
         let mut append = |q: &Queue, message: Message, error: &mut Option<QueueError>| {
             let (outcome, tickets) =
                 result.get_or_insert_with(|| (PublishOutcome::default(), Vec::new()));
@@ -627,24 +626,25 @@ impl EngineInner {
             if error.is_some() {
                 return;
             }
-            let Some(message) = &stored else {
-                let max = self.config.max_message_id_len;
-                if let Some(id) = msg.message_id.as_ref().filter(|id| id.len() > max) {
-                    error = Some(QueueError::InvalidArgument(format!(
-                        "message id is {} bytes, longer than the {max} a queued message may carry",
-                        id.len()
-                    )));
-                    return;
+            match &mut held {
+                None => {
+                    let max = self.config.max_message_id_len;
+                    if let Some(id) = msg.message_id.as_ref().filter(|id| id.len() > max) {
+                        error = Some(QueueError::InvalidArgument(format!(
+                            "message id is {} bytes, longer than the {max} a queued message may carry",
+                            id.len()
+                        )));
+                        return;
+                    }
+                    held = Some((q.clone(), Message::from_publish(msg, now)));
                 }
-                stored = Some(Message::from_publish(msg, now));
-                held = Some(q.clone());
-                return;
-            };
-            if let Some(previous) = held.replace(q.clone()) {
-                append(&previous, message.clone(), &mut error);
+                Some((previous, message)) => {
+                    let previous = std::mem::replace(previous, q.clone());
+                    append(&previous, message.clone(), &mut error);
+                }
             }
         });
-        if let (Some(q), Some(message), None) = (held, stored, &error) {
+        if let (Some((q, message)), None) = (held, &error) {
             append(&q, message, &mut error);
         }
         match error {

@@ -414,6 +414,14 @@ impl Shared {
         Some(round)
     }
 
+    /// Wakes the store thread if it waits for work: with `p` just given some. It
+    /// waits only while there is none, so nothing more needs checking.
+    fn wake_writer(&self, p: &Pending) {
+        if p.writer_waiting {
+            self.wake.notify_one();
+        }
+    }
+
     /// The first failure, once the store has failed.
     pub fn failure(&self) -> Option<StoreError> {
         self.lock().failed.clone()
@@ -482,16 +490,8 @@ impl Store {
     /// the store's lock is always taken last.
     pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
         let mut p = self.shared.lock();
-        let was_idle = p.ops.is_empty()
-            && p.reads.is_empty()
-            && p.counters.is_empty()
-            && p.chunks.is_empty()
-            && p.removals.is_empty();
         let r = f(&mut Batch { p: &mut p });
-        let wake = was_idle && p.writer_waiting;
-        if wake {
-            self.shared.wake.notify_one();
-        }
+        self.shared.wake_writer(&p);
         r
     }
 
@@ -523,7 +523,7 @@ impl Store {
             max_bytes,
             then: Box::new(then),
         });
-        self.shared.wake.notify_one();
+        self.shared.wake_writer(&p);
     }
 
     /// Reads at once on the calling thread (blocking), without waiting for the store thread.

@@ -106,18 +106,17 @@ impl Syncer {
         let mut last_sync = Instant::now();
         let mut dirty = false;
         loop {
-            let wake_at = self.wake_at(dirty, last_sync);
-            // The next round, or none when woken for an interval sync or a
-            // checkpoint; what follows holds for any number of rounds per sync.
-            let mut rounds: Vec<Written> = self.take(wake_at).into_iter().collect();
-            for round in &mut rounds {
+            // The next round, written out; none when woken for an interval sync or
+            // a checkpoint.
+            let mut round = self.writer.produce(self.wake_at(dirty, last_sync));
+            if let Some(round) = &mut round {
                 self.unsynced.absorb(std::mem::take(&mut round.unsynced));
                 let end = round.log_end;
                 self.retired
                     .extend(round.retired.drain(..).map(|id| (id, end)));
             }
-            let wrote = rounds.iter().any(|r| r.wrote);
-            let shutdown = rounds.iter().any(|r| r.shutdown);
+            let wrote = round.as_ref().is_some_and(|r| r.wrote);
+            let shutdown = round.as_ref().is_some_and(|r| r.shutdown);
             dirty |= wrote;
             let failed = self.shared.failure();
             let sync_now = failed.is_none()
@@ -126,13 +125,12 @@ impl Syncer {
                     FsyncPolicy::Interval(every) => dirty && last_sync.elapsed() >= every,
                     FsyncPolicy::Never => false,
                 } || (shutdown && dirty));
-            if self.apply_early {
-                for round in &mut rounds {
-                    if let (Ok(()), Some(batch)) = (&round.result, round.batch.take()) {
-                        let _ = IndexBatch::apply(&batch, &*self.index);
-                        self.log_end = self.log_end.max(round.log_end);
-                    }
-                }
+            if self.apply_early
+                && let Some(round) = &mut round
+                && let (Ok(()), Some(batch)) = (&round.result, round.batch.take())
+            {
+                let _ = IndexBatch::apply(&batch, &*self.index);
+                self.log_end = self.log_end.max(round.log_end);
             }
             let mut synced = match failed {
                 Some(err) => Err(err),
@@ -150,45 +148,8 @@ impl Syncer {
                 last_sync = Instant::now();
                 dirty = false;
             }
-            // Index writes of every round synced, then their confirms, then the
-            // listeners (which make messages visible and deliver them) and reads: a
-            // confirm waits for its round's sync and index writes, so what it
-            // confirms can be read back at once, but not for its round's
-            // deliveries.
-            let mut results = Vec::with_capacity(rounds.len());
-            for round in &mut rounds {
-                let mut result = round.result.clone().and_then(|()| synced.clone());
-                if result.is_ok() {
-                    if let Some(batch) = &round.batch {
-                        if let Err(err) = IndexBatch::apply(batch, &*self.index) {
-                            self.shared.fail(&err);
-                            synced = Err(err.clone());
-                            result = Err(err);
-                        }
-                    }
-                    if result.is_ok() {
-                        self.log_end = self.log_end.max(round.log_end);
-                    }
-                }
-                if let Some(ticket) = round.ticket.take() {
-                    ticket.send_replace(Some(result.clone()));
-                }
-                results.push(result);
-            }
-            for (round, result) in rounds.into_iter().zip(results) {
-                for listener in &round.listeners {
-                    listener.committed(round.epoch, &result);
-                }
-                for read in round.reads {
-                    let loaded = scan(
-                        &*self.index,
-                        &self.segments,
-                        read.range,
-                        read.max_count,
-                        read.max_bytes,
-                    );
-                    (read.then)(loaded);
-                }
+            if let Some(round) = round {
+                self.answer(round, synced);
             }
             // After the confirms above, so that a checkpoint delays none of this
             // round's (the next round is taken after it, like after a sync).
@@ -210,6 +171,41 @@ impl Syncer {
         tracing::info!("queue store closed");
     }
 
+    /// The round's index writes once it is synced (`synced`), then its confirm, then
+    /// its listeners (which make messages visible and deliver them) and reads: a
+    /// confirm waits for its round's sync and index writes, so what it confirms can
+    /// be read back at once, but not for its round's deliveries.
+    fn answer(&mut self, round: Written, synced: Result<(), StoreError>) {
+        let mut result = round.result.and(synced);
+        if result.is_ok() {
+            if let Some(batch) = &round.batch {
+                if let Err(err) = IndexBatch::apply(batch, &*self.index) {
+                    self.shared.fail(&err);
+                    result = Err(err);
+                }
+            }
+            if result.is_ok() {
+                self.log_end = self.log_end.max(round.log_end);
+            }
+        }
+        if let Some(ticket) = round.ticket {
+            ticket.send_replace(Some(result.clone()));
+        }
+        for listener in &round.listeners {
+            listener.committed(round.epoch, &result);
+        }
+        for read in round.reads {
+            let loaded = scan(
+                &*self.index,
+                &self.segments,
+                read.range,
+                read.max_count,
+                read.max_bytes,
+            );
+            (read.then)(loaded);
+        }
+    }
+
     /// Whether the index holds log records (or a checkpoint) not yet known durable,
     /// and the last checkpoint is old enough.
     fn checkpoint_due(&self) -> bool {
@@ -229,11 +225,6 @@ impl Syncer {
                 .then(|| self.last_checkpoint + self.checkpoint_every),
             self.shared.failure().is_some(),
         )
-    }
-
-    /// The next round, written out; with nothing queued, waits (until `wake_at`).
-    fn take(&mut self, wake_at: Option<Instant>) -> Option<Written> {
-        self.writer.produce(wake_at)
     }
 
     /// Makes the index durable, so every log record before `log_end` is durable in

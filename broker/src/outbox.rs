@@ -117,6 +117,9 @@ struct Shared {
     /// Wakes the writer; senders notify only when the queue goes from empty to
     /// non-empty, so a burst costs one wake-up, not one per frame.
     wake: Notify,
+    /// Frames were queued with [`Outbox::send_held`] and the writer not woken for
+    /// them yet: [`Outbox::release`] owes it a wake-up.
+    wake_owed: AtomicBool,
     closed: AtomicBool,
     /// Set when every [`Outbox`] is gone: nothing more can be queued.
     orphaned: AtomicBool,
@@ -223,6 +226,7 @@ impl Outbox {
                 over_since: None,
             }),
             wake: Notify::new(),
+            wake_owed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
             abort: CancellationToken::new(),
@@ -260,10 +264,35 @@ impl Outbox {
     /// Queues a frame. Never waits. Fails when the connection is closed or closing,
     /// and applies the slow-consumer policy when the byte bound would be exceeded.
     pub fn send(&self, frame: Frame) -> Result<(), Closed> {
+        self.send_frame(frame, true)
+    }
+
+    /// Queues a frame like [`Outbox::send`] but does not wake the writer for it:
+    /// the caller queues a batch (a queue handing out deliveries) and then calls
+    /// [`Outbox::release`] once. Otherwise the writer, woken by the first frame
+    /// on another thread, takes and writes the batch a few frames at a time while
+    /// the rest is still being queued: one `sendto` per ~16 deliveries, where one
+    /// per batch will do. Returns whether this call made a wake-up owed (the
+    /// first held frame since the last release): the caller must then call
+    /// `release` once its batch is done.
+    pub fn send_held(&self, frame: Frame) -> Result<bool, Closed> {
+        self.send_frame(frame, false)?;
+        Ok(!self.shared.wake_owed.swap(true, Ordering::AcqRel))
+    }
+
+    /// Wakes the writer for the frames queued with [`Outbox::send_held`] since the
+    /// last release, if any.
+    pub fn release(&self) {
+        if self.shared.wake_owed.swap(false, Ordering::AcqRel) {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn send_frame(&self, frame: Frame, wake: bool) -> Result<(), Closed> {
         if matches!(frame, Frame::Delivery(_) | Frame::Message(_)) {
             self.shared.messages.fetch_add(1, Ordering::Relaxed);
         }
-        self.append(|buf| {
+        self.append(wake, |buf| {
             if let Err(err) = frame.encode(buf) {
                 // Frames are built from decoded input within limits, so this is a
                 // broker bug: report it; `encode` left the buffer as it was.
@@ -277,7 +306,7 @@ impl Outbox {
     /// a message once and copies it to each subscriber.
     pub fn send_message(&self, encoded: &[u8], sid: u32) -> Result<(), Closed> {
         self.shared.messages.fetch_add(1, Ordering::Relaxed);
-        self.append(|buf| {
+        self.append(true, |buf| {
             let start = buf.len();
             buf.extend_from_slice(encoded);
             if let Some(field) =
@@ -288,7 +317,9 @@ impl Outbox {
         })
     }
 
-    fn append(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Closed> {
+    /// Encodes a frame into the queue; `wake`: notify the writer if the queue was
+    /// empty (else the caller owes a [`Outbox::release`]).
+    fn append(&self, wake: bool, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Closed> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(Closed);
         }
@@ -320,7 +351,7 @@ impl Outbox {
             }
         }
         drop(queue);
-        if start == 0 {
+        if wake && start == 0 {
             self.shared.wake.notify_one();
         }
         Ok(())
@@ -610,6 +641,54 @@ mod tests {
         }
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(Ping)));
         assert!(buf.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_frames_wait_for_their_release_and_leave_together() {
+        let stats = Arc::new(Stats::default());
+        let (outbox, rx) = Outbox::channel(ConnId(1), 1 << 20, stats);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(rx.write_to(server));
+        // Let the writer find the queue empty and wait (a writer that wakes for
+        // any reason takes whatever is queued, held or not).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            outbox.send_held(message(0)),
+            Ok(true),
+            "the first owes a release"
+        );
+        assert_eq!(outbox.send_held(message(1)), Ok(false));
+        // The writer was not woken: nothing arrives, however long the client waits
+        // (paused time runs ahead once every task is idle).
+        let mut raw = vec![0u8; 1 << 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut raw)).await;
+        assert!(
+            read.is_err(),
+            "held frames were written before their release"
+        );
+        outbox.release();
+        let mut buf = BytesMut::new();
+        let mut codec = FrameCodec::default();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let n = client.read(&mut raw).await.unwrap();
+            buf.extend_from_slice(&raw[..n]);
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                got.push(frame);
+            }
+        }
+        assert_eq!(got, [message(0), message(1)]);
+        // Released: the next held frame owes a release again, and a plain send
+        // wakes the writer for whatever is held before it.
+        assert_eq!(outbox.send_held(message(2)), Ok(true));
+        outbox.send(message(3)).unwrap();
+        outbox.close(None);
+        assert_eq!(writer.await.unwrap(), WriterEnd::Flushed);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        buf.extend_from_slice(&rest);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(message(2)));
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(message(3)));
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! Queue bindings are matched through a token trie: with many queues whose bindings
-//! share a first token, a publish still reaches exactly the queues it matches.
+//! Queue bindings are matched by a lookup of the topic (literal bindings) and a
+//! token trie (wildcard bindings): with many queues whose bindings share a first
+//! token, a publish still reaches exactly the queues it matches, each once.
 
 use bytes::Bytes;
 use tidings_broker::queue::{EngineConfig, QueueEngine};
@@ -57,5 +58,40 @@ async fn many_queues_under_one_prefix_each_get_only_their_topics() {
     assert_eq!(engine.info("q8").unwrap().depth, 0);
     assert_eq!(engine.info("all").unwrap().depth, 3);
     assert_eq!(engine.info("tails").unwrap().depth, 2);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_queue_bound_by_a_literal_and_wildcards_takes_a_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = QueueEngine::open(EngineConfig::new(dir.path())).expect("engine opens");
+    // 40 queues, each bound to the literal topic and to two wildcards matching it:
+    // more than the short list of queues already reached holds, so the set is used.
+    for i in 0..40 {
+        let patterns = ["orders.eu".into(), "orders.*".into(), "orders.>".into()];
+        engine
+            .declare(&format!("q{i}"), &bound_to(&patterns))
+            .await
+            .unwrap();
+    }
+    engine
+        .declare(
+            "twice",
+            &bound_to(&["orders.eu".into(), "orders.eu".into()]),
+        )
+        .await
+        .unwrap();
+    engine
+        .declare("wild", &bound_to(&["*.eu".into()]))
+        .await
+        .unwrap();
+    assert_eq!(engine.publish(&msg("orders.eu")).await.unwrap().queues, 42);
+    assert_eq!(engine.publish(&msg("orders.us")).await.unwrap().queues, 40);
+    assert_eq!(engine.publish(&msg("stock.eu")).await.unwrap().queues, 1);
+    for i in 0..40 {
+        assert_eq!(engine.info(&format!("q{i}")).unwrap().depth, 2, "q{i}");
+    }
+    assert_eq!(engine.info("twice").unwrap().depth, 1);
+    assert_eq!(engine.info("wild").unwrap().depth, 2);
     engine.shutdown().await;
 }

@@ -8,8 +8,6 @@
 //!   after its subscribers were served; [`stats`] adds queue figures to STATS;
 //!   [`connection_closed`] releases a departed connection's deliveries.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,21 +20,39 @@ use tokio::sync::mpsc;
 use super::session::Session;
 use crate::outbox::Outbox;
 use crate::queue::{
-    DEAD_LETTERS_REPLY_OVERHEAD, DeliverySink, PublishOutcome, Published, QueueError,
+    DEAD_LETTERS_REPLY_OVERHEAD, DeliverySink, Durable, Held, PublishOutcome, Published, QueueError,
 };
 use crate::shared::BrokerQueues;
 
 /// Hands DELIVERY frames to a connection's outbox.
 struct OutboxSink(Outbox);
 
-impl DeliverySink for OutboxSink {
-    fn deliver(&self, mut delivery: Delivery) -> bool {
+impl OutboxSink {
+    fn frame(&self, mut delivery: Delivery) -> Frame {
         if self.0.protocol_minor() == 0 {
             // A 1.0 session does not know DELIVERY's reply_to and message_id.
             delivery.reply_to = None;
             delivery.message_id = None;
         }
-        self.0.send(Frame::Delivery(delivery)).is_ok()
+        Frame::Delivery(delivery)
+    }
+}
+
+impl DeliverySink for OutboxSink {
+    fn deliver(&self, delivery: Delivery) -> bool {
+        self.0.send(self.frame(delivery)).is_ok()
+    }
+
+    fn deliver_held(&self, delivery: Delivery) -> Held {
+        match self.0.send_held(self.frame(delivery)) {
+            Ok(true) => Held::Owed,
+            Ok(false) => Held::Queued,
+            Err(_) => Held::Gone,
+        }
+    }
+
+    fn release(&self) {
+        self.0.release();
     }
 
     fn cancelled(&self, notice: ConsumerCancelled) {
@@ -46,7 +62,7 @@ impl DeliverySink for OutboxSink {
 
 /// A publish waiting for durability, in the connection's confirm queue.
 struct PendingConfirm {
-    stored: Pin<Box<dyn Future<Output = Result<PublishOutcome, QueueError>> + Send>>,
+    stored: Durable,
     request_id: u32,
     confirm: bool,
 }
@@ -255,12 +271,30 @@ async fn send_confirms(
     outbox: Outbox,
     stats: Arc<crate::stats::Stats>,
 ) {
-    while let Some(p) = rx.recv().await {
-        let result = p.stored.await;
+    // The confirms of publishes already durable (a group commit's, nearly always)
+    // are held in the outbox and released, one wake-up of the writer for them all,
+    // before this task can wait: for the next publish or for its commit.
+    loop {
+        let p = match rx.try_recv() {
+            Ok(p) => p,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                outbox.release();
+                match rx.recv().await {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        if !p.stored.is_done() {
+            outbox.release();
+        }
+        let result = p.stored.wait().await;
         if let Some(frame) = answer_frame(&stats, p.request_id, p.confirm, result) {
-            let _ = outbox.send(frame);
+            let _ = outbox.send_held(frame);
         }
     }
+    outbox.release();
 }
 
 fn send_answer(

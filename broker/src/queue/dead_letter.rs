@@ -124,11 +124,11 @@ fn to_letter(seq: u64, msg: Message) -> DeadLetter {
 
 /// Builds the dead-letter copy of a message.
 fn dead_letter_copy(mut msg: Message, reason: &str, origin: &Text) -> Message {
-    msg.dead = Some(DeadInfo {
+    msg.dead = Some(Box::new(DeadInfo {
         reason: Text::from(reason),
         attempts: msg.deliveries,
         origin: Some(origin.clone()),
-    });
+    }));
     msg.deliveries = 0;
     msg
 }

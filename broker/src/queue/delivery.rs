@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use tidings_protocol::Delivery;
 
 use crate::queue::durable::{Departure, PendingEntry, Queue, State, delayed_slot};
 use crate::queue::in_flight::{Consumer, Delivered};
-use crate::queue::link::SessionLink;
+use crate::queue::link::{Held, SessionLink};
 use crate::queue::rates::Event;
 use crate::queue::record::Message;
 use crate::queue::window::Entry;
@@ -31,6 +32,21 @@ pub(crate) struct Ended {
     pub consumer_id: u32,
 }
 
+/// The sessions that hold deliveries of one [`Queue::serve`] pass, released when it
+/// ends: each connection's writer wakes once per pass and sends its deliveries in
+/// one write. Each session is listed once (only the delivery that made the release
+/// owed adds it), so many consumers cost no search.
+#[derive(Default)]
+struct Owed(SmallVec<[Arc<SessionLink>; 2]>);
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        for link in self.0.drain(..) {
+            link.sink.release();
+        }
+    }
+}
+
 impl Queue {
     /// Hands ready messages to consumers with credit, drops expired ones, pages in
     /// more when the window runs low, and registers the next deadline. Runs after
@@ -39,6 +55,8 @@ impl Queue {
         if st.deleted {
             return;
         }
+        // Released when this pass ends, however it ends.
+        let mut owed = Owed::default();
         while let Some(ci) = st.consumers.pick() {
             let entry = if let Some(e) = st.retry.pop_front() {
                 e
@@ -59,8 +77,9 @@ impl Queue {
                 self.expire(st, entry);
                 continue;
             }
-            self.deliver(st, ci, entry, now);
+            self.deliver(st, ci, entry, now, &mut owed);
         }
+        drop(owed);
         self.request_mark(st);
         self.expire_head(st, now);
         self.maybe_page_ready(st);
@@ -168,7 +187,7 @@ impl Queue {
         st.marks.pending = Some((epoch, target));
     }
 
-    fn deliver(&self, st: &mut State, ci: usize, mut entry: Entry, now: u64) {
+    fn deliver(&self, st: &mut State, ci: usize, mut entry: Entry, now: u64, owed: &mut Owed) {
         let Some(consumer) = st.consumers.get_mut(ci) else {
             st.retry.push_front(entry);
             return;
@@ -214,11 +233,15 @@ impl Queue {
         if entry_attempt > 1 {
             st.stats.redelivered += 1;
         }
-        if !link.sink.deliver(delivery) {
-            // The connection is gone; its session's drop (or the ack timeout) returns
-            // what it holds. Stop feeding it meanwhile.
-            if let Some(c) = st.consumers.get_mut(ci) {
-                c.alive = false;
+        match link.sink.deliver_held(delivery) {
+            Held::Sent | Held::Queued => {}
+            Held::Owed => owed.0.push(link),
+            Held::Gone => {
+                // The connection is gone; its session's drop (or the ack timeout)
+                // returns what it holds. Stop feeding it meanwhile.
+                if let Some(c) = st.consumers.get_mut(ci) {
+                    c.alive = false;
+                }
             }
         }
     }

@@ -5,11 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tidings_protocol::{
     CancelReason, ConsumerCancelled, Pattern, Publish, QueueInfo, QueueOptions,
 };
@@ -32,8 +32,33 @@ use crate::storage::{Store, Ticket};
 pub enum Published {
     /// No queue took it, or it was refused: the answer is known now.
     Done(Result<PublishOutcome, QueueError>),
-    /// At least one queue took it; resolves once it is durable in all of them.
-    Pending(Pin<Box<dyn Future<Output = Result<PublishOutcome, QueueError>> + Send>>),
+    /// At least one queue took it; [`Durable::wait`] resolves once it is durable in
+    /// all of them.
+    Pending(Durable),
+}
+
+/// A publish that reached queues, waiting for the commits that make it durable.
+/// A plain value (no boxed future per publish): the connection's confirm task holds
+/// these in order and awaits each in turn.
+pub struct Durable {
+    outcome: PublishOutcome,
+    tickets: Tickets,
+}
+
+impl Durable {
+    /// True when [`Durable::wait`] would not wait: every commit it needs is done.
+    pub fn is_done(&self) -> bool {
+        self.tickets.iter().all(Ticket::is_done)
+    }
+
+    /// What the publish did, once every queue that took it has made it durable; an
+    /// error if a commit failed or the store stopped first.
+    pub async fn wait(self) -> Result<PublishOutcome, QueueError> {
+        for ticket in self.tickets {
+            ticket.wait().await?;
+        }
+        Ok(self.outcome)
+    }
 }
 
 impl std::fmt::Debug for Published {
@@ -256,27 +281,22 @@ impl QueueEngine {
         async move {
             match published {
                 Published::Done(result) => result,
-                Published::Pending(durable) => durable.await,
+                Published::Pending(durable) => durable.wait().await,
             }
         }
     }
 
     /// Like [`QueueEngine::publish`], but says at once whether the answer is already
     /// known. The connection layer uses it so that the common pub/sub publish (no
-    /// binding matched) costs no allocation; only a publish that reached a queue
-    /// boxes the future that waits for durability.
+    /// binding matched) is answered at once, and a publish that reached a queue
+    /// joins its connection's confirm queue.
     pub fn publish_now(&self, msg: &Publish) -> Published {
         let (outcome, tickets) = match self.inner.route(msg) {
             Ok(None) => return Published::Done(Ok(PublishOutcome::default())),
             Ok(Some(r)) => r,
             Err(err) => return Published::Done(Err(err)),
         };
-        Published::Pending(Box::pin(async move {
-            for ticket in tickets {
-                ticket.wait().await?;
-            }
-            Ok(outcome)
-        }))
+        Published::Pending(Durable { outcome, tickets })
     }
 
     /// A consumer session for one connection; `sink` receives its deliveries.
@@ -446,7 +466,10 @@ fn spawn_timer(inner: &Arc<EngineInner>) {
     );
 }
 
-type Routed = Option<(PublishOutcome, Vec<Ticket>)>;
+/// What a publish that reached queues waits for: one ticket per queue that stored
+/// it, inline for the usual one queue (no allocation per publish).
+type Tickets = SmallVec<[Ticket; 1]>;
+type Routed = Option<(PublishOutcome, Tickets)>;
 
 impl EngineInner {
     pub fn read(&self) -> RwLockReadGuard<'_, Registry> {
@@ -603,7 +626,7 @@ impl EngineInner {
         let mut held: Option<(Arc<Queue>, Message)> = None;
         let mut append = |q: &Queue, message: Message, error: &mut Option<QueueError>| {
             let (outcome, tickets) =
-                result.get_or_insert_with(|| (PublishOutcome::default(), Vec::new()));
+                result.get_or_insert_with(|| (PublishOutcome::default(), Tickets::new()));
             match q.append(message, msg.delay_ms, now, DedupCheck::Check) {
                 Ok((appended, ticket)) => {
                     match appended {

@@ -2,7 +2,10 @@
 //! acked or nacked, with their ack deadlines; and `Consumers`, the queue's
 //! consumers with their credit, served round-robin.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// Message seqs the broker assigns: a fast hash is enough (no client picks them).
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::queue::link::SessionLink;

@@ -5,9 +5,12 @@
 //! id, so neither module imports the other: `session.rs` (the connection-facing
 //! API) sits above both.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+// Integer keys, seeded per process: the broker assigns delivery ids, and a client's
+// consumer ids, bounded in number, only share its own connection's map.
+use foldhash::HashMap;
 
 use tidings_protocol::{ConsumerCancelled, Delivery};
 
@@ -18,12 +21,41 @@ pub trait DeliverySink: Send + Sync + 'static {
     /// session is dropped or its ack timeout passes).
     fn deliver(&self, delivery: Delivery) -> bool;
 
+    /// Like [`DeliverySink::deliver`], but the connection may hold the frame until
+    /// [`DeliverySink::release`], so that a batch of deliveries leaves in one
+    /// write. The default sends at once.
+    fn deliver_held(&self, delivery: Delivery) -> Held {
+        if self.deliver(delivery) {
+            Held::Sent
+        } else {
+            Held::Gone
+        }
+    }
+
+    /// Sends what [`DeliverySink::deliver_held`] held. The default has nothing to
+    /// send.
+    fn release(&self) {}
+
     /// Tells the connection that the server ended one of its consumers (its queue
     /// was deleted). Called once per consumer, after which no delivery for it
     /// follows. The default drops the notice.
     fn cancelled(&self, notice: ConsumerCancelled) {
         let _ = notice;
     }
+}
+
+/// What [`DeliverySink::deliver_held`] did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// On its way; nothing owed.
+    Sent,
+    /// Queued and held: the first since the last release, so the caller must call
+    /// [`DeliverySink::release`] once its batch is done.
+    Owed,
+    /// Queued and held behind an earlier one whose caller owes the release.
+    Queued,
+    /// The connection is gone.
+    Gone,
 }
 
 /// Outstanding deliveries taken out of a link, grouped by queue id: `(qid,

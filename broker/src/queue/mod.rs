@@ -85,10 +85,10 @@ pub use dead_letter::{
     DEAD_LETTERS_REPLY_OVERHEAD, DeadLetterPage, MAX_DEAD_LETTERS_LISTED, encoded_letter_len,
 };
 pub use dedup::ID_OVERHEAD as DEDUP_ID_OVERHEAD;
-pub use engine::{PublishOutcome, Published, QueueEngine};
+pub use engine::{Durable, PublishOutcome, Published, QueueEngine};
 pub use error::QueueError;
 pub use inspect::{ConsumerView, MAX_PEEK, PeekedMessage, QueueSettingsView, QueueView};
-pub use link::DeliverySink;
+pub use link::{DeliverySink, Held};
 pub use record::MESSAGE_OVERHEAD;
 pub use session::ConsumerSession;
 

@@ -38,7 +38,9 @@ pub(crate) struct Message {
     pub deliveries: u32,
     /// Why it was dead-lettered and after how many deliveries, for messages in a
     /// dead-letter queue (their own `deliveries` count starts again from zero).
-    pub dead: Option<DeadInfo>,
+    /// Boxed: few messages are dead letters, and every message is moved around
+    /// the queue's windows (B-tree nodes shift their entries) and into deliveries.
+    pub dead: Option<Box<DeadInfo>>,
 }
 
 /// Where a dead letter came from.
@@ -217,11 +219,11 @@ impl Message {
             } else {
                 None
             };
-            Some(DeadInfo {
+            Some(Box::new(DeadInfo {
                 reason,
                 attempts,
                 origin,
-            })
+            }))
         } else {
             None
         };
@@ -284,11 +286,11 @@ mod tests {
             message_id: Some(Text::from("m-1")),
             published_ms: 1_700_000_000_000,
             deliveries: 3,
-            dead: Some(DeadInfo {
+            dead: Some(Box::new(DeadInfo {
                 reason: Text::from("max_deliveries"),
                 attempts: 5,
                 origin: Some(Text::from("orders")),
-            }),
+            })),
         };
         let bytes = Bytes::from(m.encode_vec());
         assert_eq!(Message::decode(bytes.clone()), Some(m));

@@ -142,8 +142,20 @@ impl<T> Trie<T> {
 
     /// Calls `f` on every value whose pattern matches `topic`.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a T)) {
-        let tokens: Vec<&str> = topic.split('.').collect();
-        collect(&self.root, &tokens, &mut f);
+        // Topics of up to STACK_TOKENS tokens (nearly all) are split without
+        // allocating.
+        const STACK_TOKENS: usize = 16;
+        let mut stack = [""; STACK_TOKENS];
+        let mut n = 0;
+        for token in topic.split('.') {
+            if n == STACK_TOKENS {
+                let tokens: Vec<&str> = topic.split('.').collect();
+                return collect(&self.root, &tokens, &mut f);
+            }
+            stack[n] = token;
+            n += 1;
+        }
+        collect(&self.root, &stack[..n], &mut f);
     }
 }
 
@@ -226,6 +238,21 @@ mod tests {
         assert_eq!(matches(&trie, "a"), [4]);
         assert_eq!(matches(&trie, "x.b.y"), [3, 4]);
         assert_eq!(matches(&trie, "a.b.c.d"), [2, 4]);
+    }
+
+    #[test]
+    fn topics_longer_than_the_stack_buffer_match_too() {
+        let mut trie = Trie::default();
+        let long: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+        let topic = long.join(".");
+        trie.insert(&Pattern::new(&topic).unwrap(), 1);
+        trie.insert(&Pattern::new("t0.>").unwrap(), 2);
+        trie.insert(
+            &Pattern::new(format!("{}.*", long[..39].join("."))).unwrap(),
+            3,
+        );
+        assert_eq!(matches(&trie, &topic), [1, 2, 3]);
+        assert_eq!(matches(&trie, &long[..16].join(".")), [2]);
     }
 
     #[test]

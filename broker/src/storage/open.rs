@@ -252,7 +252,7 @@ impl Store {
             shared: shared.clone(),
             index: index.clone(),
             next_qid,
-            chunks: HashMap::new(),
+            chunks: Default::default(),
             log: Box::new(segments),
         };
         let syncer = Syncer {

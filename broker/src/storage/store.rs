@@ -1,7 +1,8 @@
 //! The store's handle: [`Store`], the [`Batch`] of writes queued for the next group
 //! commit, the [`Ticket`] that resolves when they are durable, and the reads.
 
-use std::collections::HashMap;
+// Integer keys the broker assigns: a fast hash is enough (no client picks them).
+use foldhash::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -309,6 +310,12 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
+    /// True once the commit is done (succeeded or failed): [`Ticket::wait`] would
+    /// not wait.
+    pub fn is_done(&self) -> bool {
+        self.rx.borrow().is_some() || self.rx.has_changed().is_err()
+    }
+
     /// Waits for the commit; errors if it failed or the store thread stopped first.
     pub async fn wait(mut self) -> Result<(), QueueError> {
         match self.rx.wait_for(Option::is_some).await {

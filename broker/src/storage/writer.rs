@@ -5,7 +5,8 @@
 //! and answers the round before the writer takes the next. It never writes to the
 //! index: the syncer applies a round's batch once the round is durable.
 
-use std::collections::{HashMap, HashSet};
+// Queue ids, chunk seqs and segment ids the store assigns: a fast hash is enough.
+use foldhash::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,7 +92,7 @@ impl Writer {
         let log_err = |e| StoreError::io("writing the queue log", e);
         let mut batch = IndexBatch::default();
         let mut defs_touched = false;
-        let mut segments_touched: HashSet<u64> = HashSet::new();
+        let mut segments_touched: HashSet<u64> = HashSet::default();
         for op in &round.ops {
             match op {
                 Op::Put(k, v) => batch.insert(k, v),
@@ -130,7 +131,7 @@ impl Writer {
             );
             self.chunks.insert((c.qid, c.first), (state, loc.segment));
         }
-        let mut touched: HashSet<(u32, u64)> = HashSet::new();
+        let mut touched: HashSet<(u32, u64)> = HashSet::default();
         for &(qid, first, seq) in &round.removals {
             let key = (qid, first);
             let (state, _) = match self.chunks.entry(key) {

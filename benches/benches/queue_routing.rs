@@ -1,8 +1,8 @@
 //! Criterion: the queue side of a publish with 100,000 wildcard queue bindings.
 //!
-//! Run with `cargo bench -p tidings-bench --bench queue_routing`. Queue bindings are
-//! matched through the router's pattern trie, so a publish whose topic matches no
-//! binding should cost the same with 100,000 bindings as with a few: the groups
+//! Run with `cargo bench -p tidings-bench --bench queue_routing`. Wildcard queue
+//! bindings are matched through the router's pattern trie, so a publish whose topic
+//! matches no binding should cost the same with 100,000 bindings as with a few: the groups
 //! compare `QueueEngine::publish_now` on such a topic with no bindings, with 4 (one
 //! of each shape), 1,000 and 100,000 (`*` and `>` patterns under distinct first
 //! tokens, plus `*`-first ones that every topic has to be checked against).

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 // Seeded per process; keys are binding patterns and queue addresses.
 use foldhash::{HashMap, HashSet};
+use smallvec::SmallVec;
 
 use tidings_protocol::Pattern;
 
@@ -73,12 +74,13 @@ impl Routes {
     }
 }
 
-/// The queues a publish has reached: a short list, then a set, so that a wildcard
-/// matching thousands of queues costs a hash per queue, not a scan of the list.
+/// The queues a publish has reached: a short list on the stack, then a set, so
+/// that a wildcard matching thousands of queues costs a hash per queue, not a scan
+/// of the list, and the usual few cost no allocation.
 #[derive(Default)]
 struct Seen {
-    few: Vec<*const Queue>,
-    many: HashSet<*const Queue>,
+    few: SmallVec<[*const Queue; Seen::FEW]>,
+    many: Option<HashSet<*const Queue>>,
 }
 
 impl Seen {
@@ -88,16 +90,19 @@ impl Seen {
     /// Records `q`; false if it was recorded before.
     fn first_time(&mut self, q: &Arc<Queue>) -> bool {
         let ptr = Arc::as_ptr(q);
-        if self.many.is_empty() {
-            if self.few.contains(&ptr) {
-                return false;
-            }
-            if self.few.len() < Self::FEW {
-                self.few.push(ptr);
-                return true;
-            }
-            self.many.extend(self.few.drain(..));
+        if let Some(many) = &mut self.many {
+            return many.insert(ptr);
         }
-        self.many.insert(ptr)
+        if self.few.contains(&ptr) {
+            return false;
+        }
+        if self.few.len() < Self::FEW {
+            self.few.push(ptr);
+            return true;
+        }
+        let mut many: HashSet<*const Queue> = self.few.drain(..).collect();
+        many.insert(ptr);
+        self.many = Some(many);
+        true
     }
 }

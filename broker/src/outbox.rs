@@ -115,7 +115,8 @@ struct Shared {
     relieved: Notify,
     queue: Mutex<Queue>,
     /// Wakes the writer; senders notify only when the queue goes from empty to
-    /// non-empty, so a burst costs one wake-up, not one per frame.
+    /// non-empty (or it holds frames whose wake-up is owed), so a burst costs one
+    /// wake-up, not one per frame.
     wake: Notify,
     /// Frames were queued with [`Outbox::send_held`] and the writer not woken for
     /// them yet: [`Outbox::release`] owes it a wake-up.
@@ -318,7 +319,8 @@ impl Outbox {
     }
 
     /// Encodes a frame into the queue; `wake`: notify the writer if the queue was
-    /// empty (else the caller owes a [`Outbox::release`]).
+    /// empty or held frames are owed a wake-up (else the caller owes a
+    /// [`Outbox::release`]).
     fn append(&self, wake: bool, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Closed> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(Closed);
@@ -351,7 +353,13 @@ impl Outbox {
             }
         }
         drop(queue);
-        if wake && start == 0 {
+        // A frame sent behind held ones pays their wake-up now: replies and
+        // messages never wait for another sender's release.
+        let owed = wake
+            && start != 0
+            && self.shared.wake_owed.load(Ordering::Relaxed)
+            && self.shared.wake_owed.swap(false, Ordering::AcqRel);
+        if (wake && start == 0) || owed {
             self.shared.wake.notify_one();
         }
         Ok(())
@@ -679,16 +687,35 @@ mod tests {
         }
         assert_eq!(got, [message(0), message(1)]);
         // Released: the next held frame owes a release again, and a plain send
-        // wakes the writer for whatever is held before it.
+        // behind it wakes the writer for both, with no release.
         assert_eq!(outbox.send_held(message(2)), Ok(true));
         outbox.send(message(3)).unwrap();
+        let read_two = async {
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let n = client.read(&mut raw).await.unwrap();
+                buf.extend_from_slice(&raw[..n]);
+                while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                    got.push(frame);
+                }
+            }
+            got
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), read_two)
+            .await
+            .expect("a plain send behind a held frame woke the writer");
+        assert_eq!(got, [message(2), message(3)]);
+        // The plain send paid the debt: a release now has nothing to wake for,
+        // and the next held frame owes one again.
+        outbox.release();
+        assert_eq!(outbox.send_held(message(4)), Ok(true));
         outbox.close(None);
         assert_eq!(writer.await.unwrap(), WriterEnd::Flushed);
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
-        buf.extend_from_slice(&rest);
-        assert_eq!(codec.decode(&mut buf).unwrap(), Some(message(2)));
-        assert_eq!(codec.decode(&mut buf).unwrap(), Some(message(3)));
+        let mut rest = BytesMut::from(&rest[..]);
+        assert_eq!(codec.decode(&mut rest).unwrap(), Some(message(4)));
+        assert!(rest.is_empty());
     }
 
     #[tokio::test]

@@ -273,12 +273,17 @@ async fn send_confirms(
 ) {
     // The confirms of publishes already durable (a group commit's, nearly always)
     // are held in the outbox and released, one wake-up of the writer for them all,
-    // before this task can wait: for the next publish or for its commit.
+    // before this task can wait (for the next publish or for its commit), and at
+    // least every `RELEASE_EVERY`, so that a publisher that keeps the queue full
+    // still gets its confirms as they come.
+    const RELEASE_EVERY: usize = 64;
+    let mut held = 0;
     loop {
         let p = match rx.try_recv() {
             Ok(p) => p,
             Err(mpsc::error::TryRecvError::Empty) => {
                 outbox.release();
+                held = 0;
                 match rx.recv().await {
                     Some(p) => p,
                     None => break,
@@ -288,10 +293,16 @@ async fn send_confirms(
         };
         if !p.stored.is_done() {
             outbox.release();
+            held = 0;
         }
         let result = p.stored.wait().await;
         if let Some(frame) = answer_frame(&stats, p.request_id, p.confirm, result) {
             let _ = outbox.send_held(frame);
+            held += 1;
+            if held == RELEASE_EVERY {
+                outbox.release();
+                held = 0;
+            }
         }
     }
     outbox.release();

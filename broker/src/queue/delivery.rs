@@ -34,8 +34,10 @@ pub(crate) struct Ended {
 
 /// The sessions that hold deliveries of one [`Queue::serve`] pass, released when it
 /// ends: each connection's writer wakes once per pass and sends its deliveries in
-/// one write. Each session is listed once (only the delivery that made the release
-/// owed adds it), so many consumers cost no search.
+/// one write. Only the delivery that made a release owed adds its session, so many
+/// consumers cost no search; a session is listed again each time another sender
+/// paid its wake-up in the middle of the pass (the later releases find nothing
+/// owed).
 #[derive(Default)]
 struct Owed(SmallVec<[Arc<SessionLink>; 2]>);
 

@@ -164,7 +164,10 @@ impl Drop for Senders {
 ///
 /// Frames are encoded as they are queued, straight into the buffer the writer
 /// takes whole for its next write: no per-frame channel operation or allocation,
-/// and one wake-up of the writer per batch.
+/// and one wake-up of the writer per batch. A sender that queues a batch from
+/// another thread (a queue's deliveries, a round's confirms) holds it with
+/// [`Outbox::send_held`] and wakes the writer once with [`Outbox::release`], so the
+/// writer does not start on the batch before it is all queued.
 ///
 /// The queue is bounded in bytes (`--max-pending-bytes`): encoded frames count from
 /// the moment they are queued until the write that carries them completes. A send

@@ -282,9 +282,7 @@ impl Store {
                 if ran.is_err() {
                     let err = StoreError("the store thread panicked (a bug: see the log)".into());
                     on_panic.fail(&err);
-                    for read in on_panic.stop() {
-                        (read.then)(Err(err.clone()));
-                    }
+                    on_panic.stop(&err);
                 }
             })
             .map_err(|e| io_err("spawning the store thread", e))?;

@@ -450,15 +450,21 @@ impl Shared {
         }
     }
 
-    /// Marks the store thread stopped; refuses what was queued after its last round and
-    /// returns the reads for the caller to answer (outside the lock).
-    pub fn stop(&self) -> Vec<ReadRequest> {
-        let mut p = self.lock();
-        p.stopped = true;
-        if let Some(ticket) = p.ticket.take() {
-            ticket.send_replace(Some(Err(StoreError("the store is shut down".into()))));
+    /// Marks the store thread stopped; refuses what was queued after its last round,
+    /// and answers the reads still queued with `err` (outside the lock: a read's
+    /// callback takes its queue's lock).
+    pub fn stop(&self, err: &StoreError) {
+        let reads = {
+            let mut p = self.lock();
+            p.stopped = true;
+            if let Some(ticket) = p.ticket.take() {
+                ticket.send_replace(Some(Err(StoreError("the store is shut down".into()))));
+            }
+            std::mem::take(&mut p.reads)
+        };
+        for read in reads {
+            (read.then)(Err(err.clone()));
         }
-        std::mem::take(&mut p.reads)
     }
 }
 

@@ -164,10 +164,8 @@ impl Syncer {
                 break;
             }
         }
-        let reads = self.shared.stop();
-        for read in reads {
-            (read.then)(Err(StoreError("the store is shut down".into())));
-        }
+        self.shared
+            .stop(&StoreError("the store is shut down".into()));
         tracing::info!("queue store closed");
     }
 

@@ -35,7 +35,7 @@ pub(super) fn check_publish(limits: &Limits, publish: &Publish) -> Result<(), St
 /// The error text when a queue command would pass `--max-queues`,
 /// `--max-bindings` or `--max-consumers`. Checked before the command runs, so
 /// connections declaring at the same instant may pass the queue limit by a few.
-pub(super) async fn check_queue_command(
+pub(super) fn check_queue_command(
     limits: &Limits,
     engine: &QueueEngine,
     session: &ConsumerSession,

@@ -185,15 +185,24 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Err(err) if !err.is_fatal() => return Ok(Read::Skipped(err)),
                 Err(err) => return Err(err),
             }
-            if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
-                self.buf.reserve(self.chunk);
+            if !self.fill(stats).await {
+                return Ok(Read::Closed);
             }
-            match self.half.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Ok(Read::Closed),
-                Ok(n) => {
-                    stats.bytes_in(n);
-                    self.activity = true;
-                }
+        }
+    }
+
+    /// Reads once more into `buf`; false when the peer has gone. Cancel safe, like
+    /// `read_buf`.
+    async fn fill(&mut self, stats: &crate::stats::Stats) -> bool {
+        if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
+            self.buf.reserve(self.chunk);
+        }
+        match self.half.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                stats.bytes_in(n);
+                self.activity = true;
+                true
             }
         }
     }
@@ -292,7 +301,29 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         let mut unanswered = 0u32;
         self.activity = false;
         loop {
-            let read = tokio::select! {
+            // Every frame already in the buffer is handled before the next select:
+            // one pass of the select per read, not per frame. Frames are decoded
+            // and dispatched in place, never carried through the select's output.
+            loop {
+                match self.codec.decode(&mut self.buf) {
+                    Ok(Some(frame)) => {
+                        if let Some(rest) = session.dispatch(frame) {
+                            session.finish(rest).await;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) if !err.is_fatal() => session.reply_error(
+                        self.codec.failed_request_id().unwrap_or(0),
+                        err.code(),
+                        err.to_string(),
+                    ),
+                    Err(err) => {
+                        let request_id = self.codec.failed_request_id().unwrap_or(0);
+                        return close_for(request_id, err.code(), err.to_string());
+                    }
+                }
+            }
+            let open = tokio::select! {
                 biased;
                 _ = signals.shutdown.cancelled() => return shutting_down(),
                 _ = session.outbox.aborted() => return Ending::Quiet,
@@ -313,31 +344,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     }
                     continue;
                 }
-                read = self.next(stats) => read,
+                open = self.fill(stats) => open,
             };
-            let mut read = read;
-            // Every frame already in the buffer is handled before the next select:
-            // one pass of the select per read, not per frame.
-            loop {
-                match read {
-                    Ok(Read::Frame(frame)) => session.dispatch(frame).await,
-                    Ok(Read::Skipped(err)) => session.reply_error(
-                        self.codec.failed_request_id().unwrap_or(0),
-                        err.code(),
-                        err.to_string(),
-                    ),
-                    Ok(Read::Closed) => return Ending::Quiet,
-                    Err(err) => {
-                        let request_id = self.codec.failed_request_id().unwrap_or(0);
-                        return close_for(request_id, err.code(), err.to_string());
-                    }
-                }
-                read = match self.codec.decode(&mut self.buf) {
-                    Ok(Some(frame)) => Ok(Read::Frame(frame)),
-                    Ok(None) => break,
-                    Err(err) if !err.is_fatal() => Ok(Read::Skipped(err)),
-                    Err(err) => Err(err),
-                };
+            if !open {
+                return Ending::Quiet;
             }
         }
     }

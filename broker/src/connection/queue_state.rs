@@ -4,9 +4,11 @@
 //!
 //! - [`QueueState`]: one per connection, created after the handshake; deliveries
 //!   reach the client through the connection's [`Outbox`].
-//! - [`handle`] serves queue commands; [`publish`] receives every valid PUBLISH
-//!   after its subscribers were served; [`stats`] adds queue figures to STATS;
-//!   [`connection_closed`] releases a departed connection's deliveries.
+//! - [`handle`] serves queue commands (and [`handle_stored`] those that wait for
+//!   the store); [`publish`] receives every valid PUBLISH and [`queue_confirm`]
+//!   hands its confirm to the connection's confirm task; [`stats`] adds queue
+//!   figures to STATS; [`connection_closed`] releases a departed connection's
+//!   deliveries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +63,7 @@ impl DeliverySink for OutboxSink {
 }
 
 /// A publish waiting for durability, in the connection's confirm queue.
-struct PendingConfirm {
+pub(crate) struct PendingConfirm {
     stored: Durable,
     request_id: u32,
     confirm: bool,
@@ -100,11 +102,15 @@ impl QueueState {
     }
 }
 
-/// Serves one queue command from the connection's client.
-pub(crate) async fn handle(session: &mut Session, frame: Frame) {
+/// Serves one queue command from the connection's client. The commands that wait
+/// for the store (declare, delete, bind, unbind, the dead-letter listing, redrive)
+/// are checked here and handed back for [`handle_stored`]; every other one is
+/// answered at once, so the read loop awaits nothing for an ACK.
+pub(crate) fn handle(session: &mut Session, frame: Frame) -> Option<Frame> {
     let request_id = frame.request_id().unwrap_or(0);
     if let Err(denied) = super::authorize::queue_command(&session.principal, &frame) {
-        return session.permission_denied(request_id, &denied);
+        session.permission_denied(request_id, &denied);
+        return None;
     }
     if let Some(queues) = session.queues.inner.as_ref()
         && let Err(message) = super::limits::check_queue_command(
@@ -113,28 +119,19 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
             queues,
             &frame,
         )
-        .await
     {
-        return session.reply_error(request_id, ErrorCode::LimitExceeded, message);
+        session.reply_error(request_id, ErrorCode::LimitExceeded, message);
+        return None;
     }
     let engine = &session.shared.queues.engine;
-    let Some(queues) = session.queues.inner.as_ref() else {
-        return;
-    };
+    let queues = session.queues.inner.as_ref()?;
     let result: Result<Frame, QueueError> = match frame {
-        Frame::QueueDeclare(f) => engine
-            .declare(&f.name, &f.options)
-            .await
-            .map(|()| ok(request_id)),
-        Frame::QueueDelete(f) => engine.delete(&f.name).await.map(|()| ok(request_id)),
-        Frame::QueueBind(f) => engine
-            .bind(&f.name, &f.pattern)
-            .await
-            .map(|()| ok(request_id)),
-        Frame::QueueUnbind(f) => engine
-            .unbind(&f.name, &f.pattern)
-            .await
-            .map(|()| ok(request_id)),
+        Frame::QueueDeclare(_)
+        | Frame::QueueDelete(_)
+        | Frame::QueueBind(_)
+        | Frame::QueueUnbind(_)
+        | Frame::DeadLetters(_)
+        | Frame::Redrive(_) => return Some(frame),
         // Options only for 1.1 sessions: a 1.0 client would read them as
         // trailing bytes.
         Frame::QueueInfoRequest(f) if session.outbox.protocol_minor() >= 1 => {
@@ -162,6 +159,43 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
                 queues,
             }))
         }
+        Frame::Consume(f) => queues
+            .consume_limited(f.consumer_id, &f.queue, f.credit, f.limit)
+            .map(|_granted| ok(request_id)),
+        Frame::Cancel(f) => queues.cancel(f.consumer_id).map(|()| ok(request_id)),
+        // CREDIT has no answer unless it fails.
+        Frame::Credit(f) => match queues.credit(f.consumer_id, f.credit) {
+            Ok(_window) => return None,
+            Err(err) => Err(err),
+        },
+        Frame::Ack(f) => queues.ack(&f.ids).map(|()| ok(request_id)),
+        Frame::Nack(f) => queues
+            .nack(&f.ids, f.delay_ms.map(Duration::from_millis))
+            .map(|()| ok(request_id)),
+        other => Err(not_a_queue_command(&other)),
+    };
+    answer(session, request_id, result);
+    None
+}
+
+/// Serves a queue command that [`handle`] handed back: one that waits for the store.
+pub(crate) async fn handle_stored(session: &mut Session, frame: Frame) {
+    let request_id = frame.request_id().unwrap_or(0);
+    let engine = &session.shared.queues.engine;
+    let result: Result<Frame, QueueError> = match frame {
+        Frame::QueueDeclare(f) => engine
+            .declare(&f.name, &f.options)
+            .await
+            .map(|()| ok(request_id)),
+        Frame::QueueDelete(f) => engine.delete(&f.name).await.map(|()| ok(request_id)),
+        Frame::QueueBind(f) => engine
+            .bind(&f.name, &f.pattern)
+            .await
+            .map(|()| ok(request_id)),
+        Frame::QueueUnbind(f) => engine
+            .unbind(&f.name, &f.pattern)
+            .await
+            .map(|()| ok(request_id)),
         Frame::DeadLetters(f) => {
             // A reply never exceeds the max frame the server announced.
             let max_bytes = session
@@ -186,24 +220,16 @@ pub(crate) async fn handle(session: &mut Session, frame: Frame) {
                 moved,
             })
         }),
-        Frame::Consume(f) => queues
-            .consume_limited(f.consumer_id, &f.queue, f.credit, f.limit)
-            .map(|_granted| ok(request_id)),
-        Frame::Cancel(f) => queues.cancel(f.consumer_id).map(|()| ok(request_id)),
-        // CREDIT has no answer unless it fails.
-        Frame::Credit(f) => match queues.credit(f.consumer_id, f.credit) {
-            Ok(_window) => return,
-            Err(err) => Err(err),
-        },
-        Frame::Ack(f) => queues.ack(&f.ids).map(|()| ok(request_id)),
-        Frame::Nack(f) => queues
-            .nack(&f.ids, f.delay_ms.map(Duration::from_millis))
-            .map(|()| ok(request_id)),
-        other => Err(QueueError::InvalidArgument(format!(
-            "{} is not a queue command",
-            other.name()
-        ))),
+        other => Err(not_a_queue_command(&other)),
     };
+    answer(session, request_id, result);
+}
+
+fn not_a_queue_command(frame: &Frame) -> QueueError {
+    QueueError::InvalidArgument(format!("{} is not a queue command", frame.name()))
+}
+
+fn answer(session: &Session, request_id: u32, result: Result<Frame, QueueError>) {
     match result {
         Ok(reply) => session.reply(reply),
         Err(err) => session.reply_error(request_id, err.code(), err.to_string()),
@@ -214,9 +240,9 @@ fn ok(request_id: u32) -> Frame {
     Frame::Ok(OkReply { request_id })
 }
 
-/// Hands a published message (topic and payload already validated, subscribers
-/// already served) to the durable queues, and answers a confirm request once every
-/// queue that took it has made it durable.
+/// Hands a published message (topic and payload already validated) to the durable
+/// queues, and answers a confirm request once every queue that took it has made it
+/// durable: at once when no queue took it, else through [`queue_confirm`].
 ///
 /// The read loop never waits for storage: when the engine cannot answer at once
 /// (the message went to a queue), the publish joins the connection's confirm queue,
@@ -224,23 +250,33 @@ fn ok(request_id: u32) -> Frame {
 /// awaits them in order and queues their CONFIRMs: the publishes of one group commit
 /// become durable together, so their confirms reach the outbox back to back and
 /// leave in one write, without a task or a wake-up per publish. Group commits
-/// complete in order, so waiting in publish order delays no confirm. Past
-/// `--max-pending-requests` the read loop waits, so a fast publisher feels the
-/// store's pace.
-pub(crate) async fn publish(session: &mut Session, publish: Publish) {
-    if session.queues.inner.is_none() {
-        return;
-    }
+/// complete in order, so waiting in publish order delays no confirm.
+pub(crate) fn publish(session: &Session, publish: &Publish) -> Option<PendingConfirm> {
+    session.queues.inner.as_ref()?;
     let request_id = publish.request_id.unwrap_or(0);
     let confirm = publish.confirm;
-    let stored = match session.shared.queues.engine.publish_now(&publish) {
+    match session.shared.queues.engine.publish_now(publish) {
         // The common pub/sub case: no binding matched; answered without allocating.
         Published::Done(result) => {
             send_answer(session, request_id, confirm, result);
-            return;
+            None
         }
-        Published::Pending(stored) => stored,
-    };
+        Published::Pending(stored) => Some(PendingConfirm {
+            stored,
+            request_id,
+            confirm,
+        }),
+    }
+}
+
+/// Queues a publish for the connection's confirm task (started with its first
+/// durable publish) without waiting. Past `--max-pending-requests` outstanding the
+/// queue is full and the publish comes back, for [`wait_confirm`]: the read loop
+/// then waits, so a fast publisher feels the store's pace.
+pub(crate) fn queue_confirm(
+    session: &mut Session,
+    pending: PendingConfirm,
+) -> Option<PendingConfirm> {
     let confirms = match &session.queues.confirms {
         Some(tx) => tx,
         None => {
@@ -253,14 +289,20 @@ pub(crate) async fn publish(session: &mut Session, publish: Publish) {
             session.queues.confirms.insert(tx)
         }
     };
-    // Fails only if the confirm task is gone, which happens only with the runtime.
-    let _ = confirms
-        .send(PendingConfirm {
-            stored,
-            request_id,
-            confirm,
-        })
-        .await;
+    match confirms.try_send(pending) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(pending)) => Some(pending),
+        // The confirm task is gone only with the runtime.
+        Err(mpsc::error::TrySendError::Closed(_)) => None,
+    }
+}
+
+/// Waits for room in the confirm queue that [`queue_confirm`] found full.
+pub(crate) async fn wait_confirm(session: &Session, pending: PendingConfirm) {
+    if let Some(confirms) = &session.queues.confirms {
+        // Fails only if the confirm task is gone, which happens only with the runtime.
+        let _ = confirms.send(pending).await;
+    }
 }
 
 /// The confirm task of one connection: answers its publishes in order as they

@@ -86,11 +86,17 @@ pub(crate) struct Registry {
     pub queues: BTreeMap<String, Arc<Queue>>,
     pub by_id: HashMap<u32, Arc<Queue>>,
     pub routes: Routes,
+    /// Whether any queue has a binding; shared with [`EngineInner::bound`], so a
+    /// publish can know without the lock.
+    bound: Arc<AtomicBool>,
 }
 
 impl Registry {
     fn reroute(&mut self) {
         self.routes = Routes::build(self.queues.values());
+        // Under the write lock, before the change is answered: a publish that
+        // follows the answer sees it.
+        self.bound.store(!self.routes.is_empty(), Ordering::Release);
     }
 }
 
@@ -101,6 +107,8 @@ pub(crate) struct EngineInner {
     pub deadlines: Arc<Deadlines>,
     pub clock: Clock,
     registry: RwLock<Registry>,
+    /// Whether any queue has a binding (kept by the registry).
+    bound: Arc<AtomicBool>,
     next_qid: AtomicU32,
     next_session: AtomicU64,
     cancel: CancellationToken,
@@ -132,6 +140,8 @@ impl QueueEngine {
         let opened = Store::open(&config)?;
         let store = Arc::new(opened.store);
         let limits = Limits::from_config(&config);
+        let registry = Registry::default();
+        let bound = registry.bound.clone();
         let inner = Arc::new(EngineInner {
             limits,
             store: store.clone(),
@@ -140,7 +150,8 @@ impl QueueEngine {
                 Some(manual) => Clock::Manual(manual.clone()),
                 None => Clock::System,
             },
-            registry: RwLock::new(Registry::default()),
+            registry: RwLock::new(registry),
+            bound,
             next_qid: AtomicU32::new(opened.next_qid),
             next_session: AtomicU64::new(1),
             cancel: CancellationToken::new(),
@@ -616,15 +627,20 @@ impl EngineInner {
     }
 
     fn route(&self, msg: &Publish) -> Result<Routed, QueueError> {
+        // Nothing bound anywhere (a broker used for pub/sub only): no lock, no clock.
+        if !self.bound.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let reg = self.read();
         let mut result: Routed = None;
         let mut error = None;
-        let now = self.clock.now_ms();
+        // Read once the first queue matched: a topic no queue binds costs no clock.
+        let mut now = 0;
         // Each matching queue is appended to once the next match (or the end) is
         // known, so that the last one, nearly always the only one, takes the message
         // itself rather than a copy of its handles.
         let mut held: Option<(Arc<Queue>, Message)> = None;
-        let mut append = |q: &Queue, message: Message, error: &mut Option<QueueError>| {
+        let mut append = |q: &Queue, message: Message, now: u64, error: &mut Option<QueueError>| {
             let (outcome, tickets) =
                 result.get_or_insert_with(|| (PublishOutcome::default(), Tickets::new()));
             match q.append(message, msg.delay_ms, now, DedupCheck::Check) {
@@ -659,16 +675,17 @@ impl EngineInner {
                         )));
                         return;
                     }
+                    now = self.clock.now_ms();
                     held = Some((q.clone(), Message::from_publish(msg, now)));
                 }
                 Some((previous, message)) => {
                     let previous = std::mem::replace(previous, q.clone());
-                    append(&previous, message.clone(), &mut error);
+                    append(&previous, message.clone(), now, &mut error);
                 }
             }
         });
         if let (Some((q, message)), None) = (held, &error) {
-            append(&q, message, &mut error);
+            append(&q, message, now, &mut error);
         }
         match error {
             Some(err) => Err(err),

@@ -56,6 +56,11 @@ impl Routes {
         routes
     }
 
+    /// No queue has a binding.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wild.is_empty()
+    }
+
     /// Calls `f` once for every queue with a binding matching `topic`.
     pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&Arc<Queue>)) {
         let exact = self.exact.get(topic).map_or(&[][..], Vec::as_slice);

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::BytesMut;
 use thiserror::Error;
-use tidings_protocol::{Frame, Message, Pattern, Text};
+use tidings_protocol::{Message, Pattern, Text};
 
 pub use cache::CACHE_CAPACITY;
 pub use trie::Trie;
@@ -123,15 +123,8 @@ impl Route {
     /// copying those bytes to each destination.
     pub fn deliver_with(&self, message: &Message, scratch: &mut BytesMut) -> usize {
         scratch.clear();
-        let mut frame = Message {
-            sid: 0,
-            topic: message.topic.clone(),
-            reply_to: message.reply_to.clone(),
-            message_id: message.message_id.clone(),
-            headers: message.headers.clone(),
-            payload: message.payload.clone(),
-        };
-        if let Err(err) = Frame::Message(frame.clone()).encode(scratch) {
+        // The subscribers' `sid` is patched into each copy; the one encoded is 0.
+        if let Err(err) = message.encode_frame(scratch, true) {
             // Messages are built from decoded PUBLISH frames within limits, so
             // this is a broker bug.
             tracing::error!(error = %err, "cannot encode MESSAGE");
@@ -140,7 +133,7 @@ impl Route {
         // Only a message with an id reads differently in 1.0; it gets its second
         // form here, once, when some subscriber may need it.
         let mut v1_0 = BytesMut::new();
-        if frame.message_id.take().is_some() && Frame::Message(frame).encode(&mut v1_0).is_err() {
+        if message.message_id.is_some() && message.encode_frame(&mut v1_0, false).is_err() {
             return 0;
         }
         let message = Encoded {

@@ -1,9 +1,9 @@
 //! Publish/subscribe frames: PUBLISH, SUBSCRIBE, UNSUBSCRIBE, MESSAGE.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::error::ProtocolError;
-use crate::frame::{Headers, check_flags};
+use crate::frame::{Headers, check_flags, encode_frame, kind};
 use crate::text::Text;
 use crate::wire::{Reader, Writer};
 
@@ -268,7 +268,45 @@ impl Message {
     /// Flag: message_id present (protocol 1.1).
     pub const FLAG_MESSAGE_ID: u8 = 0x02;
 
+    /// Appends this message as a whole MESSAGE frame to `dst`, byte for byte what
+    /// [`Frame::encode`] writes for `Frame::Message`, without building a [`Frame`]
+    /// (which would take a copy of every field's handle). With `with_id` false the
+    /// message id is left out: the form a protocol 1.0 session reads.
+    ///
+    /// ```
+    /// use bytes::{Bytes, BytesMut};
+    /// use tidings_protocol::{Frame, Message};
+    ///
+    /// let m = Message {
+    ///     sid: 7,
+    ///     topic: "orders.new".into(),
+    ///     reply_to: None,
+    ///     message_id: Some("order-1".into()),
+    ///     headers: vec![("content-type".into(), "text/plain".into())],
+    ///     payload: Bytes::from_static(b"hello"),
+    /// };
+    /// let (mut direct, mut framed) = (BytesMut::new(), BytesMut::new());
+    /// m.encode_frame(&mut direct, true).unwrap();
+    /// Frame::Message(m.clone()).encode(&mut framed).unwrap();
+    /// assert_eq!(direct, framed);
+    ///
+    /// // Without the id: what a 1.0 session is sent.
+    /// let (mut v1_0, mut framed) = (BytesMut::new(), BytesMut::new());
+    /// m.encode_frame(&mut v1_0, false).unwrap();
+    /// Frame::Message(Message { message_id: None, ..m }).encode(&mut framed).unwrap();
+    /// assert_eq!(v1_0, framed);
+    /// ```
+    pub fn encode_frame(&self, dst: &mut BytesMut, with_id: bool) -> Result<(), ProtocolError> {
+        encode_frame(dst, kind::Message, "MESSAGE", |w| {
+            self.encode_fields(w, with_id)
+        })
+    }
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        self.encode_fields(w, true)
+    }
+
+    fn encode_fields(&self, w: &mut Writer<'_>, with_id: bool) -> Result<u8, ProtocolError> {
         w.u32(self.sid);
         w.text("topic", &self.topic)?;
         let mut flags = 0;
@@ -276,7 +314,7 @@ impl Message {
             w.text("reply_to", reply_to)?;
             flags |= Self::FLAG_REPLY_TO;
         }
-        if let Some(id) = &self.message_id {
+        if let Some(id) = self.message_id.as_ref().filter(|_| with_id) {
             w.text("message_id", id)?;
             flags |= Self::FLAG_MESSAGE_ID;
         }

@@ -172,35 +172,7 @@ impl Frame {
     /// Fails only when a field is too long for its length prefix; `dst` is then left
     /// as it was.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        dst.put_u8(self.kind());
-        dst.put_u8(0);
-        let mut w = Writer {
-            dst,
-            frame: self.name(),
-        };
-        match self.encode_body(&mut w) {
-            Ok(flags) => {
-                let len = dst.len() - start - 4;
-                let Ok(len32) = u32::try_from(len) else {
-                    dst.truncate(start);
-                    return Err(ProtocolError::TooLongToEncode {
-                        frame: self.name(),
-                        field: "frame",
-                        len,
-                        max: u32::MAX as usize,
-                    });
-                };
-                dst[start..start + 4].copy_from_slice(&len32.to_be_bytes());
-                dst[start + 5] = flags;
-                Ok(())
-            }
-            Err(e) => {
-                dst.truncate(start);
-                Err(e)
-            }
-        }
+        encode_frame(dst, self.kind(), self.name(), |w| self.encode_body(w))
     }
 
     /// The request id this frame carries, if it has one (for matching answers).
@@ -277,6 +249,43 @@ pub(crate) fn check_flags(frame: &'static str, flags: u8, known: u8) -> Result<(
 }
 
 /// Frames whose body is just a request id.
+/// Appends a frame of type `kind` to `dst`: its length prefix, type, flags and the
+/// body `body` writes (returning the flags). Fails only when a field is too long for
+/// its length prefix; `dst` is then left as it was.
+pub(crate) fn encode_frame(
+    dst: &mut BytesMut,
+    kind: u8,
+    name: &'static str,
+    body: impl FnOnce(&mut Writer<'_>) -> Result<u8, ProtocolError>,
+) -> Result<(), ProtocolError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    dst.put_u8(kind);
+    dst.put_u8(0);
+    let mut w = Writer { dst, frame: name };
+    match body(&mut w) {
+        Ok(flags) => {
+            let len = dst.len() - start - 4;
+            let Ok(len32) = u32::try_from(len) else {
+                dst.truncate(start);
+                return Err(ProtocolError::TooLongToEncode {
+                    frame: name,
+                    field: "frame",
+                    len,
+                    max: u32::MAX as usize,
+                });
+            };
+            dst[start..start + 4].copy_from_slice(&len32.to_be_bytes());
+            dst[start + 5] = flags;
+            Ok(())
+        }
+        Err(e) => {
+            dst.truncate(start);
+            Err(e)
+        }
+    }
+}
+
 macro_rules! request_only {
     ($( $(#[$doc:meta])* $name:ident, $frame:literal; )*) => {$(
         $(#[$doc])*

@@ -407,6 +407,13 @@ impl Outbox {
         queue.buf.len() + queue.in_flight
     }
 
+    /// The capacity of the buffer senders append to (for tests of what the writer
+    /// keeps).
+    #[cfg(test)]
+    fn queued_capacity(&self) -> usize {
+        self.shared.queue().buf.capacity()
+    }
+
     /// MESSAGE and DELIVERY frames offered to this connection so far (a frame the
     /// slow-consumer bound refused counts too).
     pub fn messages_queued(&self) -> u64 {

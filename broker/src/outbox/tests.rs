@@ -220,3 +220,52 @@ async fn a_stall_ends_when_the_reader_catches_up_or_cuts_off_at_the_bound() {
     }
     assert!(!outbox.is_pressured());
 }
+
+/// A burst grows the write buffers well past `KEEP_CAPACITY`; once the connection
+/// goes idle both are given back, so an idle connection does not pin its peak.
+#[tokio::test(start_paused = true)]
+async fn a_burst_s_buffers_are_given_back_when_the_connection_goes_idle() {
+    const BURST: usize = 8 * 1024 * 1024;
+    let stats = Arc::new(Stats::default());
+    let (outbox, rx) = Outbox::channel(ConnId(1), 64 << 20, stats);
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let writer = tokio::spawn(rx.write_to(server));
+    let frame_len = {
+        let mut b = BytesMut::new();
+        message(60_000).encode(&mut b).unwrap();
+        b.len()
+    };
+    let frames = BURST / frame_len + 1;
+    for _ in 0..frames {
+        outbox.send(message(60_000)).unwrap();
+    }
+    assert!(
+        outbox.queued_capacity() >= BURST,
+        "the burst grew the buffer"
+    );
+    // Read it all; then both buffers have been through the writer, and it waits
+    // idle (paused time moves on only once every task waits).
+    let mut drained = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    while drained < frames * frame_len {
+        drained += client.read(&mut chunk).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(
+        outbox.queued_capacity() <= writer::KEEP_CAPACITY,
+        "idle: the senders' buffer is small again ({} bytes)",
+        outbox.queued_capacity()
+    );
+    // The writer's own buffer comes back to the senders with the next write.
+    outbox.send(message(10)).unwrap();
+    let mut small = vec![0u8; 1024];
+    let _ = client.read(&mut small).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(
+        outbox.queued_capacity() <= writer::KEEP_CAPACITY,
+        "the writer's buffer was given back too ({} bytes)",
+        outbox.queued_capacity()
+    );
+    outbox.close(None);
+    assert_eq!(writer.await.unwrap(), WriterEnd::Flushed);
+}

@@ -46,7 +46,7 @@ impl DeliverySink for OutboxSink {
     }
 
     fn deliver_held(&self, delivery: Delivery) -> Held {
-        match self.0.send_held(self.frame(delivery)) {
+        match self.0.send_delivery_held(&delivery) {
             Ok(true) => Held::Owed,
             Ok(false) => Held::Queued,
             Err(_) => Held::Gone,

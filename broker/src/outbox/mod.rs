@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use thiserror::Error;
-use tidings_protocol::{ErrorCode, Frame};
+use tidings_protocol::{Delivery, ErrorCode, Frame};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -287,6 +287,23 @@ impl Outbox {
         if self.shared.wake_owed.swap(false, Ordering::AcqRel) {
             self.shared.wake.notify_one();
         }
+    }
+
+    /// Queues a DELIVERY encoded straight from `delivery`, in the form this
+    /// connection's protocol version reads (1.0 sessions do not know its `reply_to`
+    /// and `message_id`), held like [`Outbox::send_held`]: no [`Frame`] is built
+    /// around it.
+    pub fn send_delivery_held(&self, delivery: &Delivery) -> Result<bool, Closed> {
+        self.shared.messages.fetch_add(1, Ordering::Relaxed);
+        let v1_1 = self.protocol_minor() >= 1;
+        self.append(false, |buf| {
+            if let Err(err) = delivery.encode_frame(buf, v1_1) {
+                // Deliveries are built from stored messages within limits, so this
+                // is a broker bug: report it; `encode_frame` left the buffer as it was.
+                tracing::error!(error = %err, "cannot encode DELIVERY");
+            }
+        })?;
+        Ok(!self.shared.wake_owed.swap(true, Ordering::AcqRel))
     }
 
     fn send_frame(&self, frame: Frame, wake: bool) -> Result<(), Closed> {

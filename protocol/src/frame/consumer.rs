@@ -1,10 +1,10 @@
 //! Consumer frames: CONSUME, CANCEL, CREDIT, CONSUMER_CANCELLED, DELIVERY, ACK and
 //! NACK — a consumer's life on a queue, apart from the queue's management frames.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::error::ProtocolError;
-use crate::frame::{Headers, check_flags};
+use crate::frame::{Headers, check_flags, encode_frame, kind};
 use crate::text::Text;
 use crate::wire::{Reader, Writer};
 
@@ -229,18 +229,59 @@ impl Delivery {
     /// Flag: message_id present (protocol 1.1).
     pub const FLAG_MESSAGE_ID: u8 = 0x02;
 
+    /// Appends this delivery as a whole DELIVERY frame to `dst`, byte for byte what
+    /// [`Frame::encode`] writes for `Frame::Delivery`, without building a
+    /// [`Frame`]. With `v1_1` false, `reply_to` and `message_id` are left out: the
+    /// form a protocol 1.0 session reads.
+    ///
+    /// ```
+    /// use bytes::{Bytes, BytesMut};
+    /// use tidings_protocol::{Delivery, Frame};
+    ///
+    /// let d = Delivery {
+    ///     consumer_id: 1,
+    ///     delivery_id: 42,
+    ///     attempt: 1,
+    ///     queue: "orders".into(),
+    ///     topic: "orders.new".into(),
+    ///     reply_to: Some("inbox.7".into()),
+    ///     message_id: Some("order-1".into()),
+    ///     headers: vec![],
+    ///     payload: Bytes::from_static(b"hello"),
+    /// };
+    /// let (mut direct, mut framed) = (BytesMut::new(), BytesMut::new());
+    /// d.encode_frame(&mut direct, true).unwrap();
+    /// Frame::Delivery(d.clone()).encode(&mut framed).unwrap();
+    /// assert_eq!(direct, framed);
+    ///
+    /// let (mut v1_0, mut framed) = (BytesMut::new(), BytesMut::new());
+    /// d.encode_frame(&mut v1_0, false).unwrap();
+    /// let plain = Delivery { reply_to: None, message_id: None, ..d };
+    /// Frame::Delivery(plain).encode(&mut framed).unwrap();
+    /// assert_eq!(v1_0, framed);
+    /// ```
+    pub fn encode_frame(&self, dst: &mut BytesMut, v1_1: bool) -> Result<(), ProtocolError> {
+        encode_frame(dst, kind::Delivery, "DELIVERY", |w| {
+            self.encode_fields(w, v1_1)
+        })
+    }
+
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<u8, ProtocolError> {
+        self.encode_fields(w, true)
+    }
+
+    fn encode_fields(&self, w: &mut Writer<'_>, v1_1: bool) -> Result<u8, ProtocolError> {
         w.u32(self.consumer_id);
         w.u64(self.delivery_id);
         w.u32(self.attempt);
         w.text("queue", &self.queue)?;
         w.text("topic", &self.topic)?;
         let mut flags = 0;
-        if let Some(reply_to) = &self.reply_to {
+        if let Some(reply_to) = self.reply_to.as_ref().filter(|_| v1_1) {
             w.text("reply_to", reply_to)?;
             flags |= Self::FLAG_REPLY_TO;
         }
-        if let Some(id) = &self.message_id {
+        if let Some(id) = self.message_id.as_ref().filter(|_| v1_1) {
             w.text("message_id", id)?;
             flags |= Self::FLAG_MESSAGE_ID;
         }

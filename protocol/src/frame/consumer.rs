@@ -230,9 +230,9 @@ impl Delivery {
     pub const FLAG_MESSAGE_ID: u8 = 0x02;
 
     /// Appends this delivery as a whole DELIVERY frame to `dst`, byte for byte what
-    /// [`Frame::encode`](crate::Frame::encode) writes for `Frame::Delivery`, without building a
-    /// [`Frame`](crate::Frame). With `v1_1` false, `reply_to` and `message_id` are left out: the
-    /// form a protocol 1.0 session reads.
+    /// [`Frame::encode`](crate::Frame::encode) writes for `Frame::Delivery`, without
+    /// building a [`Frame`](crate::Frame). With `v1_1` false, `reply_to` and
+    /// `message_id` are left out: the form a protocol 1.0 session reads.
     ///
     /// ```
     /// use bytes::{Bytes, BytesMut};

@@ -269,9 +269,10 @@ impl Message {
     pub const FLAG_MESSAGE_ID: u8 = 0x02;
 
     /// Appends this message as a whole MESSAGE frame to `dst`, byte for byte what
-    /// [`Frame::encode`](crate::Frame::encode) writes for `Frame::Message`, without building a [`Frame`](crate::Frame)
-    /// (which would take a copy of every field's handle). With `with_id` false the
-    /// message id is left out: the form a protocol 1.0 session reads.
+    /// [`Frame::encode`](crate::Frame::encode) writes for `Frame::Message`, without
+    /// building a [`Frame`](crate::Frame) (which would take a copy of every field's
+    /// handle). With `with_id` false the message id is left out: the form a protocol
+    /// 1.0 session reads.
     ///
     /// ```
     /// use bytes::{Bytes, BytesMut};

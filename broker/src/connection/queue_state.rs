@@ -29,20 +29,9 @@ use crate::shared::BrokerQueues;
 /// Hands DELIVERY frames to a connection's outbox.
 struct OutboxSink(Outbox);
 
-impl OutboxSink {
-    fn frame(&self, mut delivery: Delivery) -> Frame {
-        if self.0.protocol_minor() == 0 {
-            // A 1.0 session does not know DELIVERY's reply_to and message_id.
-            delivery.reply_to = None;
-            delivery.message_id = None;
-        }
-        Frame::Delivery(delivery)
-    }
-}
-
 impl DeliverySink for OutboxSink {
     fn deliver(&self, delivery: Delivery) -> bool {
-        self.0.send(self.frame(delivery)).is_ok()
+        self.0.send_delivery(&delivery).is_ok()
     }
 
     fn deliver_held(&self, delivery: Delivery) -> Held {

@@ -278,7 +278,13 @@ impl Outbox {
     /// `release` once its batch is done.
     pub fn send_held(&self, frame: Frame) -> Result<bool, Closed> {
         self.send_frame(frame, false)?;
-        Ok(!self.shared.wake_owed.swap(true, Ordering::AcqRel))
+        Ok(self.owe_wake())
+    }
+
+    /// Records that held frames await a release; true if none did before (this
+    /// caller owes the [`Outbox::release`]).
+    fn owe_wake(&self) -> bool {
+        !self.shared.wake_owed.swap(true, Ordering::AcqRel)
     }
 
     /// Wakes the writer for the frames queued with [`Outbox::send_held`] since the
@@ -291,19 +297,27 @@ impl Outbox {
 
     /// Queues a DELIVERY encoded straight from `delivery`, in the form this
     /// connection's protocol version reads (1.0 sessions do not know its `reply_to`
-    /// and `message_id`), held like [`Outbox::send_held`]: no [`Frame`] is built
-    /// around it.
+    /// and `message_id`): no [`Frame`] is built around it.
+    pub fn send_delivery(&self, delivery: &Delivery) -> Result<(), Closed> {
+        self.append_delivery(delivery, true)
+    }
+
+    /// [`Outbox::send_delivery`], held like [`Outbox::send_held`].
     pub fn send_delivery_held(&self, delivery: &Delivery) -> Result<bool, Closed> {
+        self.append_delivery(delivery, false)?;
+        Ok(self.owe_wake())
+    }
+
+    fn append_delivery(&self, delivery: &Delivery, wake: bool) -> Result<(), Closed> {
         self.shared.messages.fetch_add(1, Ordering::Relaxed);
         let v1_1 = self.protocol_minor() >= 1;
-        self.append(false, |buf| {
+        self.append(wake, |buf| {
             if let Err(err) = delivery.encode_frame(buf, v1_1) {
                 // Deliveries are built from stored messages within limits, so this
                 // is a broker bug: report it; `encode_frame` left the buffer as it was.
                 tracing::error!(error = %err, "cannot encode DELIVERY");
             }
-        })?;
-        Ok(!self.shared.wake_owed.swap(true, Ordering::AcqRel))
+        })
     }
 
     fn send_frame(&self, frame: Frame, wake: bool) -> Result<(), Closed> {

@@ -402,13 +402,22 @@ impl Router {
                 return route.clone();
             }
         }
-        let route = self.route(topic);
+        // The memo's last route, unless the cache or a stalled publish still holds
+        // it, is refilled in place: a topic that misses the cache costs no allocation.
+        let reuse = memo.last.take().map(|(_, _, route)| route);
+        let route = self.route_reusing(topic, reuse);
         memo.last = Some((topic.clone(), generation, route.clone()));
         route
     }
 
     /// The destinations of a message published to `topic` (a valid topic).
     pub fn route(&self, topic: &str) -> Arc<Route> {
+        self.route_reusing(topic, None)
+    }
+
+    /// [`Router::route`], computing a route that missed the cache into `reuse` if
+    /// nothing else holds it.
+    fn route_reusing(&self, topic: &str, reuse: Option<Arc<Route>>) -> Arc<Route> {
         if let Some(route) = self
             .inner
             .cache
@@ -419,17 +428,28 @@ impl Router {
             return route;
         }
         let state = self.state();
-        let mut route = Route::default();
-        state.trie.for_each_match(topic, |entry| match entry {
-            Entry::Single(t) => route.subscribers.push(t.clone()),
-            Entry::Group {
-                members, cursor, ..
-            } => route.groups.push(GroupRoute {
-                members: members.clone().into_boxed_slice(),
-                cursor: cursor.clone(),
-            }),
-        });
-        let route = Arc::new(route);
+        let fill = |route: &mut Route| {
+            route.subscribers.clear();
+            route.groups.clear();
+            state.trie.for_each_match(topic, |entry| match entry {
+                Entry::Single(t) => route.subscribers.push(t.clone()),
+                Entry::Group {
+                    members, cursor, ..
+                } => route.groups.push(GroupRoute {
+                    members: members.clone().into_boxed_slice(),
+                    cursor: cursor.clone(),
+                }),
+            });
+        };
+        let mut route = reuse.unwrap_or_default();
+        match Arc::get_mut(&mut route) {
+            Some(unshared) => fill(unshared),
+            None => {
+                let mut fresh = Route::default();
+                fill(&mut fresh);
+                route = Arc::new(fresh);
+            }
+        }
         // Still under the state lock, so no subscription change can slip in between
         // computing this route and caching it.
         self.cache_mut().insert(topic, route.clone());
@@ -520,6 +540,42 @@ mod tests {
         assert_eq!(router.route_memo(&topic, &mut memo).fan_out(), 1);
         router.unsubscribe(ConnId(1), 1).unwrap();
         assert!(router.route_memo(&topic, &mut memo).is_empty());
+    }
+
+    #[test]
+    fn a_memo_s_route_refilled_in_place_is_its_new_topic_s_and_never_one_still_held() {
+        let router = Router::default();
+        let (a, _ra) = outbox(1);
+        let (b, _rb) = outbox(2);
+        router
+            .subscribe(&a, 1, Pattern::new("r.*").unwrap(), None)
+            .unwrap();
+        router
+            .subscribe(&b, 2, Pattern::new("r.x").unwrap(), None)
+            .unwrap();
+        // A full cache keeps what it holds: the topics below are routed uncached.
+        for i in 0..CACHE_CAPACITY {
+            router.route(&format!("fill.{i}"));
+        }
+        let mut memo = RouteMemo::default();
+        let (x, y) = (Text::from("r.x"), Text::from("r.y"));
+        let first = router.route_memo(&x, &mut memo);
+        assert_eq!(first.fan_out(), 2);
+        // `first` is still held: r.y gets a route of its own.
+        let held = router.route_memo(&y, &mut memo);
+        assert!(!Arc::ptr_eq(&first, &held));
+        assert_eq!((first.fan_out(), held.fan_out()), (2, 1));
+        let held_at = Arc::as_ptr(&held);
+        drop((first, held));
+        // Nothing but the memo holds r.y's route now: r.x's is computed into it.
+        let again = router.route_memo(&x, &mut memo);
+        assert_eq!(Arc::as_ptr(&again), held_at);
+        assert_eq!(again.fan_out(), 2);
+        assert_eq!(again.deliver(&msg("r.x")), 2);
+        drop(again);
+        let last = router.route_memo(&y, &mut memo);
+        assert_eq!(last.fan_out(), 1);
+        assert!(last.pressured(ConnId(0)).is_none());
     }
 
     #[test]

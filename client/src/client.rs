@@ -263,7 +263,8 @@ impl Client {
         }
         let id = handle.shared.next_id();
         publish.request_id = Some(id);
-        let topic = publish.topic.to_string();
+        // Kept for an error's message (a reference count, not a copy).
+        let topic = publish.topic.clone();
         let (reply, answer) = oneshot::channel();
         handle.send(Command::Call {
             id,
@@ -424,16 +425,18 @@ impl ConfirmOptions {
         self
     }
 
-    fn check(self, topic: String, c: Confirmation) -> Result<Confirmation, PublishError> {
+    fn check(self, topic: Text, c: Confirmation) -> Result<Confirmation, PublishError> {
         if c.rejected > 0 && !self.allow_queue_full {
             return Err(PublishError::QueueFull {
-                topic,
+                topic: topic.to_string(),
                 queues: c.queues,
                 rejected: c.rejected,
             });
         }
         if c.queues == 0 && c.rejected == 0 && !self.allow_unroutable {
-            return Err(PublishError::Unroutable { topic });
+            return Err(PublishError::Unroutable {
+                topic: topic.to_string(),
+            });
         }
         Ok(c)
     }

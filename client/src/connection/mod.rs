@@ -16,7 +16,10 @@ mod inbound;
 mod outbound;
 mod session;
 
-use std::collections::HashMap;
+// Ids this client assigns (subscriptions, consumers, requests): a fast hash is
+// enough, no peer picks the keys. SipHash of the request id was ~3 % of a process
+// keeping 256 confirmed publishes in flight.
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Waker;
@@ -181,10 +184,10 @@ impl Task {
             state_tx,
             close,
             codec: FrameCodec::default(),
-            subs: HashMap::new(),
-            consumers: HashMap::new(),
-            pending: HashMap::new(),
-            requests: HashMap::new(),
+            subs: HashMap::default(),
+            consumers: HashMap::default(),
+            pending: HashMap::default(),
+            requests: HashMap::default(),
             inbox_wanted: false,
             inbox_subscribed: false,
             acks: Vec::new(),

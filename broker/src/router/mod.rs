@@ -403,7 +403,8 @@ impl Router {
             }
         }
         // The memo's last route, unless the cache or a stalled publish still holds
-        // it, is refilled in place: a topic that misses the cache costs no allocation.
+        // it, is refilled in place: a topic that misses a full cache allocates no new
+        // route (a group's member list is still copied).
         let reuse = memo.last.take().map(|(_, _, route)| route);
         let route = self.route_reusing(topic, reuse);
         memo.last = Some((topic.clone(), generation, route.clone()));
@@ -440,6 +441,14 @@ impl Router {
                     cursor: cursor.clone(),
                 }),
             });
+            // A route refilled after a topic with many subscribers does not keep
+            // their room (it may go into the cache).
+            if route.subscribers.capacity() > 2 * route.subscribers.len() + 8 {
+                route.subscribers.shrink_to_fit();
+            }
+            if route.groups.capacity() > 2 * route.groups.len() + 8 {
+                route.groups.shrink_to_fit();
+            }
         };
         let mut route = reuse.unwrap_or_default();
         match Arc::get_mut(&mut route) {
@@ -576,6 +585,36 @@ mod tests {
         let last = router.route_memo(&y, &mut memo);
         assert_eq!(last.fan_out(), 1);
         assert!(last.pressured(ConnId(0)).is_none());
+    }
+
+    #[test]
+    fn a_refilled_route_does_not_keep_the_room_of_a_bigger_one() {
+        let router = Router::default();
+        let boxes: Vec<_> = (1..=40).map(outbox).collect();
+        for (sid, (o, _)) in (1..).zip(&boxes) {
+            router
+                .subscribe(o, sid, Pattern::new("c.many").unwrap(), None)
+                .unwrap();
+        }
+        router
+            .subscribe(&boxes[0].0, 99, Pattern::new("c.one").unwrap(), None)
+            .unwrap();
+        for i in 0..CACHE_CAPACITY {
+            router.route(&format!("fill.{i}"));
+        }
+        let mut memo = RouteMemo::default();
+        let many = router.route_memo(&Text::from("c.many"), &mut memo);
+        assert_eq!(many.fan_out(), 40);
+        let at = Arc::as_ptr(&many);
+        drop(many);
+        let one = router.route_memo(&Text::from("c.one"), &mut memo);
+        assert_eq!(Arc::as_ptr(&one), at, "refilled in place");
+        assert_eq!(one.fan_out(), 1);
+        assert!(
+            one.subscribers.capacity() <= 10,
+            "{}",
+            one.subscribers.capacity()
+        );
     }
 
     #[test]

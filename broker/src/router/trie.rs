@@ -79,8 +79,8 @@ impl<T> Node<T> {
     }
 }
 
-/// Literal children this many or fewer are kept in a list and found by comparing
-/// tokens; past it, in a hash map.
+/// Literal children up to this many are kept in a list and found by comparing
+/// tokens; past it, in a hash map (until removals bring it down to half).
 const FEW_CHILDREN: usize = 8;
 
 /// A node's literal children, by token.
@@ -140,11 +140,16 @@ impl<T> Children<T> {
         }
     }
 
+    /// Removes the child under `token`; a map that shrinks to half the list's
+    /// size becomes a list again.
     fn remove(&mut self, token: &str) {
         match self {
             Children::Few(v) => v.retain(|(t, _)| &**t != token),
             Children::Many(m) => {
                 m.remove(token);
+                if m.len() <= FEW_CHILDREN / 2 {
+                    *self = Children::Few(m.drain().collect());
+                }
             }
         }
     }
@@ -397,6 +402,14 @@ mod tests {
         for i in 0..n {
             let p = Pattern::new(format!("a.t{i}")).unwrap();
             assert_eq!(trie.remove(&p, |v| *v == i), Some(i));
+            let left = n - 1 - i;
+            let node = &trie.root.literal.get("a").unwrap().literal;
+            if usize::try_from(left).unwrap() <= FEW_CHILDREN / 2 {
+                assert!(matches!(node, Children::Few(_)), "{left} left");
+            }
+            for j in i + 1..n {
+                assert_eq!(matches(&trie, &format!("a.t{j}")), [j, 1000]);
+            }
         }
         assert_eq!(matches(&trie, "a.t0"), [1000]);
         trie.remove(&Pattern::new("a.*").unwrap(), |_| true);

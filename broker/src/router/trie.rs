@@ -416,6 +416,19 @@ mod tests {
         assert!(trie.root.is_empty());
     }
 
+    /// A trie of `pats`, each stored under its index; and the parsed patterns.
+    fn numbered(pats: &[String]) -> (Trie<u32>, Vec<Pattern>) {
+        let mut trie = Trie::default();
+        let parsed: Vec<Pattern> = pats
+            .iter()
+            .map(|p| Pattern::new(p.as_str()).unwrap())
+            .collect();
+        for (i, p) in (0u32..).zip(&parsed) {
+            trie.insert(p, i);
+        }
+        (trie, parsed)
+    }
+
     proptest! {
         /// Wide nodes (past FEW_CHILDREN, kept in a map) and removals: what is left
         /// matches as the patterns say. A failure prints its inputs, and proptest
@@ -426,11 +439,7 @@ mod tests {
             topics in prop::collection::vec("t[0-9]{1,2}(\\.t[0-9]{1,2}){0,3}", 1..20),
             removed in prop::collection::vec(any::<prop::sample::Index>(), 0..30),
         ) {
-            let mut trie = Trie::default();
-            let parsed: Vec<Pattern> = pats.iter().map(|p| Pattern::new(p.as_str()).unwrap()).collect();
-            for (i, p) in (0u32..).zip(&parsed) {
-                trie.insert(p, i);
-            }
+            let (mut trie, parsed) = numbered(&pats);
             let mut live: Vec<bool> = vec![true; parsed.len()];
             for r in &removed {
                 let i = r.index(parsed.len());
@@ -455,11 +464,7 @@ mod tests {
             pats in prop::collection::vec("(a|b|\\*)(\\.(a|b|\\*)){0,3}(\\.>)?", 1..12),
             topics in prop::collection::vec("(a|b|c)(\\.(a|b|c)){0,4}", 1..12),
         ) {
-            let mut trie = Trie::default();
-            let parsed: Vec<Pattern> = pats.iter().map(|p| Pattern::new(p.as_str()).unwrap()).collect();
-            for (i, p) in (0u32..).zip(&parsed) {
-                trie.insert(p, i);
-            }
+            let (trie, parsed) = numbered(&pats);
             for t in &topics {
                 let expected: Vec<u32> = (0u32..).zip(&parsed)
                     .filter(|(_, p)| p.matches(t)).map(|(i, _)| i).collect();

@@ -9,6 +9,7 @@ use anyhow::Result;
 use crate::broker_process;
 use crate::driver::tidings::Launch;
 use crate::driver::{System, Workload};
+use crate::floor;
 use crate::job::{self, Job, Target};
 use crate::report::{RunReport, thousands};
 use crate::rss;
@@ -159,6 +160,8 @@ pub async fn reachable(addr: &str) -> bool {
 pub struct Cell {
     /// Median msgs/s over the runs.
     pub msgs_per_sec: f64,
+    /// Median p50 over the runs, µs.
+    pub p50_us: Option<f64>,
     /// Median p99 over the runs, µs.
     pub p99_us: Option<f64>,
     /// Median peak RSS of the broker process over the runs that measured it, KiB.
@@ -186,6 +189,7 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
 /// Summarises K runs of one workload on one system.
 pub fn cell(reports: &[RunReport], errors: usize) -> Cell {
     let mut rates: Vec<f64> = reports.iter().map(|r| r.msgs_per_sec).collect();
+    let mut p50s: Vec<f64> = reports.iter().filter_map(|r| r.p50_us).collect();
     let mut p99s: Vec<f64> = reports.iter().filter_map(|r| r.p99_us).collect();
     let mut rss: Vec<f64> = reports
         .iter()
@@ -197,6 +201,7 @@ pub fn cell(reports: &[RunReport], errors: usize) -> Cell {
         .collect();
     Cell {
         msgs_per_sec: median(&mut rates).unwrap_or(0.0),
+        p50_us: median(&mut p50s),
         p99_us: median(&mut p99s),
         rss_kb: median(&mut rss),
         cpu_us: median(&mut cpu),
@@ -204,29 +209,52 @@ pub fn cell(reports: &[RunReport], errors: usize) -> Cell {
     }
 }
 
-/// The ratio column: throughput for counted workloads, p99 for `latency` (lower is better).
-pub fn ratio(workload: Workload, tidings: Option<&Cell>, peers: &[(System, &Cell)]) -> String {
+/// The ratio column: throughput for counted workloads, p99 for `latency` (lower is
+/// better), and for `queue-latency` tidings' p50 against `floor` (the `fdatasync`
+/// floor measured in the same run, µs) as well as its p99 against the best peer's.
+pub fn ratio(
+    workload: Workload,
+    tidings: Option<&Cell>,
+    peers: &[(System, &Cell)],
+    floor: Option<f64>,
+) -> String {
     let Some(t) = tidings else {
         return "-".into();
     };
-    if workload == Workload::Latency {
-        let best = peers
-            .iter()
-            .filter_map(|(s, c)| c.p99_us.map(|p| (*s, p)))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        match (t.p99_us, best) {
-            (Some(tp), Some((s, bp))) if bp > 0.0 => format!("p99 {:.2}x {s}", tp / bp),
-            _ => "-".into(),
+    match workload {
+        Workload::Latency => p99_ratio(t, peers).unwrap_or_else(|| "-".into()),
+        Workload::QueueLatency => {
+            let p50 = match (t.p50_us, floor) {
+                (Some(p), Some(f)) if f > 0.0 => {
+                    format!("p50 {p:.0} µs = {:.2}x fdatasync ({f:.0} µs)", p / f)
+                }
+                _ => "p50 -".into(),
+            };
+            let p99 = p99_ratio(t, peers).unwrap_or_else(|| "p99 -".into());
+            format!("{p50} · {p99}")
         }
-    } else {
-        let best = peers
-            .iter()
-            .map(|(s, c)| (*s, c.msgs_per_sec))
-            .max_by(|a, b| a.1.total_cmp(&b.1));
-        match best {
-            Some((s, b)) if b > 0.0 => format!("{:.2}x {s}", t.msgs_per_sec / b),
-            _ => "-".into(),
+        _ => {
+            let best = peers
+                .iter()
+                .map(|(s, c)| (*s, c.msgs_per_sec))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            match best {
+                Some((s, b)) if b > 0.0 => format!("{:.2}x {s}", t.msgs_per_sec / b),
+                _ => "-".into(),
+            }
         }
+    }
+}
+
+/// Tidings' p99 against the lowest peer's, when both are known.
+fn p99_ratio(t: &Cell, peers: &[(System, &Cell)]) -> Option<String> {
+    let best = peers
+        .iter()
+        .filter_map(|(s, c)| c.p99_us.map(|p| (*s, p)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    match (t.p99_us, best) {
+        (Some(tp), Some((s, bp))) if bp > 0.0 => Some(format!("p99 {:.2}x {s}", tp / bp)),
+        _ => None,
     }
 }
 
@@ -260,11 +288,13 @@ pub fn cpu_ratio(tidings: Option<&Cell>, peers: &[(System, &Cell)]) -> String {
     }
 }
 
-/// The markdown table: one row per workload, one column per system.
+/// The markdown table: one row per workload, one column per system; `floors` holds
+/// the `fdatasync` floor (µs) measured beside each `queue-latency` row, by row.
 pub fn table(
     systems: &[System],
     rows: &BTreeMap<(usize, System), Cell>,
     workloads: &[Workload],
+    floors: &BTreeMap<usize, f64>,
 ) -> String {
     let mut out = String::from("| workload |");
     for s in systems {
@@ -301,7 +331,7 @@ pub fn table(
             }
         }
         let tidings = rows.get(&(i, System::Tidings));
-        let ratio = ratio(*w, tidings, &peers);
+        let ratio = ratio(*w, tidings, &peers, floors.get(&i).copied());
         let nats = rows
             .get(&(i, System::Nats))
             .or_else(|| rows.get(&(i, System::Jetstream)));
@@ -312,6 +342,26 @@ pub fn table(
         ));
     }
     out
+}
+
+/// Measures the `fdatasync` floor (floor.rs) in the directory where a spawned
+/// tidings broker keeps its data (the system's temporary directory), and says so.
+async fn measure_floor() -> Result<floor::SyncFloor> {
+    let dir = std::env::temp_dir();
+    eprintln!(
+        "fdatasync floor: {} syncs of {} KiB overwritten in {}",
+        floor::SYNCS,
+        floor::ROUND_BYTES / 1024,
+        dir.display()
+    );
+    let measured =
+        tokio::task::spawn_blocking(move || floor::measure(&dir, floor::ROUND_BYTES, floor::SYNCS))
+            .await??;
+    eprintln!(
+        "  p50 {:.0} µs  p99 {:.0} µs",
+        measured.p50_us, measured.p99_us
+    );
+    Ok(measured)
 }
 
 /// Runs the comparison and prints the table; returns false when any run lost messages.
@@ -374,6 +424,7 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
         .collect();
 
     let mut rows = BTreeMap::new();
+    let mut floors = BTreeMap::new();
     let mut clean = true;
     for (i, w) in workloads.iter().enumerate() {
         let job = Job::scaled(*w, scale);
@@ -386,7 +437,14 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
         // so that a shift in the load of a shared machine falls on all of them
         // rather than on whichever ran during it.
         let mut results: BTreeMap<System, (Vec<RunReport>, usize)> = BTreeMap::new();
+        let mut floor_p50s = Vec::new();
         for run in 1..=runs {
+            if *w == Workload::QueueLatency {
+                match measure_floor().await {
+                    Ok(f) => floor_p50s.push(f.p50_us),
+                    Err(e) => eprintln!("  the fdatasync floor could not be measured: {e:#}"),
+                }
+            }
             for s in &cells {
                 eprintln!("{w} on {s}, run {run}/{runs}");
                 let Some(target) = targets.get(s) else {
@@ -408,6 +466,9 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
                 }
             }
         }
+        if let Some(f) = median(&mut floor_p50s) {
+            floors.insert(i, f);
+        }
         for (s, (reports, errors)) in results {
             let c = cell(&reports, errors);
             clean &= !c.lost;
@@ -417,7 +478,9 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
     println!(
         "\nmedians of {runs} run(s), alternating between the systems, scale {scale}; \
          ! = messages lost or a run failed; \
-         the ratio is msgs/s (latency: p99, lower is better) against the best peer; \
+         the ratio is msgs/s (latency: p99, lower is better) against the best peer \
+         (queue-latency: p50 against the fdatasync floor measured before each run, \
+         and p99 against the best peer); \
          RSS = the broker process's peak resident memory during the run; CPU = the broker \
          process's user+system CPU time over the run per message published; tidings ran {}\n",
         match launch {
@@ -426,7 +489,7 @@ pub async fn compare(args: CompareArgs) -> Result<bool> {
             Launch::External(_) => "as an external broker (its RSS and CPU are not measured)",
         }
     );
-    println!("{}", table(&systems, &rows, &workloads));
+    println!("{}", table(&systems, &rows, &workloads, &floors));
     Ok(clean)
 }
 
@@ -464,6 +527,7 @@ mod tests {
     fn c(rate: f64, p99: f64) -> Cell {
         Cell {
             msgs_per_sec: rate,
+            p50_us: Some(p99 / 2.0),
             p99_us: Some(p99),
             rss_kb: None,
             cpu_us: None,
@@ -476,13 +540,44 @@ mod tests {
         let t = c(1200.0, 50.0);
         let (nats, redis) = (c(1000.0, 100.0), c(500.0, 40.0));
         let peers = [(System::Nats, &nats), (System::Redis, &redis)];
-        assert_eq!(ratio(Workload::Fanin, Some(&t), &peers), "1.20x nats");
+        assert_eq!(ratio(Workload::Fanin, Some(&t), &peers, None), "1.20x nats");
         assert_eq!(
-            ratio(Workload::Latency, Some(&t), &peers),
+            ratio(Workload::Latency, Some(&t), &peers, None),
             "p99 1.25x redis"
         );
-        assert_eq!(ratio(Workload::Fanin, Some(&t), &[]), "-");
-        assert_eq!(ratio(Workload::Fanin, None, &peers), "-");
+        assert_eq!(ratio(Workload::Fanin, Some(&t), &[], None), "-");
+        assert_eq!(ratio(Workload::Latency, Some(&t), &[], None), "-");
+        assert_eq!(ratio(Workload::Fanin, None, &peers, None), "-");
+    }
+
+    #[test]
+    fn queue_latency_reads_p50_against_the_floor_and_p99_against_peers() {
+        // p50 25 µs (half the p99 of 50), the floor 10 µs.
+        let t = c(10_000.0, 50.0);
+        let jetstream = c(10_000.0, 500.0);
+        let peers = [(System::Jetstream, &jetstream)];
+        assert_eq!(
+            ratio(Workload::QueueLatency, Some(&t), &peers, Some(10.0)),
+            "p50 25 µs = 2.50x fdatasync (10 µs) · p99 0.10x jetstream"
+        );
+        assert_eq!(
+            ratio(Workload::QueueLatency, Some(&t), &[], None),
+            "p50 - · p99 -"
+        );
+        let mut rows = BTreeMap::new();
+        rows.insert((0, System::Tidings), t);
+        rows.insert((0, System::Jetstream), jetstream);
+        let floors = BTreeMap::from([(0, 10.0)]);
+        let table = table(
+            &[System::Tidings, System::Jetstream],
+            &rows,
+            &[Workload::QueueLatency],
+            &floors,
+        );
+        assert!(
+            table.contains("| queue-latency | 10,000 · 50 · - · - | 10,000 · 500 · - · - | p50 25 µs = 2.50x fdatasync (10 µs) · p99 0.10x jetstream |"),
+            "{table}"
+        );
     }
 
     #[test]
@@ -500,6 +595,7 @@ mod tests {
             &[System::Tidings, System::Nats],
             &rows,
             &[Workload::Fanin, Workload::Queue],
+            &BTreeMap::new(),
         );
         assert!(
             t.contains("| fanin | 1,200,000 · 900 · - · - | 1,000,000 · 800 · - · - ! | 1.20x nats | - | - |"),
@@ -528,6 +624,7 @@ mod tests {
             &[System::Tidings, System::Nats, System::Jetstream],
             &rows,
             &[Workload::Fanin, Workload::Queue],
+            &BTreeMap::new(),
         );
         assert!(
             t.contains(

@@ -40,7 +40,7 @@ impl Job {
         match self {
             Job::Fanin(_) => Workload::Fanin,
             Job::Fanout(_) => Workload::Fanout,
-            Job::Queue(_) => Workload::Queue,
+            Job::Queue(p) => p.workload(),
             Job::Latency(_) => Workload::Latency,
             Job::Reqrep(_) => Workload::Reqrep,
             Job::Bursty(_) => Workload::Bursty,
@@ -69,6 +69,15 @@ impl Job {
                 size: 1024,
                 messages: n(200_000),
                 rate: 0,
+            }),
+            Workload::QueueLatency => Job::Queue(QueueParams {
+                producers: 1,
+                consumers: 1,
+                window: 256,
+                prefetch: 256,
+                size: 1024,
+                messages: n(50_000),
+                rate: 10_000,
             }),
             Workload::Latency => Job::Latency(LatencyParams {
                 rate: 10_000,

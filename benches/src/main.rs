@@ -13,6 +13,7 @@ mod compare;
 mod control;
 mod cpu;
 mod driver;
+mod floor;
 mod job;
 mod latency;
 mod payload;

@@ -38,6 +38,9 @@ pub enum Workload {
     Fanout,
     /// Durable: producers with confirms -> consumers with acks.
     Queue,
+    /// The durable queue at a fixed rate: latency percentiles, read against the
+    /// machine's `fdatasync` floor measured in the same run.
+    QueueLatency,
     /// Fixed-rate publisher -> 1 subscriber, latency percentiles.
     Latency,
     /// Requesters -> a group of responders.
@@ -49,10 +52,11 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in the order `compare` runs them.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Fanin,
         Workload::Fanout,
         Workload::Queue,
+        Workload::QueueLatency,
         Workload::Latency,
         Workload::Reqrep,
     ];
@@ -63,6 +67,7 @@ impl Workload {
             Workload::Fanin => "fanin",
             Workload::Fanout => "fanout",
             Workload::Queue => "queue",
+            Workload::QueueLatency => "queue-latency",
             Workload::Latency => "latency",
             Workload::Reqrep => "reqrep",
             Workload::Bursty => "bursty",
@@ -134,7 +139,7 @@ impl System {
         use Workload::*;
         match (self, workload) {
             (Tidings, _) => Ok(()),
-            (Nats, Queue) => {
+            (Nats, Queue | QueueLatency) => {
                 Err("core NATS keeps nothing: a durable queue needs JetStream (--system jetstream)")
             }
             (Jetstream, Fanin | Fanout | Latency | Reqrep | Bursty) => Err(

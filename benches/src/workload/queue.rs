@@ -55,6 +55,16 @@ impl QueueParams {
         check_size(self.size)
     }
 
+    /// `queue`, or `queue-latency` when paced: a run at a fixed rate measures
+    /// latency, not how fast the queue can go.
+    pub fn workload(&self) -> Workload {
+        if self.rate > 0 {
+            Workload::QueueLatency
+        } else {
+            Workload::Queue
+        }
+    }
+
     fn to_json(&self) -> Map<String, serde_json::Value> {
         let v = json!({
             "producers": self.producers, "consumers": self.consumers, "window": self.window,
@@ -198,7 +208,7 @@ async fn measure<D: Driver>(
     let tally = tracker.tally();
     let mut report = RunReport::new(
         driver.system().name(),
-        Workload::Queue.name(),
+        p.workload().name(),
         p.to_json(),
         tally,
         latencies.percentiles(),

@@ -29,7 +29,9 @@
 //!   one batch record in the round, and applied to the index only after the round is
 //!   durable. They go to an overlay in memory first (overlay.rs), which writes
 //!   what is left of them to sled at the next checkpoint, so that a chunk acked
-//!   within a second costs sled nothing. The index is made durable only at
+//!   within a second costs sled nothing (its keys are marked new to the index, so
+//!   their removal leaves nothing to write either; replay marks nothing new, since
+//!   after a crash sled may already hold part of what is replayed). The index is made durable only at
 //!   checkpoints; between them it may write
 //!   back any prefix of its writes on its own (sled does), and a restart replays the
 //!   log from the last durable checkpoint, which brings every such state to the same

@@ -11,6 +11,15 @@
 //! and the checkpoint writes only what is left: the last value of each key, and no
 //! trace at all of a chunk that came and went.
 //!
+//! That last part needs to know that the index proper never had the key: a removal
+//! of a key it may hold must be kept and written, or the old value would come back.
+//! A chunk's keys are new (its first seq has never been used for a durable write),
+//! and the store says so ([`Index::insert_new`]); the overlay then marks the entry,
+//! and a removal before the next flush simply forgets it. Without the mark, every
+//! chunk acked within the second left two removals to hold and then write, which at
+//! one message per chunk (1,000 queues, each round giving each queue about one)
+//! filled the overlay to its limit and made every insert a walk of a big tree.
+//!
 //! Durability is unchanged. The index is only ever durable at checkpoints, and
 //! between them may hold any prefix of its writes (sled writes back on its own);
 //! holding back more of them is one more such state, and a replay of the log from
@@ -35,8 +44,17 @@ use super::index::{Index, Tree};
 /// 150 bytes an entry) whatever the checkpoint interval.
 pub(crate) const DEFAULT_OVERLAY_LIMIT: usize = 100_000;
 
-/// A key's state in the overlay: its new value, or `None` when removed.
-type Entries = BTreeMap<(Tree, Vec<u8>), Option<Vec<u8>>>;
+/// A key's state in the overlay.
+struct Entry {
+    /// Its new value, or `None` when removed.
+    value: Option<Vec<u8>>,
+    /// The index proper holds no value for the key (it came in through
+    /// [`Index::insert_new`] and no flush has written it since): a removal then
+    /// forgets the entry instead of keeping a removal to write at the next flush.
+    base_absent: bool,
+}
+
+type Entries = BTreeMap<(Tree, Vec<u8>), Entry>;
 
 /// The greatest key below `key` that any of our keys can be, as an inclusive bound:
 /// the key with its last byte one lower and then as high as any longer key goes,
@@ -82,10 +100,34 @@ impl OverlayIndex {
         self.entries().len()
     }
 
-    fn put(&self, tree: Tree, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+    /// Records `value` (`None`: a removal) for `key`. `new`: the caller knows the
+    /// index holds no value for `key` ([`Index::insert_new`]).
+    fn put(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        value: Option<&[u8]>,
+        new: bool,
+    ) -> Result<(), StoreError> {
         let full = {
             let mut entries = self.entries();
-            entries.insert((tree, key.to_vec()), value.map(<[u8]>::to_vec));
+            let held = (tree, key.to_vec());
+            match (entries.get_mut(&held), value) {
+                // Neither the index proper nor the overlay has it any more: nothing
+                // to remember, nothing for the next flush to write.
+                (Some(entry), None) if entry.base_absent => {
+                    entries.remove(&held);
+                }
+                // Whether the index proper has the key does not change.
+                (Some(entry), value) => entry.value = value.map(<[u8]>::to_vec),
+                (None, value) => {
+                    let entry = Entry {
+                        value: value.map(<[u8]>::to_vec),
+                        base_absent: new,
+                    };
+                    entries.insert(held, entry);
+                }
+            }
             entries.len() > self.limit
         };
         if full { self.flush() } else { Ok(()) }
@@ -97,13 +139,13 @@ impl OverlayIndex {
     fn flush(&self) -> Result<(), StoreError> {
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         let mut entries = self.entries();
-        while let Some(((tree, key), value)) = entries.pop_first() {
-            let written = match &value {
+        while let Some(((tree, key), entry)) = entries.pop_first() {
+            let written = match &entry.value {
                 Some(v) => self.base.insert(tree, &key, v),
                 None => self.base.remove(tree, &key),
             };
             if let Err(err) = written {
-                entries.insert((tree, key), value);
+                entries.insert((tree, key), entry);
                 return Err(err);
             }
         }
@@ -127,24 +169,28 @@ impl OverlayIndex {
         self.entries()
             .range((lower, upper))
             .next()
-            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .map(|((_, k), e)| (k.clone(), e.value.clone()))
     }
 }
 
 impl Index for OverlayIndex {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(entry) = self.entries().get(&(tree, key.to_vec())) {
-            return Ok(entry.clone());
+            return Ok(entry.value.clone());
         }
         self.base.get(tree, key)
     }
 
     fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.put(tree, key, Some(value))
+        self.put(tree, key, Some(value), false)
+    }
+
+    fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.put(tree, key, Some(value), true)
     }
 
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
-        self.put(tree, key, None)
+        self.put(tree, key, None, false)
     }
 
     fn range(
@@ -215,7 +261,7 @@ impl Index for OverlayIndex {
                     Bound::Included((tree, high.clone())),
                 ))
                 .next_back()
-                .map(|((_, k), v)| (k.clone(), v.is_some()));
+                .map(|((_, k), e)| (k.clone(), e.value.is_some()));
             match (base, over) {
                 (None, None) => return Ok(None),
                 (Some(b), Some((o, _))) if b > o => return Ok(Some(b)),
@@ -283,7 +329,12 @@ mod tests {
                 match rng.below(6) {
                     0 | 1 => {
                         let (k, v) = (key(&mut rng), vec![u8::try_from(step % 251).unwrap()]);
-                        overlay.insert(tree, &k, &v).unwrap();
+                        // A new key (none in the index), as the store marks a chunk's.
+                        if rng.below(2) == 0 && reference.get(tree, &k).unwrap().is_none() {
+                            overlay.insert_new(tree, &k, &v).unwrap();
+                        } else {
+                            overlay.insert(tree, &k, &v).unwrap();
+                        }
                         reference.insert(tree, &k, &v).unwrap();
                     }
                     2 => {
@@ -322,6 +373,59 @@ mod tests {
         }
     }
 
+    /// A key that came in new and is removed before a flush leaves no trace: no
+    /// entry held, nothing written to the index proper. Any other removal is held
+    /// until the flush, which removes the key from the index proper.
+    #[test]
+    fn a_new_key_removed_before_a_flush_leaves_nothing() {
+        let base = Arc::new(MemoryIndex::new());
+        base.insert(Tree::Data, b"old", b"0").unwrap();
+        let overlay = OverlayIndex::new(base.clone(), 100);
+        overlay.insert_new(Tree::Data, b"new", b"1").unwrap();
+        overlay.insert(Tree::Data, b"new", b"2").unwrap();
+        overlay.insert(Tree::Data, b"plain", b"1").unwrap();
+        overlay.remove(Tree::Data, b"old").unwrap();
+        assert_eq!(overlay.held(), 3);
+        overlay.remove(Tree::Data, b"new").unwrap();
+        assert_eq!(overlay.held(), 2, "the new key is forgotten");
+        overlay.remove(Tree::Data, b"plain").unwrap();
+        assert_eq!(
+            overlay.held(),
+            2,
+            "a key that may be in the index is held removed"
+        );
+        assert_eq!(overlay.get(Tree::Data, b"new").unwrap(), None);
+        overlay.checkpoint().unwrap();
+        assert!(
+            base.is_empty(Tree::Data).unwrap(),
+            "{:?}",
+            all(&*base, Tree::Data)
+        );
+
+        // Once flushed, a new key is in the index proper: its removal is held and
+        // then written.
+        overlay.insert_new(Tree::Data, b"flushed", b"1").unwrap();
+        overlay.checkpoint().unwrap();
+        overlay.remove(Tree::Data, b"flushed").unwrap();
+        assert_eq!(overlay.held(), 1);
+        assert_eq!(
+            base.get(Tree::Data, b"flushed").unwrap(),
+            Some(b"1".to_vec())
+        );
+        overlay.checkpoint().unwrap();
+        assert!(base.is_empty(Tree::Data).unwrap());
+
+        // Set new over a removal still held: the index proper may have the key, so
+        // removing it again is held too (not forgotten, which would bring it back).
+        base.insert(Tree::Data, b"again", b"0").unwrap();
+        overlay.remove(Tree::Data, b"again").unwrap();
+        overlay.insert_new(Tree::Data, b"again", b"1").unwrap();
+        overlay.remove(Tree::Data, b"again").unwrap();
+        assert_eq!(overlay.get(Tree::Data, b"again").unwrap(), None);
+        overlay.checkpoint().unwrap();
+        assert_eq!(base.get(Tree::Data, b"again").unwrap(), None);
+    }
+
     /// A range whose callback stops early stops, whichever side the keys are on.
     #[test]
     fn a_range_stops_when_told() {
@@ -344,7 +448,8 @@ mod tests {
     }
 
     /// Writes stay in memory until a checkpoint, which leaves only the last state
-    /// of each key in the index proper (a key written and removed leaves nothing).
+    /// of each key in the index proper (a key written and removed leaves nothing
+    /// there, though its removal is held until then unless it came in new).
     #[test]
     fn a_checkpoint_writes_only_what_is_left() {
         let base = Arc::new(MemoryIndex::new());

@@ -136,13 +136,28 @@ impl Location {
 /// They are applied as single inserts and removes, not as a `sled::Batch`: sled seals
 /// and writes out its log buffer after every batch, while crash atomicity comes from
 /// the log (a replay re-applies every write since the last checkpoint).
+///
+/// Besides the record, a batch knows which of its inserts set a key the index holds
+/// no value for (`new_ops`, by position among the batch's writes). That is not
+/// logged: it holds when the store thread applies the round it built, not at a
+/// replay, where the index may already have part of what is replayed.
 #[derive(Default)]
 pub(crate) struct IndexBatch {
     pub log: Vec<u8>,
+    /// Positions (ascending) of the writes made with [`IndexBatch::insert_new`].
+    pub new_ops: Vec<u32>,
+    writes: u32,
 }
 
 impl IndexBatch {
     pub fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.record(TREE_DATA, OP_PUT, key, Some(value));
+    }
+
+    /// An insert of a data key that the index holds no value for once the rounds
+    /// before this one are applied (see [`Index::insert_new`]).
+    pub fn insert_new(&mut self, key: &[u8], value: &[u8]) {
+        self.new_ops.push(self.writes);
         self.record(TREE_DATA, OP_PUT, key, Some(value));
     }
 
@@ -170,6 +185,7 @@ impl IndexBatch {
     fn record(&mut self, tree: u8, op: u8, key: &[u8], value: Option<&[u8]>) {
         // Keys and values are far below 4 GiB: frames are capped well under that.
         let len = |b: &[u8]| u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes();
+        self.writes += 1;
         self.log.push(tree);
         self.log.push(op);
         self.log.extend_from_slice(&len(key));
@@ -182,6 +198,13 @@ impl IndexBatch {
 
     /// Applies the writes of a logged batch to the index, in order.
     pub fn apply(log: &[u8], index: &dyn Index) -> Result<(), StoreError> {
+        Self::apply_knowing(log, &[], index)
+    }
+
+    /// [`IndexBatch::apply`], with the writes at positions `new_ops` (a batch's own
+    /// [`IndexBatch::new_ops`]) made as [`Index::insert_new`]: only for the round the
+    /// batch was built for, applied right after the rounds before it.
+    pub fn apply_knowing(log: &[u8], new_ops: &[u32], index: &dyn Index) -> Result<(), StoreError> {
         let malformed = || StoreError("malformed batch record".into());
         let field = |at: &mut usize| -> Option<&[u8]> {
             let len = u32::from_be_bytes(log.get(*at..*at + 4)?.try_into().ok()?);
@@ -191,7 +214,11 @@ impl IndexBatch {
             log.get(start..end)
         };
         let mut at = 0usize;
+        let mut position = 0u32;
+        let mut new_ops = new_ops.iter().peekable();
         while at < log.len() {
+            let new = new_ops.next_if_eq(&&position).is_some();
+            position += 1;
             let (tree, op) = (log[at], *log.get(at + 1).ok_or_else(malformed)?);
             at += 2;
             let key = field(&mut at).ok_or_else(malformed)?;
@@ -203,7 +230,11 @@ impl IndexBatch {
             match op {
                 OP_PUT => {
                     let value = field(&mut at).ok_or_else(malformed)?;
-                    index.insert(tree, key, value)?;
+                    if new {
+                        index.insert_new(tree, key, value)?;
+                    } else {
+                        index.insert(tree, key, value)?;
+                    }
                 }
                 OP_REMOVE => index.remove(tree, key)?,
                 OP_REMOVE_PREFIX => remove_prefix(index, tree, key)?,
@@ -291,5 +322,33 @@ mod tests {
         let mut bad = batch.log.clone();
         bad[0] = 9;
         assert!(IndexBatch::apply(&bad, &index).is_err(), "unknown tree");
+    }
+
+    /// The writes a batch marked new are applied as `insert_new`, the others as
+    /// plain writes; replay's `apply` marks none.
+    #[test]
+    fn writes_marked_new_reach_the_index_as_new() {
+        use std::sync::Arc;
+
+        use crate::storage::overlay::OverlayIndex;
+        let mut first = IndexBatch::default();
+        first.remove(b"x");
+        first.insert_new(b"a", b"1");
+        first.insert(b"b", b"1");
+        first.insert_new(b"c", b"1");
+        assert_eq!(first.new_ops, [1, 3]);
+        let mut second = IndexBatch::default();
+        for key in [b"a", b"b", b"c"] {
+            second.remove(key);
+        }
+        let overlay = OverlayIndex::new(Arc::new(MemoryIndex::new()), 100);
+        IndexBatch::apply_knowing(&first.log, &first.new_ops, &overlay).unwrap();
+        IndexBatch::apply_knowing(&second.log, &second.new_ops, &overlay).unwrap();
+        // Only the removals of x and b are held: a and c were new.
+        assert_eq!(overlay.held(), 2);
+        let replayed = OverlayIndex::new(Arc::new(MemoryIndex::new()), 100);
+        IndexBatch::apply(&first.log, &replayed).unwrap();
+        IndexBatch::apply(&second.log, &replayed).unwrap();
+        assert_eq!(replayed.held(), 4, "a replay knows nothing new");
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct Written {
     pub result: Result<(), StoreError>,
     /// Its batch record's payload, applied to the index once durable.
     pub batch: Option<Vec<u8>>,
+    /// Which of the batch's writes set keys new to the index (`IndexBatch::new_ops`).
+    pub new_ops: Vec<u32>,
     pub listeners: Vec<Arc<dyn CommitListener>>,
     pub ticket: Option<TicketSender>,
     pub reads: Vec<ReadRequest>,
@@ -177,7 +179,14 @@ impl Syncer {
         let mut result = round.result.and(synced);
         if result.is_ok() {
             if let Some(batch) = &round.batch {
-                if let Err(err) = IndexBatch::apply(batch, &*self.index) {
+                // New keys are new only if no round the index holds can be lost:
+                // under `interval` or `never` a power loss may take rounds whose
+                // writes the index kept, and their seqs are then used again.
+                let new_ops: &[u32] = match self.policy {
+                    FsyncPolicy::Always => &round.new_ops,
+                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => &[],
+                };
+                if let Err(err) = IndexBatch::apply_knowing(batch, new_ops, &*self.index) {
                     self.shared.fail(&err);
                     result = Err(err);
                 }

@@ -27,13 +27,23 @@ use crate::queue::options::StoredDefinition;
 /// reads bitmaps back from the index as needed (after the index has caught up).
 const CHUNK_CACHE_MAX: usize = 65_536;
 
+/// What the writer remembers of a chunk between rounds.
+pub(crate) struct CachedChunk {
+    state: ChunkState,
+    segment: u64,
+    /// The chunk's removal bitmap (its `TAG_REMOVED` key) may be in the index. False
+    /// only for a chunk written by this process whose bitmap it never wrote: its
+    /// first seq is new, so no key of it can be in the index from before.
+    bitmap_written: bool,
+}
+
 pub(crate) struct Writer {
     pub shared: Arc<Shared>,
     pub index: Arc<dyn Index>,
     pub next_qid: u32,
     /// Removal state of recently written or touched chunks, and the segment holding
     /// each, so an ack costs no read.
-    pub chunks: HashMap<(u32, u64), (ChunkState, u64)>,
+    pub chunks: HashMap<(u32, u64), CachedChunk>,
     pub log: Box<dyn Log>,
 }
 
@@ -51,12 +61,14 @@ impl Writer {
             }
         }
         let mut batch = None;
+        let mut new_ops = Vec::new();
         let result = match failed {
             // Fail-stop: nothing more is written after a failure.
             Some(err) => Err(err),
             None if wrote => match self.write(&mut round) {
                 Ok(b) => {
-                    batch = Some(b);
+                    batch = Some(b.log);
+                    new_ops = b.new_ops;
                     Ok(())
                 }
                 Err(err) => {
@@ -71,6 +83,7 @@ impl Writer {
             wrote: wrote && result.is_ok(),
             result,
             batch,
+            new_ops,
             listeners: round.listeners,
             ticket: round.ticket,
             reads: round.reads,
@@ -81,9 +94,9 @@ impl Writer {
         })
     }
 
-    /// Encodes and writes out one round; returns its batch record's payload for the
-    /// syncer to apply once it is durable.
-    fn write(&mut self, round: &mut Round) -> Result<Vec<u8>, StoreError> {
+    /// Encodes and writes out one round; returns its index writes (the batch
+    /// record's payload) for the syncer to apply once it is durable.
+    fn write(&mut self, round: &mut Round) -> Result<IndexBatch, StoreError> {
         if self.chunks.len() > CHUNK_CACHE_MAX {
             // Misses read the index, which holds every earlier round: the store
             // thread applies each round before it takes the next.
@@ -125,20 +138,32 @@ impl Writer {
             };
             let loc = self.log.append_chunk(&c.buf).map_err(log_err)?;
             segments_touched.insert(loc.segment);
-            batch.insert(
+            // A chunk's first seq is new (seqs are never reused once durable), so
+            // the index has no such key: if the chunk is acked before the next
+            // checkpoint, its key never reaches the index proper at all.
+            batch.insert_new(
                 &seq_key(c.qid, TAG_CHUNK, c.first),
                 &chunk_index_value(&loc, &state),
             );
-            self.chunks.insert((c.qid, c.first), (state, loc.segment));
+            let cached = CachedChunk {
+                state,
+                segment: loc.segment,
+                bitmap_written: false,
+            };
+            self.chunks.insert((c.qid, c.first), cached);
         }
         let mut touched: HashSet<(u32, u64)> = HashSet::default();
         for &(qid, first, seq) in &round.removals {
             let key = (qid, first);
-            let (state, _) = match self.chunks.entry(key) {
+            let cached = match self.chunks.entry(key) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     match stored_chunk_state(&*self.index, qid, first, None)? {
-                        Some((state, loc)) => e.insert((state, loc.segment)),
+                        Some((state, loc)) => e.insert(CachedChunk {
+                            state,
+                            segment: loc.segment,
+                            bitmap_written: true,
+                        }),
                         None => {
                             tracing::debug!(
                                 queue = qid,
@@ -151,23 +176,29 @@ impl Writer {
                     }
                 }
             };
-            if state.remove(seq.saturating_sub(first)) {
+            if cached.state.remove(seq.saturating_sub(first)) {
                 touched.insert(key);
             }
         }
         for (qid, first) in touched {
-            let Some((state, segment)) = self.chunks.get(&(qid, first)) else {
+            let Some(cached) = self.chunks.get_mut(&(qid, first)) else {
                 continue;
             };
-            if state.live == 0 {
-                let segment = *segment;
+            let bitmap = seq_key(qid, TAG_REMOVED, first);
+            if cached.state.live == 0 {
+                let segment = cached.segment;
                 batch.remove(&seq_key(qid, TAG_CHUNK, first));
-                batch.remove(&seq_key(qid, TAG_REMOVED, first));
+                if cached.bitmap_written {
+                    batch.remove(&bitmap);
+                }
                 self.chunks.remove(&(qid, first));
                 self.log.release(segment);
                 segments_touched.insert(segment);
+            } else if cached.bitmap_written {
+                batch.insert(&bitmap, &cached.state.encode());
             } else {
-                batch.insert(&seq_key(qid, TAG_REMOVED, first), &state.encode());
+                batch.insert_new(&bitmap, &cached.state.encode());
+                cached.bitmap_written = true;
             }
         }
         for segment in segments_touched {
@@ -186,7 +217,7 @@ impl Writer {
             self.log.append_batch(&batch.log).map_err(log_err)?;
         }
         self.log.write_out().map_err(log_err)?;
-        Ok(batch.log)
+        Ok(batch)
     }
 
     /// Deletes every key of queue `qid` with one prefix removal in this round's
@@ -214,5 +245,86 @@ impl Writer {
         self.chunks.retain(|(q, _), _| *q != qid);
         batch.remove_prefix(&qid.to_be_bytes());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tidings_protocol::Publish;
+
+    use super::super::keys::{TAG_CHUNK, TAG_REMOVED, prefix, seq_key};
+    use super::super::sim_test::{Broken, config, runtime};
+    use super::super::{Index, MemoryIndex, SimDisk, Slot, Store, Tree};
+    use crate::queue::record::Message;
+
+    /// Puts `seqs` of queue `qid` in one round (one chunk) and waits for it.
+    async fn put(store: &Store, qid: u32, seqs: &[u64]) -> Vec<Slot> {
+        let msg = Message::from_publish(&Publish::new("t.a", Bytes::from_static(b"x")), 0);
+        let (slots, ticket) = store.batch(|b| {
+            let slots: Vec<Slot> = seqs.iter().map(|s| b.put_ready(qid, *s, &msg)).collect();
+            (slots, b.ticket())
+        });
+        ticket.wait().await.expect("durable");
+        slots
+    }
+
+    /// Removes `slots` of queue `qid` in one round and waits for it.
+    async fn remove(store: &Store, qid: u32, slots: &[Slot]) {
+        let ticket = store.batch(|b| {
+            for slot in slots {
+                b.remove_ready(qid, *slot);
+            }
+            b.ticket()
+        });
+        ticket.wait().await.expect("durable");
+    }
+
+    /// A chunk written and acked between two checkpoints never reaches the index
+    /// proper: its key came in new, so the overlay forgets it at the ack, and so
+    /// does the removal bitmap written for it on the way. A chunk that outlives a
+    /// checkpoint is in the index proper, and its removal then reaches it too.
+    #[test]
+    fn a_chunk_acked_before_a_checkpoint_never_reaches_the_index_proper() {
+        runtime().block_on(async {
+            let disk = SimDisk::new();
+            let index = MemoryIndex::new();
+            // Seed 2: the overlay holds up to 100,000 keys; no timed checkpoint.
+            let mut config = config(&disk, &index, 2, Broken::Not);
+            config.checkpoint_interval = Duration::from_secs(3600);
+            let open = || tokio::task::block_in_place(|| Store::open(&config)).unwrap();
+
+            let opened = open();
+            let store = &opened.store;
+            let mut singles = Vec::new();
+            for seq in 0..20 {
+                singles.extend(put(store, 1, &[seq]).await);
+            }
+            let pair = put(store, 1, &[20, 21]).await;
+            let outliving = put(store, 2, &[0, 1]).await;
+            remove(store, 1, &singles).await;
+            // Half of the pair: its bitmap is written; then the rest, and it goes.
+            remove(store, 1, &pair[..1]).await;
+            remove(store, 1, &pair[1..]).await;
+            // Half of queue 2's chunk, which stays over the checkpoint.
+            remove(store, 2, &outliving[..1]).await;
+            store.shutdown();
+            drop(opened);
+            assert!(!index.ever_touched(Tree::Data, &prefix(1, TAG_CHUNK)));
+            assert!(!index.ever_touched(Tree::Data, &prefix(1, TAG_REMOVED)));
+            let chunk = seq_key(2, TAG_CHUNK, 0);
+            let bitmap = seq_key(2, TAG_REMOVED, 0);
+            assert!(index.get(Tree::Data, &chunk).unwrap().is_some());
+            assert!(index.get(Tree::Data, &bitmap).unwrap().is_some());
+
+            let opened = open();
+            remove(&opened.store, 2, &outliving[1..]).await;
+            opened.store.shutdown();
+            drop(opened);
+            assert_eq!(index.get(Tree::Data, &chunk).unwrap(), None);
+            assert_eq!(index.get(Tree::Data, &bitmap).unwrap(), None);
+        });
     }
 }

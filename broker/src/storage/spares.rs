@@ -5,9 +5,10 @@
 //! blocks durable. Measured here (ext4, 100 KiB writes, median `fdatasync`): 0.25 ms
 //! appending, 0.20 ms writing into blocks reserved with `fallocate`, 0.14 ms
 //! overwriting blocks written before. So a new segment starts as a file whose blocks
-//! are already there: a retired segment renamed for reuse (the steady state), or else
-//! one that a background thread (`tidings-spares`) reserves with `fallocate` and
-//! syncs. Zero-filling instead would make the first pass over the log cost twice its
+//! are already there: a retired segment renamed for reuse (the steady state: it
+//! takes the place of a reserved spare that is ready, since syncs into its written
+//! blocks are the cheapest), or else one that a background thread
+//! (`tidings-spares`) reserves with `fallocate` and syncs. Zero-filling instead would make the first pass over the log cost twice its
 //! bytes in writes (it did: up to a quarter of the broker's CPU in a short
 //! benchmark), for 0.06 ms a sync. Stale records in a reused file never verify,
 //! since a record's checksum covers its segment id, and reserved blocks read as
@@ -26,13 +27,30 @@ use std::thread::JoinHandle;
 
 use super::disk::Disk;
 
-/// Spares kept ready.
+/// Spares the thread keeps ready.
 const WANT: usize = 1;
+/// Retired segments' files kept ready for reuse, at most: at full rate several
+/// segments retire at one checkpoint, and each kept one spares a new segment the
+/// costlier syncs of reserved blocks. Also what stays allocated once the log has
+/// drained: this many segment files.
+const KEEP_RECYCLED: usize = 2;
 const PREFIX: &str = "spare-";
+
+/// How a spare's blocks came to be there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A retired segment's file: its blocks are written, so writes into it are
+    /// overwrites and their syncs commit no metadata.
+    Recycled,
+    /// Reserved with `fallocate`: the first write into each extent also commits
+    /// its conversion from unwritten, so these syncs cost more.
+    Reserved,
+}
 
 #[derive(Default)]
 struct State {
-    ready: VecDeque<PathBuf>,
+    /// Recycled spares first: they are taken first.
+    ready: VecDeque<(PathBuf, Kind)>,
     next_name: u64,
     started: bool,
     stop: bool,
@@ -92,7 +110,7 @@ impl Spares {
     pub fn take(&self) -> Option<PathBuf> {
         let spare = self.shared.lock().ready.pop_front();
         self.shared.wake.notify_one();
-        spare
+        spare.map(|(path, _)| path)
     }
 
     /// Starts making spares, if that has not started yet.
@@ -115,20 +133,43 @@ impl Spares {
         }
     }
 
-    /// Keeps the file of a retired segment as a spare if one is wanted; false if it
-    /// was not taken (the caller deletes it).
+    /// Keeps the file of a retired segment as a spare while fewer than
+    /// [`KEEP_RECYCLED`] are ready, or else in place of a reserved one (which is
+    /// deleted); false if it was not taken (the caller deletes it). Kept only while
+    /// fewer than [`WANT`] were ready, as before, a retired file was nearly never
+    /// reused: the thread had a reserved spare ready by the time a segment retired,
+    /// so every segment after the first was a reserved file.
     pub fn recycle(&self, segment: &Path) -> bool {
-        if !self.enabled || self.shared.lock().ready.len() >= WANT {
+        if !self.enabled {
             return false;
+        }
+        let displaced = {
+            let mut state = self.shared.lock();
+            if state.ready.len() < KEEP_RECYCLED {
+                None
+            } else {
+                let Some(i) = state.ready.iter().position(|(_, k)| *k == Kind::Reserved) else {
+                    return false;
+                };
+                state.ready.remove(i).map(|(path, _)| path)
+            }
+        };
+        if let Some(path) = displaced {
+            if let Err(err) = self.disk.remove(&path) {
+                // Left behind, it is deleted with the other leftovers at the next start.
+                tracing::debug!(error = %err, "cannot delete a reserved spare");
+            }
         }
         let spare = self.shared.name(&self.dir);
         match self.disk.rename(segment, &spare) {
             Ok(()) => {
-                self.shared.lock().ready.push_back(spare);
+                self.shared.lock().ready.push_front((spare, Kind::Recycled));
                 true
             }
             Err(err) => {
                 tracing::debug!(error = %err, "cannot recycle a segment");
+                // The spares thread makes a reserved one instead, if one is missing.
+                self.shared.wake.notify_one();
                 false
             }
         }
@@ -171,7 +212,7 @@ fn prepare(disk: &dyn Disk, shared: &Shared, dir: &Path, size: u64) {
         }
         let path = shared.name(dir);
         match reserve(disk, shared, &path, size) {
-            Ok(true) => shared.lock().ready.push_back(path),
+            Ok(true) => shared.lock().ready.push_back((path, Kind::Reserved)),
             Ok(false) => {
                 let _ = disk.remove(&path);
                 return;
@@ -235,17 +276,80 @@ mod tests {
         let allocated = std::fs::metadata(&spare).unwrap().blocks() * 512;
         assert!(allocated >= 3 << 20, "only {allocated} bytes allocated");
 
-        // With one ready, a retired segment is not kept; without, it is.
+        // Retired segments are kept up to KEEP_RECYCLED, and no more.
         drop(spares);
         let spares = Spares::new(Arc::new(RealDisk), dir.path(), 1 << 20).unwrap();
         let segment = dir.path().join("00000000000000000001.seg");
         std::fs::write(&segment, b"old records").unwrap();
         assert!(spares.recycle(&segment));
         assert!(!segment.exists());
-        let other = dir.path().join("00000000000000000002.seg");
+        for n in 2..=KEEP_RECYCLED {
+            let next = dir.path().join(format!("{n:020}.seg"));
+            std::fs::write(&next, b"more").unwrap();
+            assert!(spares.recycle(&next));
+        }
+        let other = dir.path().join("00000000000000000099.seg");
         std::fs::write(&other, b"more").unwrap();
-        assert!(!spares.recycle(&other), "one spare is enough");
-        let reused = spares.take().expect("the recycled file");
-        assert_eq!(std::fs::read(reused).unwrap(), b"old records");
+        assert!(!spares.recycle(&other), "{KEEP_RECYCLED} spares are enough");
+        assert!(other.exists(), "left for the caller to delete");
+        // The last kept is taken first; the first kept comes last.
+        let taken: Vec<Vec<u8>> = (0..KEEP_RECYCLED)
+            .map(|_| std::fs::read(spares.take().expect("a recycled file")).unwrap())
+            .collect();
+        assert_eq!(taken.last().map(Vec::as_slice), Some(&b"old records"[..]));
+        assert!(spares.take().is_none());
+    }
+
+    /// A retired segment takes the place of a reserved spare that is ready (which
+    /// is deleted), and is the one taken next.
+    #[test]
+    fn a_retired_segment_displaces_a_reserved_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let spares = Spares::new(Arc::new(RealDisk), dir.path(), 1 << 20).unwrap();
+        spares.start();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let reserved = loop {
+            let ready = spares.shared.lock().ready.front().cloned();
+            if let Some((path, kind)) = ready {
+                assert_eq!(kind, Kind::Reserved);
+                break path;
+            }
+            assert!(std::time::Instant::now() < deadline, "no spare was made");
+            let state = spares.shared.lock();
+            drop(
+                spares
+                    .shared
+                    .wake
+                    .wait_timeout(state, std::time::Duration::from_millis(10))
+                    .unwrap(),
+            );
+        };
+        // Room for KEEP_RECYCLED: the first retired files are added beside it.
+        for n in 1..KEEP_RECYCLED {
+            let segment = dir.path().join(format!("{n:020}.seg"));
+            std::fs::write(&segment, b"kept beside").unwrap();
+            assert!(spares.recycle(&segment));
+            assert!(reserved.exists());
+        }
+        let segment = dir.path().join("00000000000000000099.seg");
+        std::fs::write(&segment, b"old records").unwrap();
+        assert!(spares.recycle(&segment), "a reserved spare makes way");
+        assert!(!reserved.exists(), "the reserved spare is deleted");
+        let taken = spares.take().expect("the recycled file");
+        assert_eq!(
+            std::fs::read(taken).unwrap(),
+            b"old records",
+            "the last kept first"
+        );
+        assert_eq!(spares.shared.lock().ready.len(), KEEP_RECYCLED - 1);
+        assert!(
+            spares
+                .shared
+                .lock()
+                .ready
+                .iter()
+                .all(|(_, k)| *k == Kind::Recycled),
+            "no reserved spare is left"
+        );
     }
 }

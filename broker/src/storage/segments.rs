@@ -103,8 +103,8 @@ impl Files {
         Ok(Some(buf))
     }
 
-    /// Closes and deletes retired segments (or keeps one as a spare); they no longer
-    /// hold a live chunk.
+    /// Closes and deletes retired segments (or keeps them as spares, spares.rs);
+    /// they no longer hold a live chunk.
     pub fn delete(&self, segments: &[u64]) {
         if segments.is_empty() {
             return;

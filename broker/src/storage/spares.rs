@@ -17,7 +17,8 @@
 //! made.
 //!
 //! The thread starts when the log's first segment is half full and then keeps one
-//! spare ready; a broker whose queues see little traffic writes no spares.
+//! spare ready; a broker whose queues see little traffic writes no spares. Once the
+//! log has drained, up to [`KEEP_RECYCLED`] retired files stay allocated as spares.
 
 use std::collections::VecDeque;
 use std::io;

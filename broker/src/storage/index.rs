@@ -41,7 +41,8 @@ pub trait Index: Send + Sync {
     /// Sets `key` to `value`.
     fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     /// Sets `key`, which the caller knows this index holds no value for (a chunk's
-    /// first key: a seq is never reused for a durable write). An index holding
+    /// keys, under `--fsync always` in a data dir that never ran without it: a seq
+    /// is then never used again once a write of it can be in the index). An index holding
     /// writes in front of another (overlay.rs) may then forget a later removal of
     /// the key instead of keeping it for its next flush; the others just insert.
     /// Only for writes of durable rounds: after a crash the index may hold writes

@@ -42,6 +42,10 @@ pub(crate) const LAYOUT_VERSION: u32 = 5;
 pub(crate) const NEXT_QID_KEY: &[u8] = b"\0next_qid";
 /// In `Defs`: the log position the index held at its last checkpoint.
 pub(crate) const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
+/// In `Defs`, once the data dir has run under `--fsync interval` or `never`: after a
+/// power loss then, the index may hold writes of rounds the log lost, whose seqs are
+/// used again, so chunk keys are never marked new to the index (writer.rs) again.
+pub(crate) const RELAXED_KEY: &[u8] = b"\0relaxed";
 
 /// Per-queue figures stored next to its data (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::time::Instant;
 use super::disk::{Disk, RealDisk};
 use super::index::{Index, MemoryIndex, SledIndex, Tree};
 use super::keys::{
-    CHECKPOINT_KEY, Counters, TAG_CHUNK, TAG_COUNTERS, TAG_REMOVED, check_layout, prefix,
-    segment_key, seq_key, stored_segments,
+    CHECKPOINT_KEY, Counters, RELAXED_KEY, TAG_CHUNK, TAG_COUNTERS, TAG_REMOVED, check_layout,
+    prefix, segment_key, seq_key, stored_segments,
 };
 use super::overlay::{DEFAULT_OVERLAY_LIMIT, OverlayIndex};
 use super::records::{IndexBatch, Position};
@@ -27,7 +27,7 @@ use super::store::{Opened, Shared, Store};
 use super::syncer::Syncer;
 use super::writer::Writer;
 use super::{Range, StoreError};
-use crate::queue::{EngineConfig, QueueError};
+use crate::queue::{EngineConfig, FsyncPolicy, QueueError};
 
 /// In `Defs` while a repair is under way: the damaged places cut so far
 /// (16 bytes each), so that a crash in the middle of a repair finishes it at the
@@ -229,6 +229,11 @@ impl Store {
                  segment is kept; the records cut and the stored messages they held are gone"
             );
         }
+        if config.fsync != FsyncPolicy::Always {
+            index.insert(Tree::Defs, RELAXED_KEY, b"1")?;
+        }
+        let new_keys =
+            config.fsync == FsyncPolicy::Always && index.get(Tree::Defs, RELAXED_KEY)?.is_none();
         // What the replay (and repair) wrote is made durable, then the new
         // checkpoint: nothing is appended to old segments, so the next replay starts
         // at the next one. Only then is anything deleted.
@@ -253,6 +258,7 @@ impl Store {
             index: index.clone(),
             next_qid,
             chunks: Default::default(),
+            new_keys,
             log: Box::new(segments),
         };
         let syncer = Syncer {

@@ -13,8 +13,9 @@
 //!
 //! That last part needs to know that the index proper never had the key: a removal
 //! of a key it may hold must be kept and written, or the old value would come back.
-//! A chunk's keys are new (its first seq has never been used for a durable write),
-//! and the store says so ([`Index::insert_new`]); the overlay then marks the entry,
+//! A chunk's keys are new (under `--fsync always`, its first seq has never been
+//! used for a write the index could hold), and the store says so
+//! ([`Index::insert_new`]); the overlay then marks the entry,
 //! and a removal before the next flush simply forgets it. Without the mark, every
 //! chunk acked within the second left two removals to hold and then write, which at
 //! one message per chunk (1,000 queues, each round giving each queue about one)

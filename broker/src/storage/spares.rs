@@ -135,25 +135,42 @@ impl Spares {
     }
 
     /// Keeps the file of a retired segment as a spare while fewer than
-    /// [`KEEP_RECYCLED`] are ready, or else in place of a reserved one (which is
-    /// deleted); false if it was not taken (the caller deletes it). Kept only while
-    /// fewer than [`WANT`] were ready, as before, a retired file was nearly never
-    /// reused: the thread had a reserved spare ready by the time a segment retired,
-    /// so every segment after the first was a reserved file.
+    /// [`KEEP_RECYCLED`] retired files are ready, in place of a reserved spare once
+    /// that many spares of any kind are (the reserved one is deleted); false if it
+    /// was not taken (the caller deletes it). A retired file kept only while no
+    /// spare at all was ready was nearly never kept: the thread's reserved spare
+    /// was there first.
     pub fn recycle(&self, segment: &Path) -> bool {
         if !self.enabled {
             return false;
         }
+        // Only the store thread recycles, so the count cannot grow under us.
+        let recycled = {
+            let state = self.shared.lock();
+            state
+                .ready
+                .iter()
+                .filter(|(_, k)| *k == Kind::Recycled)
+                .count()
+        };
+        if recycled >= KEEP_RECYCLED {
+            return false;
+        }
+        let spare = self.shared.name(&self.dir);
+        if let Err(err) = self.disk.rename(segment, &spare) {
+            tracing::debug!(error = %err, "cannot recycle a segment");
+            return false;
+        }
         let displaced = {
             let mut state = self.shared.lock();
-            if state.ready.len() < KEEP_RECYCLED {
-                None
+            let displaced = if state.ready.len() >= KEEP_RECYCLED {
+                let at = state.ready.iter().position(|(_, k)| *k == Kind::Reserved);
+                at.and_then(|i| state.ready.remove(i)).map(|(path, _)| path)
             } else {
-                let Some(i) = state.ready.iter().position(|(_, k)| *k == Kind::Reserved) else {
-                    return false;
-                };
-                state.ready.remove(i).map(|(path, _)| path)
-            }
+                None
+            };
+            state.ready.push_front((spare, Kind::Recycled));
+            displaced
         };
         if let Some(path) = displaced {
             if let Err(err) = self.disk.remove(&path) {
@@ -161,19 +178,7 @@ impl Spares {
                 tracing::debug!(error = %err, "cannot delete a reserved spare");
             }
         }
-        let spare = self.shared.name(&self.dir);
-        match self.disk.rename(segment, &spare) {
-            Ok(()) => {
-                self.shared.lock().ready.push_front((spare, Kind::Recycled));
-                true
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "cannot recycle a segment");
-                // The spares thread makes a reserved one instead, if one is missing.
-                self.shared.wake.notify_one();
-                false
-            }
-        }
+        true
     }
 
     fn stop(&self) {

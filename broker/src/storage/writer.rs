@@ -32,8 +32,9 @@ pub(crate) struct CachedChunk {
     state: ChunkState,
     segment: u64,
     /// The chunk's removal bitmap (its `TAG_REMOVED` key) may be in the index. False
-    /// only for a chunk written by this process whose bitmap it never wrote: its
-    /// first seq is new, so no key of it can be in the index from before.
+    /// only for a chunk written by this process whose bitmap it never wrote, when
+    /// its keys are new to the index (`Writer::new_keys`): no key of it can be in
+    /// the index from before.
     bitmap_written: bool,
 }
 
@@ -44,6 +45,11 @@ pub(crate) struct Writer {
     /// Removal state of recently written or touched chunks, and the segment holding
     /// each, so an ack costs no read.
     pub chunks: HashMap<(u32, u64), CachedChunk>,
+    /// Chunk keys may be marked new to the index ([`IndexBatch::insert_new`]):
+    /// only under `--fsync always` in a data dir that never ran under `interval` or
+    /// `never` (keys.rs, `RELAXED_KEY`), where a seq is never used again once any
+    /// write of it can be in the index.
+    pub new_keys: bool,
     pub log: Box<dyn Log>,
 }
 
@@ -141,14 +147,19 @@ impl Writer {
             // A chunk's first seq is new (seqs are never reused once durable), so
             // the index has no such key: if the chunk is acked before the next
             // checkpoint, its key never reaches the index proper at all.
-            batch.insert_new(
-                &seq_key(c.qid, TAG_CHUNK, c.first),
-                &chunk_index_value(&loc, &state),
+            let (key, value) = (
+                seq_key(c.qid, TAG_CHUNK, c.first),
+                chunk_index_value(&loc, &state),
             );
+            if self.new_keys {
+                batch.insert_new(&key, &value);
+            } else {
+                batch.insert(&key, &value);
+            }
             let cached = CachedChunk {
                 state,
                 segment: loc.segment,
-                bitmap_written: false,
+                bitmap_written: !self.new_keys,
             };
             self.chunks.insert((c.qid, c.first), cached);
         }
@@ -325,6 +336,37 @@ mod tests {
             drop(opened);
             assert_eq!(index.get(Tree::Data, &chunk).unwrap(), None);
             assert_eq!(index.get(Tree::Data, &bitmap).unwrap(), None);
+        });
+    }
+
+    /// A data dir that ever ran under `--fsync never` (or `interval`) marks no key
+    /// new again, even under `always`: a power loss then may have left the index
+    /// with keys of seqs that are used again, so every removal is written.
+    #[test]
+    fn a_data_dir_that_ran_without_fsync_marks_nothing_new() {
+        runtime().block_on(async {
+            let disk = SimDisk::new();
+            let index = MemoryIndex::new();
+            let mut config = config(&disk, &index, 2, Broken::Not);
+            config.checkpoint_interval = Duration::from_secs(3600);
+            config.fsync = crate::queue::FsyncPolicy::Never;
+            let opened = tokio::task::block_in_place(|| Store::open(&config)).unwrap();
+            opened.store.shutdown();
+            drop(opened);
+            config.fsync = crate::queue::FsyncPolicy::Always;
+            let opened = tokio::task::block_in_place(|| Store::open(&config)).unwrap();
+            let slots = put(&opened.store, 1, &[0]).await;
+            remove(&opened.store, 1, &slots).await;
+            opened.store.shutdown();
+            drop(opened);
+            assert!(
+                index.ever_touched(Tree::Data, &prefix(1, TAG_CHUNK)),
+                "the chunk's removal is written to the index proper"
+            );
+            assert_eq!(
+                index.get(Tree::Data, &seq_key(1, TAG_CHUNK, 0)).unwrap(),
+                None
+            );
         });
     }
 }

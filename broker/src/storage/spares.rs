@@ -250,19 +250,12 @@ mod tests {
     use super::*;
     use crate::storage::disk::RealDisk;
 
-    #[test]
-    fn the_first_take_starts_reserving_and_recycling_tops_up() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("spare-9.tmp"), b"left over").unwrap();
-        let spares = Spares::new(Arc::new(RealDisk), dir.path(), 3 << 20).unwrap();
-        assert!(!dir.path().join("spare-9.tmp").exists(), "leftovers go");
-        assert!(spares.take().is_none(), "nothing is made before start");
-        spares.start();
-        // The thread fills one; wait for it by taking until one comes.
+    /// The first ready spare, once the thread has made one (10 s at most).
+    fn first_ready(spares: &Spares) -> (PathBuf, Kind) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let spare = loop {
-            if let Some(spare) = spares.take() {
-                break spare;
+        loop {
+            if let Some(first) = spares.shared.lock().ready.front().cloned() {
+                return first;
             }
             assert!(std::time::Instant::now() < deadline, "no spare was made");
             let state = spares.shared.lock();
@@ -273,7 +266,20 @@ mod tests {
                     .wait_timeout(state, std::time::Duration::from_millis(10))
                     .unwrap(),
             );
-        };
+        }
+    }
+
+    #[test]
+    fn the_first_take_starts_reserving_and_recycling_tops_up() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("spare-9.tmp"), b"left over").unwrap();
+        let spares = Spares::new(Arc::new(RealDisk), dir.path(), 3 << 20).unwrap();
+        assert!(!dir.path().join("spare-9.tmp").exists(), "leftovers go");
+        assert!(spares.take().is_none(), "nothing is made before start");
+        spares.start();
+        // The thread fills one.
+        first_ready(&spares);
+        let spare = spares.take().expect("the spare made");
         let bytes = std::fs::read(&spare).unwrap();
         assert_eq!(bytes.len(), 3 << 20);
         assert!(bytes.iter().all(|b| *b == 0));
@@ -313,23 +319,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spares = Spares::new(Arc::new(RealDisk), dir.path(), 1 << 20).unwrap();
         spares.start();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let reserved = loop {
-            let ready = spares.shared.lock().ready.front().cloned();
-            if let Some((path, kind)) = ready {
-                assert_eq!(kind, Kind::Reserved);
-                break path;
-            }
-            assert!(std::time::Instant::now() < deadline, "no spare was made");
-            let state = spares.shared.lock();
-            drop(
-                spares
-                    .shared
-                    .wake
-                    .wait_timeout(state, std::time::Duration::from_millis(10))
-                    .unwrap(),
-            );
-        };
+        let (reserved, kind) = first_ready(&spares);
+        assert_eq!(kind, Kind::Reserved);
         // Room for KEEP_RECYCLED: the first retired files are added beside it.
         for n in 1..KEEP_RECYCLED {
             let segment = dir.path().join(format!("{n:020}.seg"));

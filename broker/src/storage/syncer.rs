@@ -179,14 +179,8 @@ impl Syncer {
         let mut result = round.result.and(synced);
         if result.is_ok() {
             if let Some(batch) = &round.batch {
-                // New keys are new only if no round the index holds can be lost:
-                // under `interval` or `never` a power loss may take rounds whose
-                // writes the index kept, and their seqs are then used again.
-                let new_ops: &[u32] = match self.policy {
-                    FsyncPolicy::Always => &round.new_ops,
-                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => &[],
-                };
-                if let Err(err) = IndexBatch::apply_knowing(batch, new_ops, &*self.index) {
+                // The writer marks keys new only where that holds (`Writer::new_keys`).
+                if let Err(err) = IndexBatch::apply_knowing(batch, &round.new_ops, &*self.index) {
                     self.shared.fail(&err);
                     result = Err(err);
                 }

@@ -269,6 +269,7 @@ mod tests {
     use super::super::keys::{TAG_CHUNK, TAG_REMOVED, prefix, seq_key};
     use super::super::sim_test::{Broken, config, runtime};
     use super::super::{Index, MemoryIndex, SimDisk, Slot, Store, Tree};
+    use crate::queue::EngineConfig;
     use crate::queue::record::Message;
 
     /// Puts `seqs` of queue `qid` in one round (one chunk) and waits for it.
@@ -280,6 +281,16 @@ mod tests {
         });
         ticket.wait().await.expect("durable");
         slots
+    }
+
+    /// A simulated disk and index, and a store config on them under `fsync`: seed 2
+    /// (the overlay holds up to 100,000 keys) and no timed checkpoint.
+    fn setup(fsync: crate::queue::FsyncPolicy) -> (MemoryIndex, EngineConfig) {
+        let (disk, index) = (SimDisk::new(), MemoryIndex::new());
+        let mut config = config(&disk, &index, 2, Broken::Not);
+        config.checkpoint_interval = Duration::from_secs(3600);
+        config.fsync = fsync;
+        (index, config)
     }
 
     /// Removes `slots` of queue `qid` in one round and waits for it.
@@ -300,11 +311,7 @@ mod tests {
     #[test]
     fn a_chunk_acked_before_a_checkpoint_never_reaches_the_index_proper() {
         runtime().block_on(async {
-            let disk = SimDisk::new();
-            let index = MemoryIndex::new();
-            // Seed 2: the overlay holds up to 100,000 keys; no timed checkpoint.
-            let mut config = config(&disk, &index, 2, Broken::Not);
-            config.checkpoint_interval = Duration::from_secs(3600);
+            let (index, config) = setup(crate::queue::FsyncPolicy::Always);
             let open = || tokio::task::block_in_place(|| Store::open(&config)).unwrap();
 
             let opened = open();
@@ -345,11 +352,7 @@ mod tests {
     #[test]
     fn a_data_dir_that_ran_without_fsync_marks_nothing_new() {
         runtime().block_on(async {
-            let disk = SimDisk::new();
-            let index = MemoryIndex::new();
-            let mut config = config(&disk, &index, 2, Broken::Not);
-            config.checkpoint_interval = Duration::from_secs(3600);
-            config.fsync = crate::queue::FsyncPolicy::Never;
+            let (index, mut config) = setup(crate::queue::FsyncPolicy::Never);
             let opened = tokio::task::block_in_place(|| Store::open(&config)).unwrap();
             opened.store.shutdown();
             drop(opened);

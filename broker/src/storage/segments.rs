@@ -105,20 +105,29 @@ impl Files {
 
     /// Closes and deletes retired segments (or keeps them as spares, spares.rs);
     /// they no longer hold a live chunk.
+    ///
+    /// A file still held by a reader is deleted, never kept: a reader that looked
+    /// the segment up before it retired (a page read that then stalled) would read
+    /// whatever the reused file holds next. It fails the checksum, since that
+    /// covers the segment id, but that is a failed read. An unlinked file keeps
+    /// its old bytes for the descriptors still open on it, so the late read just
+    /// gets a chunk that is no longer live. Once out of `open` nobody can take the
+    /// file again, so the count can only fall after it is read.
     pub fn delete(&self, segments: &[u64]) {
         if segments.is_empty() {
             return;
         }
-        {
+        let closed: Vec<_> = {
             // Readers share this lock: no file I/O under it.
             let mut open = self.open.write().unwrap_or_else(PoisonError::into_inner);
-            for segment in segments {
-                open.remove(segment);
-            }
-        }
-        for segment in segments {
+            segments.iter().map(|s| open.remove(s)).collect()
+        };
+        for (segment, file) in segments.iter().zip(closed) {
             let path = self.path(*segment);
-            if self.spares.recycle(&path) {
+            let in_use = file.is_some_and(|f| Arc::strong_count(&f) > 1);
+            if in_use {
+                tracing::debug!(segment, "segment still read: deleted, not kept as a spare");
+            } else if self.spares.recycle(&path) {
                 tracing::debug!(segment, "segment kept as a spare");
                 continue;
             }
@@ -518,6 +527,56 @@ mod tests {
         );
         assert!(!segment_path(dir.path(), 1).exists());
         assert_eq!(files.read(&b).unwrap().unwrap().len(), big.len());
+    }
+
+    /// A page read that looked a segment up before it retired, and stalled, must
+    /// not read the file after it was reused as a new segment: a file still held is
+    /// deleted (its descriptor keeps the old bytes), and only a free one is kept.
+    #[test]
+    fn a_retired_segment_still_read_is_deleted_not_kept_as_a_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segs, _) = open(dir.path(), HashMap::new());
+        let big = vec![7u8; usize::try_from(MAX / 2 + 1).unwrap()];
+        let a = segs.append_chunk(&big).unwrap();
+        let b = segs.append_chunk(&big).unwrap();
+        let _ = segs.append_chunk(&big).unwrap();
+        assert_eq!((a.segment, b.segment), (1, 2));
+        segs.write_out().unwrap();
+        // As the syncer does after a sync: its handles close.
+        drop(segs.take_unsynced());
+        let files = segs.files();
+        // Whether any file in the directory is (still) this inode: a file kept
+        // as a spare is renamed, not copied.
+        use std::os::unix::fs::MetadataExt;
+        let inode = |segment| {
+            std::fs::metadata(segment_path(dir.path(), segment))
+                .unwrap()
+                .ino()
+        };
+        let present = |ino| {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .any(|e| e.unwrap().metadata().unwrap().ino() == ino)
+        };
+        let (ino1, ino2) = (inode(1), inode(2));
+        assert_eq!((segs.release(1), segs.release(2)), (0, 0));
+        assert_eq!(segs.take_retired(), vec![1, 2]);
+
+        let held = files.get(1).expect("segment 1 is open");
+        files.delete(&[1]);
+        assert!(!segment_path(dir.path(), 1).exists());
+        assert!(!present(ino1), "a file a reader holds is never reused");
+        let mut late = vec![0u8; 16];
+        held.read_at(&mut late, a.offset).unwrap();
+        assert_eq!(
+            late,
+            vec![7u8; 16],
+            "the late reader still sees the old bytes"
+        );
+
+        files.delete(&[2]);
+        assert!(!segment_path(dir.path(), 2).exists());
+        assert!(present(ino2), "a file nobody holds is kept as a spare");
     }
 
     /// The writer's sync before a roll and the syncer's sync of the same file share

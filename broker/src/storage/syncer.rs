@@ -249,8 +249,9 @@ impl Syncer {
             self.retired.drain(..).partition(|(_, end)| *end <= durable);
         self.retired = kept;
         let gone: Vec<u64> = gone.into_iter().map(|(id, _)| id).collect();
-        self.segments.delete(&gone);
+        // Forgotten first: a file the syncer still holds counts as one in use.
         self.unsynced.forget(&gone);
+        self.segments.delete(&gone);
         Ok(())
     }
 }

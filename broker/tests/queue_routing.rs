@@ -1,10 +1,19 @@
 //! Queue bindings are matched by a lookup of the topic (literal bindings) and a
 //! token trie (wildcard bindings): with many queues whose bindings share a first
-//! token, a publish still reaches exactly the queues it matches, each once.
+//! token, a publish still reaches exactly the queues it matches, each once. The
+//! index changes one queue at a time; a property test holds it to a model through
+//! declares, binds, unbinds and deletes (256 cases unless `PROPTEST_CASES` says
+//! otherwise; a failure is shrunk and printed, and its seed saved to
+//! `queue_routing.proptest-regressions` to be replayed first).
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use tidings_broker::queue::{EngineConfig, QueueEngine};
-use tidings_protocol::{Publish, QueueOptions, Text};
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use tidings_broker::queue::{EngineConfig, FsyncPolicy, QueueEngine};
+use tidings_broker::storage::{MemoryIndex, SimDisk, StorageBackend};
+use tidings_protocol::{Pattern, Publish, QueueOptions, Text};
 
 fn bound_to(patterns: &[String]) -> QueueOptions {
     QueueOptions {
@@ -94,4 +103,129 @@ async fn a_queue_bound_by_a_literal_and_wildcards_takes_a_message_once() {
     assert_eq!(engine.info("twice").unwrap().depth, 1);
     assert_eq!(engine.info("wild").unwrap().depth, 2);
     engine.shutdown().await;
+}
+
+/// Patterns that overlap in every way: a literal twice, wildcards matching it, and
+/// ones that match nothing else in the pool.
+const PATTERNS: [&str; 7] = ["a.b", "a.*", "a.>", "*.b", "c.d", ">", "a.b.c"];
+const TOPICS: [&str; 6] = ["a.b", "a.c", "c.d", "x.b", "a.b.c", "z"];
+const QUEUES: usize = 4;
+
+#[derive(Debug, Clone)]
+enum RouteOp {
+    /// Declares (or redeclares, which adds bindings) queue `q`.
+    Declare(usize, Vec<usize>),
+    Bind(usize, usize),
+    Unbind(usize, usize),
+    Delete(usize),
+    Publish(usize),
+}
+
+fn route_op() -> impl Strategy<Value = RouteOp> {
+    let q = 0..QUEUES;
+    let p = 0..PATTERNS.len();
+    prop_oneof![
+        (q.clone(), proptest::collection::vec(p.clone(), 0..4))
+            .prop_map(|(q, ps)| RouteOp::Declare(q, ps)),
+        (q.clone(), p.clone()).prop_map(|(q, p)| RouteOp::Bind(q, p)),
+        (q.clone(), p).prop_map(|(q, p)| RouteOp::Unbind(q, p)),
+        q.prop_map(RouteOp::Delete),
+        (0..TOPICS.len()).prop_map(RouteOp::Publish),
+    ]
+}
+
+/// Runs `ops` on an engine over a simulated disk and checks every publish's count
+/// of queues, and every queue's depth at the end, against the model: a queue takes
+/// a message once if any of its bindings matches.
+async fn routes_match_model(ops: Vec<RouteOp>) -> Result<(), TestCaseError> {
+    let mut config = EngineConfig::new("/sim/routing");
+    config.storage = StorageBackend::simulated(SimDisk::new(), MemoryIndex::new());
+    config.fsync = FsyncPolicy::Always;
+    let engine = QueueEngine::open(config).expect("engine opens");
+    let mut model: BTreeMap<usize, (BTreeSet<&str>, u64)> = BTreeMap::new();
+    for op in ops {
+        match op {
+            RouteOp::Declare(q, ps) => {
+                let patterns: Vec<String> = ps.iter().map(|&p| PATTERNS[p].to_owned()).collect();
+                engine
+                    .declare(&format!("q{q}"), &bound_to(&patterns))
+                    .await
+                    .unwrap();
+                let entry = model.entry(q).or_default();
+                entry.0.extend(ps.iter().map(|&p| PATTERNS[p]));
+            }
+            RouteOp::Bind(q, p) => {
+                let result = engine.bind(&format!("q{q}"), PATTERNS[p]).await;
+                match model.get_mut(&q) {
+                    Some(entry) => {
+                        result.unwrap();
+                        entry.0.insert(PATTERNS[p]);
+                    }
+                    None => prop_assert!(result.is_err(), "bind to a missing queue"),
+                }
+            }
+            RouteOp::Unbind(q, p) => {
+                let result = engine.unbind(&format!("q{q}"), PATTERNS[p]).await;
+                match model.get_mut(&q) {
+                    Some(entry) => {
+                        result.unwrap();
+                        entry.0.remove(PATTERNS[p]);
+                    }
+                    None => prop_assert!(result.is_err(), "unbind from a missing queue"),
+                }
+            }
+            RouteOp::Delete(q) => {
+                let result = engine.delete(&format!("q{q}")).await;
+                prop_assert_eq!(result.is_ok(), model.remove(&q).is_some());
+            }
+            RouteOp::Publish(t) => {
+                let topic = TOPICS[t];
+                let mut expected = 0;
+                for (patterns, depth) in model.values_mut() {
+                    if patterns
+                        .iter()
+                        .any(|p| Pattern::new(*p).unwrap().matches(topic))
+                    {
+                        expected += 1;
+                        *depth += 1;
+                    }
+                }
+                let outcome = engine.publish(&msg(topic)).await.unwrap();
+                prop_assert_eq!(outcome.queues, expected, "queues for {}", topic);
+            }
+        }
+    }
+    for (q, (_, depth)) in &model {
+        prop_assert_eq!(
+            engine.info(&format!("q{q}")).unwrap().depth,
+            *depth,
+            "q{}",
+            q
+        );
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        // An explicit `cases` would hide the environment's: read it here.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(256),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/queue_routing.proptest-regressions"
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn routes_follow_every_binding_change(ops in proptest::collection::vec(route_op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(routes_match_model(ops))?;
+    }
 }

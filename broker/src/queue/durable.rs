@@ -184,6 +184,14 @@ pub(crate) struct QueueContext {
 }
 
 impl Queue {
+    /// A copy of its bindings as they are now.
+    pub fn bindings_now(&self) -> Vec<String> {
+        self.bindings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// A new, empty queue.
     pub fn create(
         name: &str,

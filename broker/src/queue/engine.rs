@@ -92,8 +92,20 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    fn reroute(&mut self) {
+    /// Indexes every queue's bindings (at start).
+    fn route_all(&mut self) {
         self.routes = Routes::build(self.queues.values());
+        self.publish_bound();
+    }
+
+    /// Re-indexes one queue whose bindings change from `old` to `new` (none once
+    /// it is deleted).
+    fn reroute(&mut self, q: &Arc<Queue>, old: &[String], new: &[String]) {
+        self.routes.rebind(q, old, new);
+        self.publish_bound();
+    }
+
+    fn publish_bound(&self) {
         // Under the write lock, before the change is answered: a publish that
         // follows the answer sees it.
         self.bound.store(!self.routes.is_empty(), Ordering::Release);
@@ -170,7 +182,7 @@ impl QueueEngine {
                 reg.by_id.insert(q.qid, q.clone());
                 reg.queues.insert(name, q);
             }
-            reg.reroute();
+            reg.route_all();
         }
         spawn_timer(&inner);
         tracing::info!(dir = %inner.config.data_dir.display(), fsync = %inner.config.fsync, "queue engine open");
@@ -206,7 +218,8 @@ impl QueueEngine {
                 .remove(name)
                 .ok_or_else(|| QueueError::NotFound(name.to_owned()))?;
             reg.by_id.remove(&q.qid);
-            reg.reroute();
+            let old = q.bindings_now();
+            reg.reroute(&q, &old, &[]);
             q
         };
         for ended in q.mark_deleted() {
@@ -552,25 +565,26 @@ impl EngineInner {
                     difference,
                 });
             }
-            let changed = {
+            let (old, new) = {
                 let mut b = q.bindings.lock().unwrap_or_else(PoisonError::into_inner);
-                let before = b.len();
+                let old = b.clone();
                 for p in patterns {
                     if !b.contains(&p) {
                         b.push(p);
                     }
                 }
-                b.len() != before
+                (old, b.clone())
             };
-            if changed {
-                reg.reroute();
+            if new.len() != old.len() {
+                reg.reroute(&q, &old, &new);
                 return Ok(self.persist(&q));
             }
             return Ok(self.store.batch(|b| b.ticket()));
         }
         check_dead_letter_cycle(&reg, name, &settings)?;
         let q = self.create_locked(&mut reg, name, settings, patterns);
-        reg.reroute();
+        let new = q.bindings_now();
+        reg.reroute(&q, &[], &new);
         Ok(self.persist(&q))
     }
 
@@ -617,9 +631,14 @@ impl EngineInner {
             .get(name)
             .cloned()
             .ok_or_else(|| QueueError::NotFound(name.to_owned()))?;
-        let changed = change(&mut q.bindings.lock().unwrap_or_else(PoisonError::into_inner));
+        let (old, new, changed) = {
+            let mut b = q.bindings.lock().unwrap_or_else(PoisonError::into_inner);
+            let old = b.clone();
+            let changed = change(&mut b);
+            (old, b.clone(), changed)
+        };
         if changed {
-            reg.reroute();
+            reg.reroute(&q, &old, &new);
             Ok(self.persist(&q))
         } else {
             Ok(self.store.batch(|b| b.ticket()))

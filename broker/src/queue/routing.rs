@@ -17,8 +17,10 @@ use tidings_protocol::Pattern;
 use crate::queue::durable::Queue;
 use crate::router::Trie;
 
-/// The binding index. Rebuilt whenever a binding or queue changes (rare), read on
-/// every publish.
+/// The binding index, read on every publish. Built once at start and then changed
+/// one queue at a time ([`Routes::rebind`]): rebuilt from every queue at each
+/// change, declaring 10,000 queues cost 10,000 × 10,000 patterns parsed and
+/// indexed (~0.5 s of CPU for the first thousand alone).
 #[derive(Default)]
 pub(crate) struct Routes {
     /// Literal binding -> the queues bound to it.
@@ -32,28 +34,52 @@ impl Routes {
     pub fn build<'a>(queues: impl Iterator<Item = &'a Arc<Queue>>) -> Self {
         let mut routes = Routes::default();
         for q in queues {
-            let patterns = q
-                .bindings
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            for b in patterns {
-                if let Ok(pattern) = Pattern::new(b) {
-                    if pattern.is_literal() {
-                        let bound = routes.exact.entry(pattern.as_str().into()).or_default();
-                        // A queue bound twice to one pattern takes the message once.
-                        // Its patterns come together, so a copy could only be the
-                        // last one (no scan: 10,000 queues may share a topic).
-                        if !bound.last().is_some_and(|other| Arc::ptr_eq(other, q)) {
-                            bound.push(q.clone());
-                        }
-                    } else {
-                        routes.wild.insert(&pattern, q.clone());
-                    }
-                }
-            }
+            routes.rebind(q, &[], &q.bindings_now());
         }
         routes
+    }
+
+    /// Moves `q` from the bindings `old` (what the index holds for it) to `new`.
+    /// Each distinct pattern is indexed once per queue, so a queue bound twice to
+    /// one pattern takes the message once, and adding needs no scan of the queues
+    /// already bound to it (10,000 queues may share a topic).
+    pub fn rebind(&mut self, q: &Arc<Queue>, old: &[String], new: &[String]) {
+        let old: HashSet<&str> = old.iter().map(String::as_str).collect();
+        let new: HashSet<&str> = new.iter().map(String::as_str).collect();
+        for gone in old.difference(&new) {
+            self.unbind(q, gone);
+        }
+        for added in new.difference(&old) {
+            self.bind(q, added);
+        }
+    }
+
+    fn bind(&mut self, q: &Arc<Queue>, binding: &str) {
+        let Ok(pattern) = Pattern::new(binding) else {
+            return;
+        };
+        if pattern.is_literal() {
+            let bound = self.exact.entry(pattern.as_str().into()).or_default();
+            bound.push(q.clone());
+        } else {
+            self.wild.insert(&pattern, q.clone());
+        }
+    }
+
+    fn unbind(&mut self, q: &Arc<Queue>, binding: &str) {
+        let Ok(pattern) = Pattern::new(binding) else {
+            return;
+        };
+        if pattern.is_literal() {
+            if let Some(bound) = self.exact.get_mut(pattern.as_str()) {
+                bound.retain(|other| !Arc::ptr_eq(other, q));
+                if bound.is_empty() {
+                    self.exact.remove(pattern.as_str());
+                }
+            }
+        } else {
+            self.wild.remove(&pattern, |other| Arc::ptr_eq(other, q));
+        }
     }
 
     /// No queue has a binding.

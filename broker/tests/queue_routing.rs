@@ -134,15 +134,71 @@ fn route_op() -> impl Strategy<Value = RouteOp> {
     ]
 }
 
-/// Runs `ops` on an engine over a simulated disk and checks every publish's count
-/// of queues, and every queue's depth at the end, against the model: a queue takes
-/// a message once if any of its bindings matches.
-async fn routes_match_model(ops: Vec<RouteOp>) -> Result<(), TestCaseError> {
+fn sim_config(disk: &SimDisk, index: &MemoryIndex) -> EngineConfig {
     let mut config = EngineConfig::new("/sim/routing");
-    config.storage = StorageBackend::simulated(SimDisk::new(), MemoryIndex::new());
+    config.storage = StorageBackend::simulated(disk.clone(), index.clone());
     config.fsync = FsyncPolicy::Always;
-    let engine = QueueEngine::open(config).expect("engine opens");
-    let mut model: BTreeMap<usize, (BTreeSet<&str>, u64)> = BTreeMap::new();
+    config
+}
+
+type Model = BTreeMap<usize, (BTreeSet<&'static str>, u64)>;
+
+/// Publishes to every topic of the pool, checking each count of queues.
+async fn publish_everywhere(engine: &QueueEngine, model: &mut Model) -> Result<(), TestCaseError> {
+    for t in 0..TOPICS.len() {
+        publish_checked(engine, model, t).await?;
+    }
+    Ok(())
+}
+
+/// Publishes to topic `t`, checks how many queues took it, and counts the depth
+/// each queue should now have.
+async fn publish_checked(
+    engine: &QueueEngine,
+    model: &mut Model,
+    t: usize,
+) -> Result<(), TestCaseError> {
+    let topic = TOPICS[t];
+    let mut expected = 0;
+    for (patterns, depth) in model.values_mut() {
+        if patterns
+            .iter()
+            .any(|p| Pattern::new(*p).unwrap().matches(topic))
+        {
+            expected += 1;
+            *depth += 1;
+        }
+    }
+    let outcome = engine.publish(&msg(topic)).await.unwrap();
+    prop_assert_eq!(outcome.queues, expected, "queues for {}", topic);
+    Ok(())
+}
+
+/// The index holds each distinct binding of each queue once, and nothing of a
+/// deleted queue or a dropped binding (which no publish would show: a deleted
+/// queue takes nothing); every queue has the depth the model says.
+fn check_index(engine: &QueueEngine, model: &Model) -> Result<(), TestCaseError> {
+    let bindings: usize = model.values().map(|(patterns, _)| patterns.len()).sum();
+    prop_assert_eq!(engine.routed_bindings(), bindings, "bindings indexed");
+    for (q, (_, depth)) in model {
+        prop_assert_eq!(
+            engine.info(&format!("q{q}")).unwrap().depth,
+            *depth,
+            "q{}",
+            q
+        );
+    }
+    Ok(())
+}
+
+/// Runs `ops` on an engine over a simulated disk and checks every publish's count
+/// of queues, and after every op the bindings indexed and every queue's depth,
+/// against the model: a queue takes a message once if any of its bindings
+/// matches. Then a clean restart must build the same index from what is stored.
+async fn routes_match_model(ops: Vec<RouteOp>) -> Result<(), TestCaseError> {
+    let (disk, index) = (SimDisk::new(), MemoryIndex::new());
+    let engine = QueueEngine::open(sim_config(&disk, &index)).expect("engine opens");
+    let mut model: Model = BTreeMap::new();
     for op in ops {
         match op {
             RouteOp::Declare(q, ps) => {
@@ -178,31 +234,16 @@ async fn routes_match_model(ops: Vec<RouteOp>) -> Result<(), TestCaseError> {
                 let result = engine.delete(&format!("q{q}")).await;
                 prop_assert_eq!(result.is_ok(), model.remove(&q).is_some());
             }
-            RouteOp::Publish(t) => {
-                let topic = TOPICS[t];
-                let mut expected = 0;
-                for (patterns, depth) in model.values_mut() {
-                    if patterns
-                        .iter()
-                        .any(|p| Pattern::new(*p).unwrap().matches(topic))
-                    {
-                        expected += 1;
-                        *depth += 1;
-                    }
-                }
-                let outcome = engine.publish(&msg(topic)).await.unwrap();
-                prop_assert_eq!(outcome.queues, expected, "queues for {}", topic);
-            }
+            RouteOp::Publish(t) => publish_checked(&engine, &mut model, t).await?,
         }
+        check_index(&engine, &model)?;
     }
-    for (q, (_, depth)) in &model {
-        prop_assert_eq!(
-            engine.info(&format!("q{q}")).unwrap().depth,
-            *depth,
-            "q{}",
-            q
-        );
-    }
+    engine.shutdown().await;
+    let (disk, index) = (disk.reboot(), index.reboot());
+    let engine = QueueEngine::open(sim_config(&disk, &index)).expect("engine reopens");
+    check_index(&engine, &model)?;
+    publish_everywhere(&engine, &mut model).await?;
+    check_index(&engine, &model)?;
     engine.shutdown().await;
     Ok(())
 }

@@ -272,6 +272,13 @@ impl QueueEngine {
         self.inner.read().queues.len()
     }
 
+    /// How many (queue, binding) pairs the routing index holds: every distinct
+    /// binding of every queue once. For tests and diagnostics: a binding left behind
+    /// by an unbind or a delete would show here, where no publish can see it.
+    pub fn routed_bindings(&self) -> usize {
+        self.inner.read().routes.len()
+    }
+
     /// One queue's figures.
     pub fn info(&self, name: &str) -> Result<QueueInfo, QueueError> {
         Ok(self.inner.queue(name)?.info())

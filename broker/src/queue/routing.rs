@@ -42,7 +42,9 @@ impl Routes {
     /// Moves `q` from the bindings `old` (what the index holds for it) to `new`.
     /// Each distinct pattern is indexed once per queue, so a queue bound twice to
     /// one pattern takes the message once, and adding needs no scan of the queues
-    /// already bound to it (10,000 queues may share a topic).
+    /// already bound to it (10,000 queues may share a topic). Removing does scan
+    /// them, once per pattern removed: deleting N queues that share one topic
+    /// costs N²/2 pointer comparisons, rare enough to leave.
     pub fn rebind(&mut self, q: &Arc<Queue>, old: &[String], new: &[String]) {
         let old: HashSet<&str> = old.iter().map(String::as_str).collect();
         let new: HashSet<&str> = new.iter().map(String::as_str).collect();
@@ -80,6 +82,12 @@ impl Routes {
         } else {
             self.wild.remove(&pattern, |other| Arc::ptr_eq(other, q));
         }
+    }
+
+    /// How many (queue, binding) pairs are indexed: each distinct binding of each
+    /// queue once.
+    pub fn len(&self) -> usize {
+        self.exact.values().map(Vec::len).sum::<usize>() + self.wild.len()
     }
 
     /// No queue has a binding.

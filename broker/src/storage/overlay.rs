@@ -89,7 +89,8 @@ fn full_key(tree: Tree, key: &[u8]) -> Vec<u8> {
     full
 }
 
-/// The tree and key of a full key.
+/// The tree and key of a full key. Every key the map holds starts with a tag
+/// from [`tree_tag`] (a new tree gets its tag there, and its arm here).
 fn split_key(full: &[u8]) -> (Tree, &[u8]) {
     match full.split_first() {
         Some((0, key)) => (Tree::Data, key),

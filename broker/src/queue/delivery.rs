@@ -7,8 +7,9 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 use tidings_protocol::Delivery;
 
+use crate::queue::consumers::Consumer;
 use crate::queue::durable::{Departure, PendingEntry, Queue, State, delayed_slot};
-use crate::queue::in_flight::{Consumer, Delivered};
+use crate::queue::in_flight::Delivered;
 use crate::queue::link::{Held, SessionLink};
 use crate::queue::rates::Event;
 use crate::queue::record::Message;
@@ -80,6 +81,7 @@ impl Queue {
                 continue;
             }
             self.deliver(st, ci, entry, now, &mut owed);
+            st.consumers.served(ci);
         }
         drop(owed);
         self.request_mark(st);
@@ -190,23 +192,23 @@ impl Queue {
     }
 
     fn deliver(&self, st: &mut State, ci: usize, mut entry: Entry, now: u64, owed: &mut Owed) {
-        let Some(consumer) = st.consumers.get_mut(ci) else {
+        let Some((link, consumer_id)) = st.consumers.get(ci).map(|c| (c.link.clone(), c.id)) else {
             st.retry.push_front(entry);
             return;
         };
-        let link = consumer.link.clone();
         let Some(delivery_id) = link.register(self.qid, entry.slot.seq) else {
-            consumer.alive = false;
+            st.consumers.update(ci, |c| c.alive = false);
             st.retry.push_front(entry);
             return;
         };
         entry.msg.deliveries = entry.msg.deliveries.saturating_add(1);
         st.marks.delivered = st.marks.delivered.max(entry.slot.seq);
-        consumer.outstanding += 1;
-        if let Some(left) = &mut consumer.remaining {
-            *left = left.saturating_sub(1);
-        }
-        let consumer_id = consumer.id;
+        st.consumers.update(ci, |c| {
+            c.outstanding += 1;
+            if let Some(left) = &mut c.remaining {
+                *left = left.saturating_sub(1);
+            }
+        });
         let entry_attempt = entry.msg.deliveries;
         let delivery = Delivery {
             reply_to: entry.msg.reply_to.clone(),
@@ -241,9 +243,7 @@ impl Queue {
             Held::Gone => {
                 // The connection is gone; its session's drop (or the ack timeout)
                 // returns what it holds. Stop feeding it meanwhile.
-                if let Some(c) = st.consumers.get_mut(ci) {
-                    c.alive = false;
-                }
+                st.consumers.update(ci, |c| c.alive = false);
             }
         }
     }
@@ -337,9 +337,11 @@ impl Queue {
     pub fn add_credit(&self, session_id: u64, id: u32, credit: u32) -> Option<u32> {
         let mut st = self.lock();
         let cap = self.limits.max_credit;
-        let c = st.consumers.find(session_id, id)?;
-        c.window = c.window.saturating_add(credit).min(cap);
-        let window = c.window;
+        let slot = st.consumers.find(session_id, id)?;
+        let window = st.consumers.update(slot, |c| {
+            c.window = c.window.saturating_add(credit).min(cap);
+            c.window
+        })?;
         self.serve(&mut st, self.clock.now_ms());
         Some(window)
     }

@@ -23,10 +23,11 @@ use tokio::sync::Notify;
 
 use crate::queue::Clock;
 use crate::queue::config::EngineConfig;
+use crate::queue::consumers::Consumers;
 use crate::queue::deadlines::Deadlines;
 use crate::queue::dedup::Dedup;
 use crate::queue::error::QueueError;
-use crate::queue::in_flight::{Consumers, InFlight};
+use crate::queue::in_flight::InFlight;
 use crate::queue::options::Settings;
 use crate::queue::rates::{Event, Stats};
 use crate::queue::record::Message;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tidings_protocol::{Headers, QueueInfo, Text};
 
+use crate::queue::consumers::Consumer;
 use crate::queue::durable::Queue;
-use crate::queue::in_flight::Consumer;
 use crate::queue::{QueueEngine, QueueError};
 use crate::storage::Range;
 

@@ -60,6 +60,7 @@
 
 mod clock;
 mod config;
+mod consumers;
 mod dead_letter;
 mod deadlines;
 mod dedup;

@@ -98,11 +98,35 @@ fn route_cached_and_not(c: &mut Criterion) {
     group.finish();
 }
 
+/// A wildcard subscription that comes and goes while the route cache is full (a
+/// client reconnecting, say): each change drops the cached routes it affects.
+fn wildcard_churn_with_a_full_cache(c: &mut Criterion) {
+    let (router, _receivers) = router_10k();
+    let stats = Arc::new(Stats::default());
+    let (outbox, _rx) = Outbox::channel(ConnId(1_000), 1 << 20, stats);
+    for k in 0..CACHE_CAPACITY {
+        router.route(&format!("svc{}.region{}.event{}", k % 100, k % 7, k));
+    }
+    let mut group = c.benchmark_group("router_wildcard_churn_full_cache");
+    group.throughput(Throughput::Elements(1));
+    let pattern = Pattern::new("svc13.*.event13").expect("a valid pattern");
+    group.bench_function("subscribe_unsubscribe", |b| {
+        b.iter(|| {
+            router
+                .subscribe(&outbox, 1, pattern.clone(), None)
+                .expect("not subscribed yet");
+            router.unsubscribe(outbox.conn_id(), 1).expect("subscribed");
+        });
+    });
+    group.finish();
+}
+
 // What `criterion_group!`/`criterion_main!` expand to, minus the undocumented public
 // function the macro would add.
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     route_10k(&mut criterion);
     route_cached_and_not(&mut criterion);
+    wildcard_churn_with_a_full_cache(&mut criterion);
     criterion.final_summary();
 }

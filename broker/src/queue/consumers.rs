@@ -73,6 +73,11 @@ pub(crate) struct Consumers {
     /// Consumers (slot, when attached) that had credit available when they joined;
     /// one detached or out of credit since is skipped when it comes up.
     ring: VecDeque<(usize, u64)>,
+    /// Ring entries of consumers detached since: skipped when they come up, and
+    /// dropped all at once when they are half the ring, so that consumers coming
+    /// and going while nothing is delivered (a client reconnecting in a loop to an
+    /// empty queue) cannot grow it without bound.
+    stale: usize,
     /// Sums of every consumer's `available()` and `credit()`.
     available: usize,
     credit: usize,
@@ -149,7 +154,7 @@ impl Consumers {
                     held.queued = false;
                 }
                 // Detached since it joined: its slot is empty or someone else's.
-                _ => {}
+                _ => self.stale = self.stale.saturating_sub(1),
             }
             self.ring.pop_front();
         }
@@ -205,8 +210,17 @@ impl Consumers {
         };
         self.account(slot, false);
         // Its ring entry, if any, stays: it is skipped when it comes up.
-        if let Some(slot) = self.slots.get_mut(slot) {
-            *slot = None;
+        if let Some(held) = self.slots.get_mut(slot).and_then(Option::take)
+            && held.queued
+        {
+            self.stale += 1;
+            if self.stale > 32 && self.stale * 2 > self.ring.len() {
+                let slots = &self.slots;
+                self.ring.retain(|(slot, attached)| {
+                    matches!(slots.get(*slot), Some(Some(held)) if held.attached == *attached)
+                });
+                self.stale = 0;
+            }
         }
         self.free.push(slot);
         true
@@ -319,6 +333,21 @@ mod tests {
         );
     }
 
+    /// Consumers attaching and detaching while one waits with credit and nothing is
+    /// delivered: their turns in the ring are dropped, not kept for ever.
+    #[test]
+    fn consumers_coming_and_going_do_not_grow_the_ring() {
+        let mut cs = Consumers::default();
+        cs.add(consumer(1, 1, 4));
+        for i in 0..10_000u32 {
+            cs.add(consumer(2, i, 4));
+            assert!(cs.pick().is_some(), "the first consumer waits at the front");
+            assert!(cs.remove(2, i));
+        }
+        assert!(cs.ring.len() <= 2 + 33, "ring of {}", cs.ring.len());
+        assert_eq!(deliver(&mut cs), Some(1));
+    }
+
     /// Random attaches, deliveries, acks, credit, limits, lost connections and
     /// detaches, checked after each against a scan of every consumer: the totals,
     /// and that a pick finds a consumer with credit exactly when one exists.
@@ -382,6 +411,11 @@ mod tests {
                     cs.pick().is_some(),
                     available > 0,
                     "seed {seed} step {step}"
+                );
+                let ring = cs.ring.len();
+                assert!(
+                    ring <= 2 * cs.len() + 33,
+                    "seed {seed} step {step}: ring {ring}"
                 );
             }
         }

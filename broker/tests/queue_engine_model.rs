@@ -46,13 +46,15 @@
 //! MODEL_DEBUG=1 cargo test -p tidings-broker --test queue_engine_model   # dump on a depth mismatch
 //! ```
 
+#[path = "common/proptest_config.rs"]
+mod proptest_config;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use tidings_broker::queue::{
     ConsumerSession, DeliverySink, EngineConfig, FsyncPolicy, ManualClock, QueueEngine,
 };
@@ -693,17 +695,10 @@ async fn run(s: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // An explicit `cases` would hide the environment's: read it here.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1_000),
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "tests/queue_engine_model.proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config::model_config(
+        1_000,
+        "tests/queue_engine_model.proptest-regressions"
+    ))]
 
     #[test]
     fn queue_matches_model(s in setup(), ops in proptest::collection::vec(op(), 1..24)) {

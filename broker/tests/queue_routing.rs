@@ -6,11 +6,13 @@
 //! otherwise; a failure is shrunk and printed, and its seed saved to
 //! `queue_routing.proptest-regressions` to be replayed first).
 
+#[path = "common/proptest_config.rs"]
+mod proptest_config;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use tidings_broker::queue::{EngineConfig, FsyncPolicy, QueueEngine};
 use tidings_broker::storage::{MemoryIndex, SimDisk, StorageBackend};
 use tidings_protocol::{Pattern, Publish, QueueOptions, Text};
@@ -210,24 +212,24 @@ async fn routes_match_model(ops: Vec<RouteOp>) -> Result<(), TestCaseError> {
                 let entry = model.entry(q).or_default();
                 entry.0.extend(ps.iter().map(|&p| PATTERNS[p]));
             }
-            RouteOp::Bind(q, p) => {
-                let result = engine.bind(&format!("q{q}"), PATTERNS[p]).await;
+            RouteOp::Bind(q, p) | RouteOp::Unbind(q, p) => {
+                let (name, pattern) = (format!("q{q}"), PATTERNS[p]);
+                let bind = matches!(op, RouteOp::Bind(..));
+                let result = if bind {
+                    engine.bind(&name, pattern).await
+                } else {
+                    engine.unbind(&name, pattern).await
+                };
                 match model.get_mut(&q) {
                     Some(entry) => {
                         result.unwrap();
-                        entry.0.insert(PATTERNS[p]);
+                        if bind {
+                            entry.0.insert(pattern);
+                        } else {
+                            entry.0.remove(pattern);
+                        }
                     }
-                    None => prop_assert!(result.is_err(), "bind to a missing queue"),
-                }
-            }
-            RouteOp::Unbind(q, p) => {
-                let result = engine.unbind(&format!("q{q}"), PATTERNS[p]).await;
-                match model.get_mut(&q) {
-                    Some(entry) => {
-                        result.unwrap();
-                        entry.0.remove(PATTERNS[p]);
-                    }
-                    None => prop_assert!(result.is_err(), "unbind from a missing queue"),
+                    None => prop_assert!(result.is_err(), "{:?} of a missing queue", op),
                 }
             }
             RouteOp::Delete(q) => {
@@ -249,17 +251,10 @@ async fn routes_match_model(ops: Vec<RouteOp>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // An explicit `cases` would hide the environment's: read it here.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(256),
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "tests/queue_routing.proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config::model_config(
+        256,
+        "tests/queue_routing.proptest-regressions"
+    ))]
 
     #[test]
     fn routes_follow_every_binding_change(ops in proptest::collection::vec(route_op(), 1..40)) {

@@ -166,7 +166,7 @@ impl EngineInner {
         }
         let q = self.create_locked(&mut reg, name, settings, Vec::new());
         drop(reg);
-        let _ = self.persist(&q);
+        let _ = self.persist(&q, q.bindings_now());
         Ok(q)
     }
 

@@ -193,6 +193,21 @@ impl Queue {
             .clone()
     }
 
+    /// Changes its bindings with `change` (true if it changed them); returns them
+    /// before and after, and whether they changed.
+    pub fn change_bindings(
+        &self,
+        change: impl FnOnce(&mut Vec<String>) -> bool,
+    ) -> (Vec<String>, Vec<String>, bool) {
+        let mut bindings = self
+            .bindings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = bindings.clone();
+        let changed = change(&mut bindings);
+        (old, bindings.clone(), changed)
+    }
+
     /// A new, empty queue.
     pub fn create(
         name: &str,

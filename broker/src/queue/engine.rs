@@ -572,19 +572,18 @@ impl EngineInner {
                     difference,
                 });
             }
-            let (old, new) = {
-                let mut b = q.bindings.lock().unwrap_or_else(PoisonError::into_inner);
-                let old = b.clone();
+            let (old, new, changed) = q.change_bindings(|b| {
+                let before = b.len();
                 for p in patterns {
                     if !b.contains(&p) {
                         b.push(p);
                     }
                 }
-                (old, b.clone())
-            };
-            if new.len() != old.len() {
+                b.len() != before
+            });
+            if changed {
                 reg.reroute(&q, &old, &new);
-                return Ok(self.persist(&q));
+                return Ok(self.persist(&q, new));
             }
             return Ok(self.store.batch(|b| b.ticket()));
         }
@@ -592,7 +591,7 @@ impl EngineInner {
         let q = self.create_locked(&mut reg, name, settings, patterns);
         let new = q.bindings_now();
         reg.reroute(&q, &[], &new);
-        Ok(self.persist(&q))
+        Ok(self.persist(&q, new))
     }
 
     pub fn create_locked(
@@ -610,15 +609,12 @@ impl EngineInner {
         q
     }
 
-    pub fn persist(&self, q: &Arc<Queue>) -> Ticket {
+    /// Stores `q`'s definition with `bindings`, its bindings as they are now.
+    pub fn persist(&self, q: &Arc<Queue>, bindings: Vec<String>) -> Ticket {
         let def = StoredDefinition {
             qid: q.qid,
             settings: q.settings.clone(),
-            bindings: q
-                .bindings
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            bindings,
         };
         self.store.batch(|b| {
             b.put_definition(&q.name, &def);
@@ -638,15 +634,10 @@ impl EngineInner {
             .get(name)
             .cloned()
             .ok_or_else(|| QueueError::NotFound(name.to_owned()))?;
-        let (old, new, changed) = {
-            let mut b = q.bindings.lock().unwrap_or_else(PoisonError::into_inner);
-            let old = b.clone();
-            let changed = change(&mut b);
-            (old, b.clone(), changed)
-        };
+        let (old, new, changed) = q.change_bindings(change);
         if changed {
             reg.reroute(&q, &old, &new);
-            Ok(self.persist(&q))
+            Ok(self.persist(&q, new))
         } else {
             Ok(self.store.batch(|b| b.ticket()))
         }

@@ -64,10 +64,16 @@ impl RouteCache {
             self.misses_while_full = 0;
         }
         if self.map.insert(topic.into(), route).is_none() {
-            self.heads
-                .entry(head(topic).into())
-                .or_default()
-                .insert(topic.into());
+            // The head's own string is allocated only the first time it is seen.
+            match self.heads.get_mut(head(topic)) {
+                Some(topics) => {
+                    topics.insert(topic.into());
+                }
+                None => {
+                    self.heads
+                        .insert(head(topic).into(), HashSet::from([topic.into()]));
+                }
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! reference-counted handles: the payload `Bytes` is shared by every copy.
 
 mod cache;
+mod memo;
 mod trie;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use thiserror::Error;
 use tidings_protocol::{Message, Pattern, Text};
 
 pub use cache::CACHE_CAPACITY;
+pub use memo::RouteMemo;
 pub use trie::Trie;
 
 use crate::outbox::{ConnId, Outbox};
@@ -191,24 +193,6 @@ struct Inner {
     /// [`RouteMemo`] knows when its route may be stale without taking a lock.
     generation: AtomicU64,
     stats: Arc<Stats>,
-}
-
-/// One publisher's last topic and its route, reused without a lock or a hash while
-/// no subscription changed: a connection publishing to one topic over and over
-/// (the common case) routes each message with one atomic load and one compare.
-#[derive(Debug, Default)]
-pub struct RouteMemo {
-    last: Option<(Text, u64, Arc<Route>)>,
-}
-
-impl RouteMemo {
-    /// True when `topic` is the last topic routed through this memo, which
-    /// [`Router::route_memo`] is only given once it is valid.
-    pub fn is_last(&self, topic: &str) -> bool {
-        self.last
-            .as_ref()
-            .is_some_and(|(t, _, _)| t.as_str() == topic)
-    }
 }
 
 /// The subscription table: a cloneable handle shared by every connection.
@@ -406,27 +390,39 @@ impl Router {
         // it, is refilled in place: a topic that misses a full cache allocates no new
         // route (a group's member list is still copied).
         let reuse = memo.last.take().map(|(_, _, route)| route);
-        let route = self.route_reusing(topic, reuse);
+        // Past the cache while it has been missing for this publisher (memo.rs).
+        let use_cache = memo.cache_use.wants_cache();
+        let (route, hit) = self.route_reusing(topic, reuse, use_cache);
+        if use_cache {
+            memo.cache_use.looked_up(hit);
+        }
         memo.last = Some((topic.clone(), generation, route.clone()));
         route
     }
 
     /// The destinations of a message published to `topic` (a valid topic).
     pub fn route(&self, topic: &str) -> Arc<Route> {
-        self.route_reusing(topic, None)
+        self.route_reusing(topic, None, true).0
     }
 
     /// [`Router::route`], computing a route that missed the cache into `reuse` if
-    /// nothing else holds it.
-    fn route_reusing(&self, topic: &str, reuse: Option<Arc<Route>>) -> Arc<Route> {
-        if let Some(route) = self
-            .inner
-            .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(topic)
+    /// nothing else holds it; with `use_cache` false, from the trie alone, neither
+    /// looked up in the cache nor inserted. True with the route if it was a hit.
+    fn route_reusing(
+        &self,
+        topic: &str,
+        reuse: Option<Arc<Route>>,
+        use_cache: bool,
+    ) -> (Arc<Route>, bool) {
+        if use_cache
+            && let Some(route) = self
+                .inner
+                .cache
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(topic)
         {
-            return route;
+            return (route, true);
         }
         let state = self.state();
         let fill = |route: &mut Route| {
@@ -461,8 +457,10 @@ impl Router {
         }
         // Still under the state lock, so no subscription change can slip in between
         // computing this route and caching it.
-        self.cache_mut().insert(topic, route.clone());
-        route
+        if use_cache {
+            self.cache_mut().insert(topic, route.clone());
+        }
+        (route, false)
     }
 
     /// Number of subscriptions (group members count one each).
@@ -549,6 +547,66 @@ mod tests {
         assert_eq!(router.route_memo(&topic, &mut memo).fan_out(), 1);
         router.unsubscribe(ConnId(1), 1).unwrap();
         assert!(router.route_memo(&topic, &mut memo).is_empty());
+    }
+
+    /// A publisher whose topics never repeat stops using the cache after one window
+    /// (memo.rs); its routes stay right while it routes past the cache, and the
+    /// cache goes on serving other publishers.
+    #[test]
+    fn a_memo_that_keeps_missing_routes_past_the_cache_and_stays_right() {
+        fn publish(router: &Router, memo: &mut RouteMemo, n: &mut u32) -> usize {
+            *n += 1;
+            router
+                .route_memo(&Text::from(format!("c.t{n}")), memo)
+                .fan_out()
+        }
+        let cached = |router: &Router| router.inner.cache.read().unwrap().len();
+        let router = Router::default();
+        let (a, _ra) = outbox(1);
+        router
+            .subscribe(&a, 1, Pattern::new("c.*").unwrap(), None)
+            .unwrap();
+        let (mut memo, mut n) = (RouteMemo::default(), 0);
+        for _ in 0..memo::WINDOW {
+            assert_eq!(publish(&router, &mut memo, &mut n), 1);
+        }
+        assert_eq!(
+            cached(&router),
+            usize::from(memo::WINDOW),
+            "one window cached"
+        );
+        assert!(memo.cache_use.bypassing());
+        for _ in 0..100 {
+            assert_eq!(publish(&router, &mut memo, &mut n), 1);
+        }
+        assert_eq!(cached(&router), usize::from(memo::WINDOW), "no more cached");
+        // Subscriptions that come and go during the bypass are seen at once.
+        router
+            .subscribe(&a, 2, Pattern::new("c.>").unwrap(), None)
+            .unwrap();
+        for _ in 0..100 {
+            assert_eq!(publish(&router, &mut memo, &mut n), 2);
+        }
+        router.unsubscribe(ConnId(1), 1).unwrap();
+        for _ in 0..100 {
+            assert_eq!(publish(&router, &mut memo, &mut n), 1);
+        }
+        assert_eq!(cached(&router), 0, "invalidated, and nothing cached since");
+        // Another publisher's topic is cached as before.
+        let mut other = RouteMemo::default();
+        assert_eq!(
+            router
+                .route_memo(&Text::from("c.hot"), &mut other)
+                .fan_out(),
+            1
+        );
+        assert_eq!(cached(&router), 1);
+        // Once the bypass is over, the first publisher looks the cache up again.
+        while memo.cache_use.bypassing() {
+            publish(&router, &mut memo, &mut n);
+        }
+        publish(&router, &mut memo, &mut n);
+        assert_eq!(cached(&router), 2);
     }
 
     #[test]

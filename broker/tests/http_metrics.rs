@@ -291,3 +291,53 @@ async fn health_and_readiness_follow_the_broker_life() {
         "the HTTP listener stops with the broker"
     );
 }
+
+/// A message published while its consumer's window is full of unacked deliveries
+/// carries its delivery mark in its own round (`premark` in queue/durable.rs), so it
+/// costs the one sync of that round and not a second one for a mark of its own
+/// before it may be delivered, as it did when only a message a consumer had free
+/// credit for was marked.
+#[tokio::test]
+async fn a_message_behind_a_full_consumer_window_costs_one_sync() {
+    let broker = start_with(http_on_port_0).await;
+    let http = broker.handle.http_addr().unwrap();
+    wait_ready(http).await;
+    let mut producer = Client::hello(broker.addr, "producer").await;
+    for name in ["window", "last"] {
+        let options = QueueOptions {
+            bindings: vec![name.into()],
+            ..Default::default()
+        };
+        producer.declare(name, options).await;
+    }
+    let mut consumer = Client::hello(broker.addr, "consumer").await;
+    assert!(consumer.consume(1, "window", 2).await.is_empty());
+    for i in 0..2u8 {
+        producer.publish_confirmed("window", vec![i]).await;
+        consumer.delivery().await;
+    }
+    // The window is full (2 unacked), and the marks asked for so far are durable
+    // once a later round is: rounds are durable in order.
+    producer.publish_confirmed("last", vec![0]).await;
+    let before = histogram_count(
+        &scrape(http).await,
+        "tidings_storage_fsync_duration_seconds",
+    );
+    for i in 0..3u8 {
+        assert_eq!(producer.publish_confirmed("window", vec![10 + i]).await, 1);
+    }
+    // Whatever these three publishes' commits queued (a mark of their own, once) is
+    // in this round or an earlier one.
+    producer.publish_confirmed("last", vec![1]).await;
+    let after = histogram_count(
+        &scrape(http).await,
+        "tidings_storage_fsync_duration_seconds",
+    );
+    assert_eq!(
+        after - before,
+        4.0,
+        "one sync per confirmed publish, none for delivery marks"
+    );
+    drop(consumer);
+    broker.handle.shutdown().await;
+}

@@ -8,7 +8,7 @@
 //! broker's samples, and they grow with the count.
 //!
 //! So consumers live in slots that stay put (a slot freed by a detach is reused),
-//! found by `(session, consumer id)` through a map; the credit totals are kept as
+//! found by `(session, consumer id)` through a map; the credit total is kept as
 //! consumers change; and the consumers that may have credit wait in a ring. Every
 //! change to a consumer goes through [`Consumers::update`], which keeps all three
 //! true: a consumer whose available credit rises from nothing joins the ring's end,
@@ -78,8 +78,7 @@ pub(crate) struct Consumers {
     /// and going while nothing is delivered (a client reconnecting in a loop to an
     /// empty queue) cannot grow it without bound.
     stale: usize,
-    /// Sums of every consumer's `available()` and `credit()`.
-    available: usize,
+    /// The sum of every consumer's `credit()`.
     credit: usize,
     attaches: u64,
 }
@@ -114,7 +113,7 @@ impl Consumers {
         self.account(slot, true);
     }
 
-    /// Adds the slot's consumer to the totals (`add`) or takes it out of them, and
+    /// Adds the slot's consumer to the credit total (`add`) or takes it out, and
     /// puts it in the ring if it has credit and is not there yet.
     fn account(&mut self, slot: usize, add: bool) {
         let Some(held) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
@@ -125,14 +124,12 @@ impl Consumers {
             count(held.consumer.credit()),
         );
         if add {
-            self.available = self.available.saturating_add(available);
             self.credit = self.credit.saturating_add(credit);
             if available > 0 && !held.queued {
                 held.queued = true;
                 self.ring.push_back((slot, held.attached));
             }
         } else {
-            self.available = self.available.saturating_sub(available);
             self.credit = self.credit.saturating_sub(credit);
         }
     }
@@ -229,11 +226,6 @@ impl Consumers {
         true
     }
 
-    /// Credit left across all consumers.
-    pub fn total_available(&self) -> usize {
-        self.available
-    }
-
     /// Credit the live consumers have in all, outstanding deliveries included.
     pub fn total_credit(&self) -> usize {
         self.credit
@@ -243,17 +235,15 @@ impl Consumers {
         self.by_key.len()
     }
 
-    /// Checks the bookkeeping against the consumers themselves: the totals; every
+    /// Checks the bookkeeping against the consumers themselves: the total; every
     /// consumer with credit available in the ring, and each queued one there
     /// exactly once; the stale entries counted.
     #[cfg(test)]
     fn check(&self) -> Result<(), String> {
-        let mut available = 0usize;
         let mut credit = 0usize;
         let mut stale = 0usize;
         for (slot, held) in self.slots.iter().enumerate() {
             let Some(held) = held else { continue };
-            available += count(held.consumer.available());
             credit += count(held.consumer.credit());
             let entries = self
                 .ring
@@ -275,11 +265,11 @@ impl Consumers {
                 stale += 1;
             }
         }
-        let kept = (self.available, self.credit, self.stale);
-        if kept != (available, credit, stale) {
+        let kept = (self.credit, self.stale);
+        if kept != (credit, stale) {
             return Err(format!(
-                "available, credit, stale kept {kept:?}, counted {:?}",
-                (available, credit, stale)
+                "credit, stale kept {kept:?}, counted {:?}",
+                (credit, stale)
             ));
         }
         Ok(())
@@ -336,11 +326,9 @@ mod tests {
         cs.add(consumer(2, 1, 2));
         let order: Vec<_> = std::iter::from_fn(|| deliver(&mut cs)).collect();
         assert_eq!(order, [1, 2, 1, 1, 1], "round-robin while credit lasts");
-        assert_eq!(cs.total_available(), 0);
         assert_eq!(cs.pick(), None);
         // An ack of consumer 2 (session 1) brings it back, alone.
         cs.returned(1, 2);
-        assert_eq!(cs.total_available(), 1);
         assert_eq!(deliver(&mut cs), Some(2));
         assert_eq!(cs.pick(), None);
     }

@@ -167,6 +167,16 @@ struct Reader<R> {
     certificate_names: Vec<String>,
 }
 
+/// How far [`Reader::dispatch_buffered`] got through the frames already read.
+enum Dispatched {
+    /// Every whole frame in the buffer is handled.
+    All,
+    /// This frame's work must still be awaited, before the rest are handled.
+    Waiting(session::Rest),
+    /// A fatal protocol error: close with this ERROR.
+    Fatal(u32, ErrorCode, String),
+}
+
 enum Read {
     Frame(Frame),
     /// A non-fatal protocol error; the frame was skipped.
@@ -175,6 +185,30 @@ enum Read {
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
+    /// Decodes and handles the frames already in the buffer, without waiting for
+    /// anything: up to the first whose work must be awaited.
+    fn dispatch_buffered(&mut self, session: &mut Session) -> Dispatched {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    if let Some(rest) = session.dispatch(frame) {
+                        return Dispatched::Waiting(rest);
+                    }
+                }
+                Ok(None) => return Dispatched::All,
+                Err(err) if !err.is_fatal() => session.reply_error(
+                    self.codec.failed_request_id().unwrap_or(0),
+                    err.code(),
+                    err.to_string(),
+                ),
+                Err(err) => {
+                    let request_id = self.codec.failed_request_id().unwrap_or(0);
+                    return Dispatched::Fatal(request_id, err.code(), err.to_string());
+                }
+            }
+        }
+    }
+
     /// The next frame, or the end of the stream. Cancel safe: partial frames stay
     /// in `buf`, and `read_buf` either reads or does not.
     async fn next(&mut self, stats: &crate::stats::Stats) -> Result<Read, ProtocolError> {
@@ -304,22 +338,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             // Every frame already in the buffer is handled before the next select:
             // one pass of the select per read, not per frame. Frames are decoded
             // and dispatched in place, never carried through the select's output.
+            // The queue writes of one read wake the store thread once, at its end
+            // (or before a frame that must wait): so a read's publishes share a round.
             loop {
-                match self.codec.decode(&mut self.buf) {
-                    Ok(Some(frame)) => {
-                        if let Some(rest) = session.dispatch(frame) {
-                            session.finish(rest).await;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(err) if !err.is_fatal() => session.reply_error(
-                        self.codec.failed_request_id().unwrap_or(0),
-                        err.code(),
-                        err.to_string(),
-                    ),
-                    Err(err) => {
-                        let request_id = self.codec.failed_request_id().unwrap_or(0);
-                        return close_for(request_id, err.code(), err.to_string());
+                let step = {
+                    let _wakes = shared.queues.engine.defer_store_wakes();
+                    self.dispatch_buffered(session)
+                };
+                match step {
+                    Dispatched::All => break,
+                    Dispatched::Waiting(rest) => session.finish(rest).await,
+                    Dispatched::Fatal(request_id, code, message) => {
+                        return close_for(request_id, code, message);
                     }
                 }
             }

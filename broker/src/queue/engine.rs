@@ -336,6 +336,13 @@ impl QueueEngine {
         ConsumerSession::new(self.inner.clone(), id, sink)
     }
 
+    /// Until the guard is dropped, this thread's queue writes do not wake the store
+    /// thread; the guard does, once (see `Store::defer_wakes`). Never held across
+    /// an `.await`.
+    pub(crate) fn defer_store_wakes(&self) -> crate::storage::DeferredWakes {
+        self.inner.store.defer_wakes()
+    }
+
     /// Most credit a consumer may have; larger requests are clamped to it.
     pub fn max_credit(&self) -> u32 {
         self.inner.limits.max_credit

@@ -12,7 +12,10 @@
 //! One thread (`tidings-store`) runs both halves in turn: it takes what is queued,
 //! writes it, syncs it, answers it, and only then takes again. What arrives meanwhile
 //! could not have made that sync anyway, so it gathers into the next round, and a
-//! round costs one wake-up of one thread.
+//! round costs one wake-up of one thread. Writes nobody waits for (acks) are held
+//! back for a few milliseconds so that they share the next round somebody does wait
+//! for, instead of taking a sync of their own; a connection wakes the store thread
+//! once per read, so that a read's publishes share a round (rounds.rs).
 //!
 //! # The durability contract
 //!
@@ -116,6 +119,7 @@ mod open;
 mod overlay;
 mod records;
 mod replay;
+mod rounds;
 mod scan;
 mod segments;
 mod sim_disk;
@@ -138,7 +142,9 @@ pub use replay::{Cut, Damage};
 pub use sim_disk::{SECTOR, SimDisk, SimError, SimRng};
 
 pub(crate) use keys::Counters;
-pub(crate) use store::{CommitListener, Loaded, LoadedQueue, Range, Slot, Store, Ticket};
+pub(crate) use store::{
+    CommitListener, DeferredWakes, Loaded, LoadedQueue, Range, Slot, Store, Ticket,
+};
 
 /// A storage failure, as text so it can be handed to every waiter of a batch.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use foldhash::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -13,6 +13,7 @@ use super::StoreError;
 use super::chunks::{CHUNK_MAX_BYTES, ChunkBuf};
 use super::index::Index;
 use super::keys::{Counters, TAG_ATTEMPTS, dedup_key, delayed_key, seq_key};
+use super::rounds::UNAWAITED_HOLD;
 use super::scan::scan;
 use super::segments::Files;
 use crate::queue::QueueError;
@@ -109,6 +110,9 @@ pub(crate) struct Pending {
     /// with this unset a notify (a system call with std's condvar, waiter or not) is
     /// skipped.
     pub writer_waiting: bool,
+    /// The store thread is holding back what is queued, which nobody waits for
+    /// (rounds.rs): only work somebody waits for needs to wake it.
+    pub writer_holding: bool,
 }
 
 pub(crate) struct Shared {
@@ -116,6 +120,11 @@ pub(crate) struct Shared {
     pub wake: Condvar,
     /// Operators' view of the store (`/metrics`, `/readyz`).
     pub metrics: Arc<StorageMetrics>,
+    /// How long writes nobody waits for may wait for a round (rounds.rs).
+    pub hold: Duration,
+    /// Wake-ups sent to the store thread (tests count them).
+    #[cfg(test)]
+    pub wakes: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -344,8 +353,27 @@ pub(crate) struct Round {
 }
 
 impl Pending {
+    /// Everything queued, as one round; the next round's epoch begins.
+    pub(super) fn take_round(&mut self) -> Round {
+        let round = Round {
+            epoch: self.epoch,
+            ops: std::mem::take(&mut self.ops),
+            chunks: std::mem::take(&mut self.chunks),
+            removals: std::mem::take(&mut self.removals),
+            counters: std::mem::take(&mut self.counters),
+            listeners: std::mem::take(&mut self.listeners),
+            ticket: self.ticket.take(),
+            reads: std::mem::take(&mut self.reads),
+            shutdown: self.shutdown,
+        };
+        self.open_chunk.clear();
+        self.epoch += 1;
+        self.bytes = 0;
+        round
+    }
+
     /// Whether the writer has a round to take.
-    fn has_work(&self) -> bool {
+    pub(super) fn has_work(&self) -> bool {
         !self.ops.is_empty()
             || !self.chunks.is_empty()
             || !self.removals.is_empty()
@@ -376,56 +404,55 @@ impl Shared {
             }),
             wake: Condvar::new(),
             metrics,
+            hold: UNAWAITED_HOLD,
+            #[cfg(test)]
+            wakes: Default::default(),
         }
-    }
-
-    /// Waits for work (until `wake_at`, if given), then takes everything queued as
-    /// one round; `None` if `wake_at` passed first.
-    ///
-    /// The store thread calls it once it has answered the last round: what arrived
-    /// during that round's `fdatasync` and answers is written and synced together.
-    pub fn take(&self, wake_at: Option<Instant>) -> Option<Round> {
-        let mut p = self.lock();
-        while !p.has_work() {
-            p.writer_waiting = true;
-            p = match wake_at {
-                None => self.wake.wait(p).unwrap_or_else(PoisonError::into_inner),
-                Some(at) => {
-                    let left = at.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        p.writer_waiting = false;
-                        return None;
-                    }
-                    self.wake
-                        .wait_timeout(p, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-            };
-            p.writer_waiting = false;
-        }
-        let round = Round {
-            epoch: p.epoch,
-            ops: std::mem::take(&mut p.ops),
-            chunks: std::mem::take(&mut p.chunks),
-            removals: std::mem::take(&mut p.removals),
-            counters: std::mem::take(&mut p.counters),
-            listeners: std::mem::take(&mut p.listeners),
-            ticket: p.ticket.take(),
-            reads: std::mem::take(&mut p.reads),
-            shutdown: p.shutdown,
-        };
-        p.open_chunk.clear();
-        p.epoch += 1;
-        p.bytes = 0;
-        Some(round)
     }
 
     /// Wakes the store thread if it waits for work: with `p` just given some. It
-    /// waits only while there is none, so nothing more needs checking.
-    fn wake_writer(&self, p: &Pending) {
-        if p.writer_waiting {
+    /// waits only while there is none, or while it holds back writes nobody waits
+    /// for (rounds.rs), which only work somebody waits for ends early.
+    pub(super) fn wake_writer(&self, p: &Pending) {
+        if p.writer_waiting && (!p.writer_holding || p.awaited()) {
+            #[cfg(test)]
+            self.wakes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.wake.notify_one();
+        }
+    }
+
+    /// See [`Store::batch`].
+    pub(super) fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
+        let mut p = self.lock();
+        let r = f(&mut Batch { p: &mut p });
+        let deferred = DEFERRED.with(|d| match &mut *d.borrow_mut() {
+            Some((shared, queued)) if std::ptr::eq(Arc::as_ptr(shared), self) => {
+                *queued = true;
+                true
+            }
+            _ => false,
+        });
+        if !deferred {
+            self.wake_writer(&p);
+        }
+        r
+    }
+
+    /// See [`Store::defer_wakes`].
+    pub(super) fn defer_wakes(shared: &Arc<Shared>) -> DeferredWakes {
+        let began = DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            // Nested: the outer deferral stands (one per thread).
+            if d.is_some() {
+                return false;
+            }
+            *d = Some((shared.clone(), false));
+            true
+        });
+        DeferredWakes {
+            began,
+            _not_send: std::marker::PhantomData,
         }
     }
 
@@ -498,14 +525,50 @@ pub(crate) struct Store {
     pub(super) files: Arc<Files>,
 }
 
+thread_local! {
+    /// The store whose wake-ups this thread defers ([`Store::defer_wakes`]), and
+    /// whether a batch was queued since (the store thread may have started to wait
+    /// after it, so the wake-up is decided at the end).
+    static DEFERRED: std::cell::RefCell<Option<(Arc<Shared>, bool)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Wakes the store thread, if it waits and a batch was queued since
+/// [`Store::defer_wakes`], when dropped. Not `Send`: it lives within one synchronous stretch of
+/// one thread, never across an `.await`.
+pub(crate) struct DeferredWakes {
+    /// This guard began the deferral (an inner one leaves it to the outer).
+    began: bool,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for DeferredWakes {
+    fn drop(&mut self) {
+        if !self.began {
+            return;
+        }
+        if let Some((shared, true)) = DEFERRED.with(|d| d.borrow_mut().take()) {
+            let p = shared.lock();
+            shared.wake_writer(&p);
+        }
+    }
+}
+
 impl Store {
     /// Queues writes for the next group commit. Callers may hold their queue's lock:
     /// the store's lock is always taken last.
     pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
-        let mut p = self.shared.lock();
-        let r = f(&mut Batch { p: &mut p });
-        self.shared.wake_writer(&p);
-        r
+        self.shared.batch(f)
+    }
+
+    /// Until the guard returned is dropped, batches queued on this thread do not
+    /// wake the store thread; the guard wakes it once if any were queued. A
+    /// connection handles the frames of one read under it: woken by the read's first
+    /// publish, the store thread (on the other core) took that publish alone, and
+    /// the read's other publishes, queued a few microseconds later, waited for the
+    /// next round's sync.
+    pub fn defer_wakes(&self) -> DeferredWakes {
+        Shared::defer_wakes(&self.shared)
     }
 
     /// Queues a read, served after every write queued before it; `then` runs on the

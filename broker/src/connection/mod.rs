@@ -173,8 +173,8 @@ enum Dispatched {
     All,
     /// This frame's work must still be awaited, before the rest are handled.
     Waiting(session::Rest),
-    /// A fatal protocol error: close with this ERROR.
-    Fatal(u32, ErrorCode, String),
+    /// A fatal protocol error: the connection ends so.
+    Fatal(Ending),
 }
 
 enum Read {
@@ -203,7 +203,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 ),
                 Err(err) => {
                     let request_id = self.codec.failed_request_id().unwrap_or(0);
-                    return Dispatched::Fatal(request_id, err.code(), err.to_string());
+                    return Dispatched::Fatal(close_for(request_id, err.code(), err.to_string()));
                 }
             }
         }
@@ -348,9 +348,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 match step {
                     Dispatched::All => break,
                     Dispatched::Waiting(rest) => session.finish(rest).await,
-                    Dispatched::Fatal(request_id, code, message) => {
-                        return close_for(request_id, code, message);
-                    }
+                    Dispatched::Fatal(ending) => return ending,
                 }
             }
             let open = tokio::select! {

@@ -339,7 +339,7 @@ impl QueueEngine {
     /// Until the guard is dropped, this thread's queue writes do not wake the store
     /// thread; the guard does, once (see `Store::defer_wakes`). Never held across
     /// an `.await`.
-    pub(crate) fn defer_store_wakes(&self) -> crate::storage::DeferredWakes {
+    pub(crate) fn defer_store_wakes(&self) -> crate::storage::DeferredWakes<'_> {
         self.inner.store.defer_wakes()
     }
 

@@ -8,9 +8,9 @@
 //! they are applied in memory at once, and their answers never wait for the disk.
 //! Written at once, though, each gap between publishes made a round and an
 //! `fdatasync` of its own for them, which the next publishes then waited out: with
-//! one producer and one consumer paced at 10,000 msgs/s, a third of all syncs. Held back (at most
-//! [`UNAWAITED_HOLD`], and never past [`UNAWAITED_MAX_BYTES`] of them), they go with
-//! the next publishes' round. Nothing is applied early or reordered: a write queued
+//! one producer and one consumer paced at 10,000 msgs/s, a third of all syncs.
+//! Held back (at most [`UNAWAITED_HOLD`], and never past [`UNAWAITED_MAX_BYTES`] of
+//! them), they go with the next publishes' round. Nothing is applied early or reordered: a write queued
 //! after another is in the same round or a later one, as before. What the hold
 //! risks is what at-least-once allows: after a crash, acks from its last few
 //! milliseconds are not on disk, so those messages come back as redeliveries.
@@ -160,10 +160,10 @@ mod tests {
         // As if the store thread waited for work.
         shared.lock().writer_waiting = true;
         {
-            let _outer = Shared::defer_wakes(&shared);
+            let _outer = shared.defer_wakes();
             let _ticket = shared.batch(|b| b.ticket());
             {
-                let _inner = Shared::defer_wakes(&shared);
+                let _inner = shared.defer_wakes();
                 remove(&shared, 1);
             }
             let _ticket = shared.batch(|b| b.ticket());
@@ -183,7 +183,7 @@ mod tests {
     fn a_deferral_with_nothing_queued_wakes_nobody() {
         let shared = shared(Duration::from_secs(3600));
         shared.lock().writer_waiting = true;
-        drop(Shared::defer_wakes(&shared));
+        drop(shared.defer_wakes());
         assert_eq!(wakes(&shared), 0);
     }
 

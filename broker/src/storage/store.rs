@@ -426,9 +426,9 @@ impl Shared {
     pub(super) fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
         let mut p = self.lock();
         let r = f(&mut Batch { p: &mut p });
-        let deferred = DEFERRED.with(|d| match &mut *d.borrow_mut() {
-            Some((shared, queued)) if std::ptr::eq(Arc::as_ptr(shared), self) => {
-                *queued = true;
+        let deferred = DEFERRED.with(|d| match d.get() {
+            Some((store, _)) if store == self.id() => {
+                d.set(Some((store, true)));
                 true
             }
             _ => false,
@@ -440,20 +440,26 @@ impl Shared {
     }
 
     /// See [`Store::defer_wakes`].
-    pub(super) fn defer_wakes(shared: &Arc<Shared>) -> DeferredWakes {
+    pub(super) fn defer_wakes(&self) -> DeferredWakes<'_> {
         let began = DEFERRED.with(|d| {
-            let mut d = d.borrow_mut();
             // Nested: the outer deferral stands (one per thread).
-            if d.is_some() {
+            if d.get().is_some() {
                 return false;
             }
-            *d = Some((shared.clone(), false));
+            d.set(Some((self.id(), false)));
             true
         });
         DeferredWakes {
+            shared: self,
             began,
             _not_send: std::marker::PhantomData,
         }
+    }
+
+    /// This store's identity for [`DEFERRED`]: its address, compared, never used
+    /// to reach it.
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     /// The first failure, once the store has failed.
@@ -526,30 +532,30 @@ pub(crate) struct Store {
 }
 
 thread_local! {
-    /// The store whose wake-ups this thread defers ([`Store::defer_wakes`]), and
-    /// whether a batch was queued since (the store thread may have started to wait
-    /// after it, so the wake-up is decided at the end).
-    static DEFERRED: std::cell::RefCell<Option<(Arc<Shared>, bool)>> =
-        const { std::cell::RefCell::new(None) };
+    /// The store whose wake-ups this thread defers ([`Store::defer_wakes`]), by
+    /// [`Shared::id`], and whether a batch was queued since (the store thread may
+    /// have started to wait after it, so the wake-up is decided at the end).
+    static DEFERRED: std::cell::Cell<Option<(usize, bool)>> = const { std::cell::Cell::new(None) };
 }
 
 /// Wakes the store thread, if it waits and a batch was queued since
-/// [`Store::defer_wakes`], when dropped. Not `Send`: it lives within one synchronous stretch of
-/// one thread, never across an `.await`.
-pub(crate) struct DeferredWakes {
+/// [`Store::defer_wakes`], when dropped. Not `Send`: it lives within one
+/// synchronous stretch of one thread, never across an `.await`.
+pub(crate) struct DeferredWakes<'a> {
+    shared: &'a Shared,
     /// This guard began the deferral (an inner one leaves it to the outer).
     began: bool,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
-impl Drop for DeferredWakes {
+impl Drop for DeferredWakes<'_> {
     fn drop(&mut self) {
         if !self.began {
             return;
         }
-        if let Some((shared, true)) = DEFERRED.with(|d| d.borrow_mut().take()) {
-            let p = shared.lock();
-            shared.wake_writer(&p);
+        if let Some((_, true)) = DEFERRED.with(std::cell::Cell::take) {
+            let p = self.shared.lock();
+            self.shared.wake_writer(&p);
         }
     }
 }
@@ -567,8 +573,8 @@ impl Store {
     /// publish, the store thread (on the other core) took that publish alone, and
     /// the read's other publishes, queued a few microseconds later, waited for the
     /// next round's sync.
-    pub fn defer_wakes(&self) -> DeferredWakes {
-        Shared::defer_wakes(&self.shared)
+    pub fn defer_wakes(&self) -> DeferredWakes<'_> {
+        self.shared.defer_wakes()
     }
 
     /// Queues a read, served after every write queued before it; `then` runs on the
